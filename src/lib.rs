@@ -1,1 +1,14 @@
+//! acutoken keeps Acumatica OAuth connections alive.
+//!
+//! See ARCHITECTURE.md for the map: the daemon asks the renewal engine what is
+//! due; the engine reads the policy, claims in the store, calls the Acumatica
+//! client, saves, and raises alerts into the outbox; the delivery worker sends them.
 #![forbid(unsafe_code)]
+
+pub mod acumatica;
+pub mod alerts;
+pub mod clock;
+pub mod model;
+pub mod renewal;
+pub mod secret;
+pub mod sim;

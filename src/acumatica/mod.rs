@@ -1,0 +1,1 @@
+//! Talking to Acumatica: instance URLs, the token client and its error classes.

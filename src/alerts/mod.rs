@@ -1,0 +1,1 @@
+//! Alerts: the model, one renderer per channel kind, delivery, the digest.

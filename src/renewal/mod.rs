@@ -1,0 +1,2 @@
+//! Renewal: the pure policy, the scheduler and the engine.
+pub mod policy;
