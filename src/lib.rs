@@ -8,6 +8,7 @@
 pub mod acumatica;
 pub mod alerts;
 pub mod clock;
+pub mod config;
 pub mod model;
 pub mod renewal;
 pub mod secret;
