@@ -1,0 +1,401 @@
+//! Keys and sealing: AES-256-GCM under a per-connection subkey.
+//!
+//! Every secret column is sealed on its own: the subkey is HKDF-SHA256 of the
+//! store key and the connection id, the nonce is 96 random bits, and the
+//! associated data binds format version, key id, connection id and column, so a
+//! value copied to another row or column fails to open. Per-connection subkeys
+//! keep every key far from the random-nonce limit (2^32 seals) even at 1M
+//! connections refreshed hourly.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
+use aes_gcm::{AeadCore, Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hkdf::Hkdf;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::secret::Secret;
+
+/// Format version of a sealed value; part of the associated data.
+const FORMAT: u8 = 1;
+const NONCE_LEN: usize = 12;
+const CHECK_PLAINTEXT: &[u8] = b"acutoken key check v1";
+
+/// Where a key was found, for error messages that tell the operator which one is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `$CREDENTIALS_DIRECTORY/acutoken.key` (systemd `LoadCredential=`).
+    Credential(PathBuf),
+    /// `store.key_file` or `store.previous_key_files`.
+    ConfigFile(PathBuf),
+    /// The `ACUTOKEN_KEY` environment variable.
+    Env,
+    /// `acutoken.key` beside the store.
+    BesideStore(PathBuf),
+    /// A file named on the command line (`key rotate --new-key-file`).
+    File(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Credential(p) => write!(f, "the systemd credential {}", p.display()),
+            KeySource::ConfigFile(p) => write!(f, "the key file {} (store.key_file)", p.display()),
+            KeySource::Env => f.write_str("the ACUTOKEN_KEY environment variable"),
+            KeySource::BesideStore(p) => write!(f, "the key file {} beside the store", p.display()),
+            KeySource::File(p) => write!(f, "the key file {}", p.display()),
+        }
+    }
+}
+
+/// What went wrong with a key or a sealed value.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The key material is not base64 of 32 bytes: the operator must fix the file.
+    #[error("{origin} does not hold a key (expected base64 of 32 bytes on one line; make one with `acutoken key generate`)")]
+    Malformed { origin: KeySource },
+    /// The key file can be read by group or others: the operator must `chmod 600` it.
+    #[error("{origin} is readable by group or others: run `chmod 600 {path}`")]
+    TooOpen { origin: KeySource, path: String },
+    /// The key file could not be read: the operator must fix the path or permissions.
+    #[error("cannot read {origin}: {error}")]
+    Unreadable { origin: KeySource, error: std::io::Error },
+    /// A sealed value did not open: wrong key, moved value or corruption. Nothing is trusted.
+    #[error("a sealed {column} value of connection {connection} does not open: {why}")]
+    Open {
+        connection: Uuid,
+        column: String,
+        why: &'static str,
+    },
+}
+
+/// One 256-bit store key. Its bytes are zeroed on drop and never printed.
+#[derive(Clone)]
+pub struct Key {
+    id: String,
+    bytes: Zeroizing<[u8; 32]>,
+    source: KeySource,
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({} from {})", self.id, self.source)
+    }
+}
+
+impl Key {
+    /// Parses base64 of 32 bytes (surrounding whitespace allowed).
+    pub fn from_base64(text: &str, source: KeySource) -> Result<Key, CryptoError> {
+        let mut raw = B64
+            .decode(text.trim())
+            .map_err(|_| CryptoError::Malformed {
+                origin: source.clone(),
+            })?;
+        if raw.len() != 32 {
+            raw.zeroize();
+            return Err(CryptoError::Malformed { origin: source });
+        }
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        bytes.copy_from_slice(&raw);
+        raw.zeroize();
+        let id = key_id(&bytes);
+        Ok(Key { id, bytes, source })
+    }
+
+    /// Reads a key file, refusing one readable by group or others.
+    pub fn from_file(path: &Path, source: KeySource) -> Result<Key, CryptoError> {
+        let meta = fs::metadata(path).map_err(|error| CryptoError::Unreadable {
+            origin: source.clone(),
+            error,
+        })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(CryptoError::TooOpen {
+                origin: source,
+                path: path.display().to_string(),
+            });
+        }
+        let text = Zeroizing::new(fs::read_to_string(path).map_err(|error| {
+            CryptoError::Unreadable {
+                origin: source.clone(),
+                error,
+            }
+        })?);
+        Key::from_base64(&text, source)
+    }
+
+    /// A fresh random key.
+    pub fn generate() -> Key {
+        let raw = Aes256Gcm::generate_key(OsRng);
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        bytes.copy_from_slice(&raw);
+        let id = key_id(&bytes);
+        Key {
+            id,
+            bytes,
+            source: KeySource::Env,
+        }
+    }
+
+    /// The key as one line of base64, for writing a key file.
+    pub fn to_base64(&self) -> Secret {
+        Secret::new(B64.encode(*self.bytes))
+    }
+
+    /// A short public fingerprint; stored beside every sealed value.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Where this key came from.
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    fn cipher_for(&self, connection: Uuid) -> Aes256Gcm {
+        let hk = Hkdf::<Sha256>::new(Some(b"acutoken connection subkey v1"), &*self.bytes);
+        let mut sub = Zeroizing::new([0u8; 32]);
+        // 32 bytes is far below HKDF-SHA256's 8160-byte output limit, so expand cannot fail.
+        if hk.expand(connection.as_bytes(), &mut *sub).is_err() {
+            unreachable!("HKDF output length is fixed and valid");
+        }
+        Aes256Gcm::new_from_slice(&*sub).unwrap_or_else(|_| unreachable!("subkey is 32 bytes"))
+    }
+
+    /// Seals `plaintext` for one connection's column.
+    pub fn seal(&self, connection: Uuid, column: &str, plaintext: &[u8]) -> Vec<u8> {
+        let cipher = self.cipher_for(connection);
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let aad = associated_data(&self.id, connection, column);
+        let ct = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .unwrap_or_else(|_| unreachable!("AES-GCM encryption of a short value cannot fail"));
+        let mut out = Vec::with_capacity(2 + self.id.len() + NONCE_LEN + ct.len());
+        out.push(FORMAT);
+        out.push(self.id.len() as u8);
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        out
+    }
+
+    fn open_parts(
+        &self,
+        connection: Uuid,
+        column: &str,
+        nonce: &[u8],
+        ct: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let cipher = self.cipher_for(connection);
+        let aad = associated_data(&self.id, connection, column);
+        cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+            .map(Zeroizing::new)
+            .map_err(|_| CryptoError::Open {
+                connection,
+                column: column.to_string(),
+                why: "authentication failed (wrong key, or the value was moved or altered)",
+            })
+    }
+}
+
+fn key_id(bytes: &[u8; 32]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"acutoken key id v1");
+    h.update(bytes);
+    hex::encode(&h.finalize()[..8])
+}
+
+fn associated_data(key_id: &str, connection: Uuid, column: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64);
+    aad.push(FORMAT);
+    aad.extend_from_slice(key_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(connection.as_bytes());
+    aad.extend_from_slice(column.as_bytes());
+    aad
+}
+
+/// Splits a sealed value into (key id, nonce, ciphertext).
+fn parse_sealed(sealed: &[u8]) -> Option<(&str, &[u8], &[u8])> {
+    let (&format, rest) = sealed.split_first()?;
+    if format != FORMAT {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let len = len as usize;
+    if rest.len() < len + NONCE_LEN + 16 {
+        return None;
+    }
+    let id = std::str::from_utf8(&rest[..len]).ok()?;
+    Some((id, &rest[len..len + NONCE_LEN], &rest[len + NONCE_LEN..]))
+}
+
+/// The id of the key that sealed a value, if the value is well-formed.
+pub fn sealed_key_id(sealed: &[u8]) -> Option<&str> {
+    parse_sealed(sealed).map(|(id, _, _)| id)
+}
+
+/// The primary key (seals and opens) and previous keys (open only).
+#[derive(Debug, Clone)]
+pub struct Keyring {
+    primary: Key,
+    previous: Vec<Key>,
+}
+
+impl Keyring {
+    pub fn new(primary: Key, previous: Vec<Key>) -> Keyring {
+        Keyring { primary, previous }
+    }
+
+    pub fn primary(&self) -> &Key {
+        &self.primary
+    }
+
+    pub fn previous(&self) -> &[Key] {
+        &self.previous
+    }
+
+    /// Seals under the primary key.
+    pub fn seal(&self, connection: Uuid, column: &str, plaintext: &[u8]) -> Vec<u8> {
+        self.primary.seal(connection, column, plaintext)
+    }
+
+    /// Seals a secret string.
+    pub fn seal_secret(&self, connection: Uuid, column: &str, secret: &Secret) -> Vec<u8> {
+        self.seal(connection, column, secret.expose().as_bytes())
+    }
+
+    /// Opens with whichever key of the ring sealed the value.
+    pub fn open(
+        &self,
+        connection: Uuid,
+        column: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let (id, nonce, ct) = parse_sealed(sealed).ok_or_else(|| CryptoError::Open {
+            connection,
+            column: column.to_string(),
+            why: "not a sealed value of a format this version knows",
+        })?;
+        let key = std::iter::once(&self.primary)
+            .chain(self.previous.iter())
+            .find(|k| k.id == id)
+            .ok_or_else(|| CryptoError::Open {
+                connection,
+                column: column.to_string(),
+                why: "sealed under a key that is neither the primary key nor in store.previous_key_files",
+            })?;
+        key.open_parts(connection, column, nonce, ct)
+    }
+
+    /// Opens a sealed UTF-8 secret.
+    pub fn open_secret(
+        &self,
+        connection: Uuid,
+        column: &str,
+        sealed: &[u8],
+    ) -> Result<Secret, CryptoError> {
+        let bytes = self.open(connection, column, sealed)?;
+        String::from_utf8(bytes.to_vec())
+            .map(Secret::new)
+            .map_err(|_| CryptoError::Open {
+                connection,
+                column: column.to_string(),
+                why: "the opened value is not text",
+            })
+    }
+}
+
+/// The value the store keeps per key so a wrong key is refused before anything is read.
+pub fn check_value(key: &Key) -> Vec<u8> {
+    key.seal(Uuid::nil(), "key_check", CHECK_PLAINTEXT)
+}
+
+/// True when `check` was made by [`check_value`] with this key.
+pub fn verify_check(key: &Key, check: &[u8]) -> bool {
+    match parse_sealed(check) {
+        Some((id, nonce, ct)) if id == key.id => key
+            .open_parts(Uuid::nil(), "key_check", nonce, ct)
+            .map(|p| p.as_slice() == CHECK_PLAINTEXT)
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// Writes a new key file with mode 0600, refusing to overwrite an existing file.
+pub fn write_key_file(path: &Path, key: &Key) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    let text = key.to_base64();
+    f.write_all(text.expose().as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_round_trip_and_binding() {
+        let ring = Keyring::new(Key::generate(), vec![]);
+        let a = Uuid::new_v4();
+        let b = Uuid::new_v4();
+        let sealed = ring.seal(a, "refresh_token", b"rt-123");
+        assert_eq!(ring.open(a, "refresh_token", &sealed).unwrap().as_slice(), b"rt-123");
+        // Moved to another row or column: must not open.
+        assert!(ring.open(b, "refresh_token", &sealed).is_err());
+        assert!(ring.open(a, "client_secret", &sealed).is_err());
+        // Two seals of the same value differ (fresh nonce).
+        assert_ne!(sealed, ring.seal(a, "refresh_token", b"rt-123"));
+        // A flipped bit fails.
+        let mut bad = sealed.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(ring.open(a, "refresh_token", &bad).is_err());
+    }
+
+    #[test]
+    fn previous_keys_open_old_values() {
+        let old = Key::generate();
+        let sealed = Keyring::new(old.clone(), vec![]).seal(Uuid::nil(), "c", b"x");
+        let new = Key::generate();
+        assert!(Keyring::new(new.clone(), vec![]).open(Uuid::nil(), "c", &sealed).is_err());
+        let ring = Keyring::new(new, vec![old]);
+        assert_eq!(ring.open(Uuid::nil(), "c", &sealed).unwrap().as_slice(), b"x");
+    }
+
+    #[test]
+    fn check_value_tells_keys_apart() {
+        let k = Key::generate();
+        let c = check_value(&k);
+        assert!(verify_check(&k, &c));
+        assert!(!verify_check(&Key::generate(), &c));
+    }
+
+    #[test]
+    fn key_text_round_trips_and_bad_text_is_refused() {
+        let k = Key::generate();
+        let k2 = Key::from_base64(k.to_base64().expose(), KeySource::Env).unwrap();
+        assert_eq!(k.id(), k2.id());
+        assert!(Key::from_base64("c2hvcnQ=", KeySource::Env).is_err());
+        assert!(Key::from_base64("not base64!", KeySource::Env).is_err());
+        assert!(!format!("{k:?}").contains(k.to_base64().expose()));
+    }
+}

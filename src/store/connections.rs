@@ -1,0 +1,439 @@
+//! Connection rows: insert, read, update, remove, and their sealed secrets.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+use uuid::Uuid;
+
+use super::{Store, StoreError, from_ms, next_seq, to_ms};
+use crate::crypto::Keyring;
+use crate::model::{Connection, DeadlineSource, Mode, State, Timestamp};
+use crate::secret::Secret;
+
+/// A sealed column. The column name is part of every seal's associated data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretColumn {
+    ClientSecret,
+    RefreshToken,
+    AccessToken,
+}
+
+impl SecretColumn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretColumn::ClientSecret => "client_secret",
+            SecretColumn::RefreshToken => "refresh_token",
+            SecretColumn::AccessToken => "access_token",
+        }
+    }
+}
+
+/// A new connection as the CLI builds it (plan fields computed by the caller).
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    pub conn: Connection,
+    pub client_secret: Option<Secret>,
+    pub refresh_token: Option<Secret>,
+}
+
+/// A connection with the bookkeeping the renewal engine keeps beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionRow {
+    pub conn: Connection,
+    /// Consecutive transient failures since the last success.
+    pub failures: u32,
+    /// When the current run of failures began.
+    pub failing_since: Option<Timestamp>,
+    /// A previous claim was orphaned: the token may have been consumed already.
+    pub outcome_unknown: bool,
+    pub has_client_secret: bool,
+    pub has_refresh_token: bool,
+    pub has_access_token: bool,
+    pub token_type: Option<String>,
+    /// The lifetime the current access token was issued with.
+    pub access_lifetime: Option<Duration>,
+    /// The live or stale claim on this connection: (owner, expires).
+    pub claim: Option<(String, Timestamp)>,
+    pub version: i64,
+    pub change_seq: i64,
+}
+
+/// Edits `connection set` can make; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionPatch {
+    pub labels: Option<BTreeMap<String, String>>,
+    pub mode: Option<Mode>,
+    pub lifetime: Option<Duration>,
+    pub absolute_lifetime: Option<Option<Duration>>,
+    pub secret_expires_at: Option<Option<Timestamp>>,
+    pub instance: Option<String>,
+    pub client_id: Option<String>,
+}
+
+pub(super) const COLUMNS: &str = "id, name, instance, client_id, labels, mode, lifetime_s,
+    absolute_lifetime_s, secret_expires_at, grant_issued_at, refresh_token_issued_at,
+    access_expires_at, deadline, deadline_source, next_refresh_at, last_refresh_at, last_error,
+    state, failures, failing_since, outcome_unknown, client_secret IS NOT NULL,
+    refresh_token IS NOT NULL, access_token IS NOT NULL, token_type, access_lifetime_s,
+    claim_owner, claim_expires_at, version, change_seq";
+
+fn opt_ms(v: Option<i64>) -> Option<Timestamp> {
+    v.map(from_ms)
+}
+
+fn bad(what: &str, v: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("{what}: {v}").into(),
+    )
+}
+
+pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
+    let id: String = r.get(0)?;
+    let labels: String = r.get(4)?;
+    let mode: String = r.get(5)?;
+    let source: Option<String> = r.get(13)?;
+    let state: String = r.get(17)?;
+    let claim_owner: Option<String> = r.get(26)?;
+    let claim_expires: Option<i64> = r.get(27)?;
+    Ok(ConnectionRow {
+        conn: Connection {
+            id: Uuid::parse_str(&id).map_err(|_| bad("connection id", &id))?,
+            name: r.get(1)?,
+            instance: r.get(2)?,
+            client_id: r.get(3)?,
+            labels: serde_json::from_str(&labels).map_err(|_| bad("labels", &labels))?,
+            mode: mode.parse().map_err(|_| bad("mode", &mode))?,
+            lifetime: Duration::from_secs(r.get::<_, i64>(6)?.max(0) as u64),
+            absolute_lifetime: r
+                .get::<_, Option<i64>>(7)?
+                .map(|s| Duration::from_secs(s.max(0) as u64)),
+            secret_expires_at: opt_ms(r.get(8)?),
+            grant_issued_at: opt_ms(r.get(9)?),
+            refresh_token_issued_at: opt_ms(r.get(10)?),
+            access_expires_at: opt_ms(r.get(11)?),
+            deadline: opt_ms(r.get(12)?),
+            deadline_source: source
+                .map(|s| s.parse::<DeadlineSource>().map_err(|_| bad("deadline_source", &s)))
+                .transpose()?,
+            next_refresh_at: opt_ms(r.get(14)?),
+            last_refresh_at: opt_ms(r.get(15)?),
+            last_error: r.get(16)?,
+            state: state.parse::<State>().map_err(|_| bad("state", &state))?,
+        },
+        failures: r.get::<_, i64>(18)?.clamp(0, u32::MAX as i64) as u32,
+        failing_since: opt_ms(r.get(19)?),
+        outcome_unknown: r.get::<_, i64>(20)? != 0,
+        has_client_secret: r.get(21)?,
+        has_refresh_token: r.get(22)?,
+        has_access_token: r.get(23)?,
+        token_type: r.get(24)?,
+        access_lifetime: r
+            .get::<_, Option<i64>>(25)?
+            .map(|s| Duration::from_secs(s.max(0) as u64)),
+        claim: match (claim_owner, claim_expires) {
+            (Some(o), Some(e)) => Some((o, from_ms(e))),
+            _ => None,
+        },
+        version: r.get(28)?,
+        change_seq: r.get(29)?,
+    })
+}
+
+fn labels_json(labels: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
+}
+
+/// Inserts a new connection; a taken name is [`StoreError::DuplicateName`].
+pub fn insert(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    new: &NewConnection,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let c = &new.conn;
+    let seq = next_seq(tx)?;
+    let seal = |col: SecretColumn, s: &Option<Secret>| {
+        s.as_ref()
+            .map(|s| keyring.seal_secret(c.id, col.as_str(), s))
+    };
+    let res = tx.execute(
+        "INSERT INTO connections (id, name, instance, client_id, labels, mode, lifetime_s,
+            absolute_lifetime_s, secret_expires_at, grant_issued_at, refresh_token_issued_at,
+            deadline, deadline_source, next_refresh_at, state, client_secret, refresh_token,
+            change_seq, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+        params![
+            c.id.to_string(),
+            c.name,
+            c.instance,
+            c.client_id,
+            labels_json(&c.labels),
+            c.mode.as_str(),
+            c.lifetime.as_secs() as i64,
+            c.absolute_lifetime.map(|d| d.as_secs() as i64),
+            c.secret_expires_at.map(to_ms),
+            c.grant_issued_at.map(to_ms),
+            c.refresh_token_issued_at.map(to_ms),
+            c.deadline.map(to_ms),
+            c.deadline_source.map(|s| s.as_str()),
+            c.next_refresh_at.map(to_ms),
+            c.state.as_str(),
+            seal(SecretColumn::ClientSecret, &new.client_secret),
+            seal(SecretColumn::RefreshToken, &new.refresh_token),
+            seq,
+            to_ms(now),
+        ],
+    );
+    match res {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Err(StoreError::DuplicateName(c.name.clone()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes every non-secret field of `row` back, bumping version and change sequence.
+pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> {
+    let c = &row.conn;
+    let seq = next_seq(tx)?;
+    let n = tx.execute(
+        "UPDATE connections SET instance = ?2, client_id = ?3, labels = ?4, mode = ?5,
+            lifetime_s = ?6, absolute_lifetime_s = ?7, secret_expires_at = ?8,
+            grant_issued_at = ?9, refresh_token_issued_at = ?10, access_expires_at = ?11,
+            deadline = ?12, deadline_source = ?13, next_refresh_at = ?14, last_refresh_at = ?15,
+            last_error = ?16, state = ?17, failures = ?18, failing_since = ?19,
+            outcome_unknown = ?20, token_type = ?21, access_lifetime_s = ?22,
+            version = version + 1, change_seq = ?23
+         WHERE id = ?1",
+        params![
+            c.id.to_string(),
+            c.instance,
+            c.client_id,
+            labels_json(&c.labels),
+            c.mode.as_str(),
+            c.lifetime.as_secs() as i64,
+            c.absolute_lifetime.map(|d| d.as_secs() as i64),
+            c.secret_expires_at.map(to_ms),
+            c.grant_issued_at.map(to_ms),
+            c.refresh_token_issued_at.map(to_ms),
+            c.access_expires_at.map(to_ms),
+            c.deadline.map(to_ms),
+            c.deadline_source.map(|s| s.as_str()),
+            c.next_refresh_at.map(to_ms),
+            c.last_refresh_at.map(to_ms),
+            c.last_error,
+            c.state.as_str(),
+            row.failures as i64,
+            row.failing_since.map(to_ms),
+            row.outcome_unknown as i64,
+            row.token_type,
+            row.access_lifetime.map(|d| d.as_secs() as i64),
+            seq,
+        ],
+    )?;
+    if n == 0 {
+        return Err(StoreError::UnknownConnection(c.name.clone()));
+    }
+    Ok(())
+}
+
+/// Seals `value` into `column` (or clears it with `None`).
+pub fn set_secret(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    id: Uuid,
+    column: SecretColumn,
+    value: Option<&Secret>,
+) -> Result<(), StoreError> {
+    let sealed = value.map(|v| keyring.seal_secret(id, column.as_str(), v));
+    // The column name comes from a closed enum, never from input.
+    let sql = format!("UPDATE connections SET {} = ?2 WHERE id = ?1", column.as_str());
+    tx.execute(&sql, params![id.to_string(), sealed])?;
+    Ok(())
+}
+
+/// Reads one connection by name inside a transaction.
+pub fn get_tx(tx: &Transaction<'_>, name: &str) -> Result<ConnectionRow, StoreError> {
+    tx.query_row(
+        &format!("SELECT {COLUMNS} FROM connections WHERE name = ?1"),
+        [name],
+        from_row,
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
+}
+
+/// Reads one connection by id inside a transaction.
+pub fn get_by_id_tx(tx: &Transaction<'_>, id: Uuid) -> Result<Option<ConnectionRow>, StoreError> {
+    Ok(tx
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"),
+            [id.to_string()],
+            from_row,
+        )
+        .optional()?)
+}
+
+/// Removes a connection, its history and its authorizations.
+pub fn remove(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
+    let id_s = id.to_string();
+    let seq = next_seq(tx)?;
+    tx.execute("DELETE FROM connections WHERE id = ?1", [&id_s])?;
+    tx.execute("DELETE FROM events WHERE connection_id = ?1", [&id_s])?;
+    tx.execute("DELETE FROM authorizations WHERE connection_id = ?1", [&id_s])?;
+    tx.execute(
+        "INSERT OR REPLACE INTO tombstones (id, change_seq) VALUES (?1, ?2)",
+        params![id_s, seq],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// One connection by name.
+    pub fn get(&self, name: &str) -> Result<ConnectionRow, StoreError> {
+        self.db
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM connections WHERE name = ?1"),
+                [name],
+                from_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
+    }
+
+    /// One connection by id.
+    pub fn get_by_id(&self, id: Uuid) -> Result<Option<ConnectionRow>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"),
+                [id.to_string()],
+                from_row,
+            )
+            .optional()?)
+    }
+
+    /// Every connection, by name.
+    pub fn list(&self) -> Result<Vec<ConnectionRow>, StoreError> {
+        let mut stmt = self
+            .db
+            .prepare(&format!("SELECT {COLUMNS} FROM connections ORDER BY name"))?;
+        let rows = stmt.query_map([], from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Connections changed and ids removed after change sequence `seq`, and the newest sequence.
+    pub fn changed_since(
+        &self,
+        seq: i64,
+    ) -> Result<(Vec<ConnectionRow>, Vec<Uuid>, i64), StoreError> {
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT {COLUMNS} FROM connections WHERE change_seq > ?1"
+        ))?;
+        let rows = stmt
+            .query_map([seq], from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self
+            .db
+            .prepare("SELECT id FROM tombstones WHERE change_seq > ?1")?;
+        let removed = stmt
+            .query_map([seq], |r| r.get::<_, String>(0))?
+            .filter_map(|r| r.ok().and_then(|s| Uuid::parse_str(&s).ok()))
+            .collect();
+        Ok((rows, removed, self.change_seq()?))
+    }
+
+    /// The store-wide change sequence now.
+    pub fn change_seq(&self) -> Result<i64, StoreError> {
+        Ok(self.db.query_row(
+            "SELECT value FROM meta WHERE key = 'change_seq'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Opens one sealed secret of a connection.
+    pub fn secret(&self, id: Uuid, column: SecretColumn) -> Result<Option<Secret>, StoreError> {
+        let sql = format!("SELECT {} FROM connections WHERE id = ?1", column.as_str());
+        let sealed: Option<Vec<u8>> = self
+            .db
+            .query_row(&sql, [id.to_string()], |r| r.get(0))
+            .optional()?
+            .flatten();
+        sealed
+            .map(|s| self.keyring.open_secret(id, column.as_str(), &s))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Counts per state, without loading rows.
+    pub fn state_counts(&self) -> Result<BTreeMap<State, u64>, StoreError> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT state, COUNT(*) FROM connections GROUP BY state")?;
+        let mut out = BTreeMap::new();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let s: String = r.get(0)?;
+            let n: i64 = r.get(1)?;
+            if let Ok(st) = s.parse::<State>() {
+                out.insert(st, n as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-seals up to `batch` values sealed under keys other than the primary;
+    /// returns how many were re-sealed (0 = none left).
+    pub fn reseal_batch(&mut self, batch: usize) -> Result<usize, StoreError> {
+        let primary = self.keyring.primary().id().to_string();
+        self.write(|tx, kr| {
+            let mut done = 0;
+            let mut stmt = tx.prepare(
+                "SELECT id, client_secret, refresh_token, access_token FROM connections",
+            )?;
+            let mut todo = Vec::new();
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                if todo.len() >= batch {
+                    break;
+                }
+                let id: String = r.get(0)?;
+                for (i, col) in [
+                    SecretColumn::ClientSecret,
+                    SecretColumn::RefreshToken,
+                    SecretColumn::AccessToken,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let v: Option<Vec<u8>> = r.get(i + 1)?;
+                    if let Some(v) = v {
+                        if crate::crypto::sealed_key_id(&v) != Some(primary.as_str()) {
+                            todo.push((id.clone(), col, v));
+                        }
+                    }
+                }
+            }
+            drop(rows);
+            drop(stmt);
+            for (id_s, col, sealed) in todo {
+                let id = Uuid::parse_str(&id_s)
+                    .map_err(|_| StoreError::Corrupt(format!("connection id {id_s}")))?;
+                let plain = kr.open(id, col.as_str(), &sealed)?;
+                let resealed = kr.seal(id, col.as_str(), &plain);
+                let sql = format!("UPDATE connections SET {} = ?2 WHERE id = ?1", col.as_str());
+                tx.execute(&sql, params![id_s, resealed])?;
+                done += 1;
+            }
+            done += super::authorizations::reseal(tx, kr, &primary, batch.saturating_sub(done))?;
+            Ok(done)
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! Finding the store key (DESIGN §4 order) and checking it against the store.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::params;
+
+use super::{Store, StoreError, to_ms};
+use crate::config::Config;
+use crate::crypto::{self, Key, KeySource, Keyring};
+
+/// The keyring found for a store, and the key file created for it, if any.
+#[derive(Debug)]
+pub struct KeyResolution {
+    pub keyring: Keyring,
+    /// Set when a first `add`/`import` generated `acutoken.key` beside a new store.
+    pub created: Option<PathBuf>,
+    /// True when the primary key came from a source the operator named
+    /// (credential, `store.key_file`, `ACUTOKEN_KEY`), not from beside the store.
+    pub explicit: bool,
+}
+
+/// The key file that sits beside a store.
+pub fn beside(store_path: &Path) -> PathBuf {
+    store_path.with_file_name("acutoken.key")
+}
+
+/// Finds the primary key, first found wins: `$CREDENTIALS_DIRECTORY/acutoken.key`,
+/// `store.key_file`, `ACUTOKEN_KEY`, then `acutoken.key` beside the store. With
+/// `may_create` and no key anywhere and no store yet, generates `acutoken.key`
+/// beside the new store (0600).
+pub fn resolve_keyring(
+    config: &Config,
+    store_path: &Path,
+    may_create: bool,
+) -> Result<KeyResolution, StoreError> {
+    let previous = config
+        .store
+        .previous_key_files
+        .iter()
+        .map(|p| Key::from_file(p, KeySource::ConfigFile(p.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let found = find_primary(config, store_path)?;
+    if let Some((key, explicit)) = found {
+        return Ok(KeyResolution {
+            keyring: Keyring::new(key, previous),
+            created: None,
+            explicit,
+        });
+    }
+    let path = beside(store_path);
+    if store_path.exists() || !may_create {
+        return Err(StoreError::NoKey {
+            path: store_path.to_path_buf(),
+            beside: path,
+        });
+    }
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|error| StoreError::Io {
+            what: "cannot create the directory",
+            path: dir.to_path_buf(),
+            error,
+        })?;
+    }
+    let key = Key::generate();
+    crypto::write_key_file(&path, &key).map_err(|error| StoreError::Io {
+        what: "cannot write the new key file",
+        path: path.clone(),
+        error,
+    })?;
+    let key = Key::from_file(&path, KeySource::BesideStore(path.clone()))?;
+    Ok(KeyResolution {
+        keyring: Keyring::new(key, previous),
+        created: Some(path),
+        explicit: false,
+    })
+}
+
+fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)>, StoreError> {
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let p = Path::new(&dir).join("acutoken.key");
+        if p.exists() {
+            // systemd makes credentials readable by the service user only, but
+            // may give them mode 0400 or 0440 with a private group; trust it.
+            let text = std::fs::read_to_string(&p).map_err(|error| crypto::CryptoError::Unreadable {
+                origin: KeySource::Credential(p.clone()),
+                error,
+            })?;
+            return Ok(Some((Key::from_base64(&text, KeySource::Credential(p))?, true)));
+        }
+    }
+    if let Some(p) = &config.store.key_file {
+        return Ok(Some((Key::from_file(p, KeySource::ConfigFile(p.clone()))?, true)));
+    }
+    if let Some(v) = std::env::var_os("ACUTOKEN_KEY") {
+        let text = v.to_string_lossy();
+        return Ok(Some((Key::from_base64(&text, KeySource::Env)?, true)));
+    }
+    let p = beside(store_path);
+    if p.exists() {
+        return Ok(Some((Key::from_file(&p, KeySource::BesideStore(p.clone()))?, false)));
+    }
+    Ok(None)
+}
+
+/// Refuses a primary key whose check value is not in the store.
+pub(super) fn verify(store: &Store) -> Result<(), StoreError> {
+    let primary = store.keyring.primary();
+    let check: Option<Vec<u8>> = store
+        .db
+        .query_row(
+            "SELECT check_value FROM keys WHERE key_id = ?1",
+            [primary.id()],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    match check {
+        Some(c) if crypto::verify_check(primary, &c) => Ok(()),
+        _ => Err(StoreError::WrongKey {
+            origin: primary.source().to_string(),
+            path: store.path.clone(),
+        }),
+    }
+}
+
+/// Records the primary key's check value (new stores).
+pub(super) fn register_primary(store: &Store) -> Result<(), StoreError> {
+    add_key(store, store.keyring.primary())
+}
+
+fn add_key(store: &Store, key: &Key) -> Result<(), StoreError> {
+    store.db.execute(
+        "INSERT OR IGNORE INTO keys (key_id, check_value, added_at) VALUES (?1, ?2, ?3)",
+        params![key.id(), crypto::check_value(key), to_ms(chrono::Utc::now())],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// Registers `key` as a key of this store (key rotation); it then opens the store.
+    pub fn register_key(&self, key: &Key) -> Result<(), StoreError> {
+        add_key(self, key)
+    }
+
+    /// Replaces the keyring (after rotation re-sealed everything under a new key).
+    pub fn set_keyring(&mut self, keyring: Keyring) {
+        self.keyring = keyring;
+    }
+
+    /// Ids of keys that still seal some value, with how many values each seals.
+    pub fn sealed_key_usage(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut counts = std::collections::BTreeMap::<String, u64>::new();
+        let mut stmt = self.db.prepare(
+            "SELECT client_secret, refresh_token, access_token FROM connections
+             UNION ALL SELECT pkce_verifier, url, NULL FROM authorizations",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            for i in 0..3 {
+                let v: Option<Vec<u8>> = r.get(i)?;
+                if let Some(id) = v.as_deref().and_then(crypto::sealed_key_id) {
+                    *counts.entry(id.to_string()).or_default() += 1;
+                }
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
+}

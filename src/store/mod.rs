@@ -1,0 +1,303 @@
+//! The store: one SQLite file, every SQL statement of acutoken.
+//!
+//! WAL mode and a busy timeout let the CLI and a running daemon share the file.
+//! Writes go through [`Store::write`], an immediate transaction that rolls back
+//! when dropped without commit. Every write that touches a connection bumps a
+//! store-wide change sequence, which a running daemon follows to pick up CLI
+//! writes within a second without a reload.
+
+pub mod alerts;
+pub mod authorizations;
+pub mod claims;
+pub mod connections;
+pub mod events;
+pub mod keys;
+mod migrations;
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{Connection as Db, OpenFlags, Transaction, TransactionBehavior};
+
+use crate::crypto::{CryptoError, Keyring};
+use crate::model::Timestamp;
+
+pub use authorizations::{Authorization, CallbackLookup};
+pub use claims::{Claim, ClaimOutcome, Owner, RefreshSave};
+pub use connections::{ConnectionPatch, ConnectionRow, NewConnection, SecretColumn};
+pub use events::Event;
+pub use keys::{KeyResolution, resolve_keyring};
+
+/// How long a writer waits for another process's lock before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the store can fail with; each variant says what the caller does.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No store file: the command names where it looked; only add/import/serve create one.
+    #[error("no store at {path}: add a connection first (`acutoken connection add`) or set store.path")]
+    Missing { path: PathBuf },
+    /// The key does not belong to this store: refuse before reading or writing anything.
+    #[error("the key from {origin} does not open the store {path}: it was sealed with another key (check store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store)")]
+    WrongKey { origin: String, path: PathBuf },
+    /// A store exists but no key was found anywhere: the operator must supply it.
+    #[error("the store {path} exists but no key was found (looked in $CREDENTIALS_DIRECTORY/acutoken.key, store.key_file, ACUTOKEN_KEY and {beside}): supply the key it was created with")]
+    NoKey { path: PathBuf, beside: PathBuf },
+    /// The file was made by a newer acutoken: upgrade the binary.
+    #[error("the store {path} has schema version {found}, newer than this acutoken knows ({known}): upgrade acutoken")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    /// A key problem (malformed, too open, unreadable, value that does not open).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// No connection by that name: the caller names it back to the user.
+    #[error("no connection named `{0}` (see `acutoken connection list`)")]
+    UnknownConnection(String),
+    /// The name is taken: pick another.
+    #[error("a connection named `{0}` already exists")]
+    DuplicateName(String),
+    /// Another process held the database lock past the busy timeout: try again.
+    #[error("the store is busy (another acutoken process holds its lock): try again")]
+    Busy,
+    /// The disk is full or the file is read-only: a rotated token may need to be kept elsewhere.
+    #[error("the store cannot be written: {0}")]
+    Unwritable(String),
+    /// Creating or opening files failed.
+    #[error("{what} {path}: {error}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Any other SQLite failure.
+    #[error("store error: {0}")]
+    Sql(rusqlite::Error),
+    /// A row holds a value this version cannot read (hand-edited or corrupt).
+    #[error("the store holds an unreadable value: {0}")]
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy,
+            Some(ErrorCode::DiskFull | ErrorCode::ReadOnly | ErrorCode::CannotOpen) => {
+                StoreError::Unwritable(e.to_string())
+            }
+            Some(ErrorCode::SystemIoFailure) => StoreError::Unwritable(e.to_string()),
+            _ => StoreError::Sql(e),
+        }
+    }
+}
+
+impl StoreError {
+    /// True when the failure is about being unable to write (disk full, read-only, I/O).
+    pub fn is_unwritable(&self) -> bool {
+        matches!(self, StoreError::Unwritable(_))
+    }
+}
+
+/// An open, key-verified store.
+pub struct Store {
+    db: Db,
+    path: PathBuf,
+    keyring: Keyring,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.path.display())
+    }
+}
+
+/// Whether opening may create the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// The store must exist.
+    No,
+    /// Create it (with its parent directory, 0700, when missing).
+    Yes,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, verifying `keyring` before anything is written.
+    pub fn open(path: &Path, keyring: Keyring, create: Create) -> Result<Store, StoreError> {
+        let exists = path.exists();
+        if !exists {
+            if create == Create::No {
+                return Err(StoreError::Missing {
+                    path: path.to_path_buf(),
+                });
+            }
+            create_file(path)?;
+        }
+        let db = Db::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError::Io {
+            what: "cannot open the store",
+            path: path.to_path_buf(),
+            error: std::io::Error::other(e.to_string()),
+        })?;
+        db.busy_timeout(BUSY_TIMEOUT)?;
+        let mut store = Store {
+            db,
+            path: path.to_path_buf(),
+            keyring,
+        };
+        let version: i64 = store.db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let known = migrations::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: store.path.clone(),
+                found: version,
+                known,
+            });
+        }
+        if version > 0 {
+            // Verify before any write: a wrong key must leave the file untouched.
+            keys::verify(&store)?;
+        }
+        store.db.pragma_update(None, "journal_mode", "WAL")?;
+        store.db.pragma_update(None, "synchronous", "FULL")?;
+        store.db.pragma_update(None, "foreign_keys", "ON")?;
+        store.migrate(version)?;
+        if version == 0 {
+            keys::register_primary(&store)?;
+        }
+        Ok(store)
+    }
+
+    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
+        for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(from as usize) {
+            let tx = self
+                .db
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The keyring that seals and opens this store's secrets.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Runs `f` in an immediate write transaction; commits when it returns `Ok`.
+    pub fn write<T>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>, &Keyring) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx, &self.keyring)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Read access for queries that need no transaction.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// SQLite's `data_version`: changes when another connection commits.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Writes a consistent online copy to `dest` (mode 0600), refusing to overwrite.
+    pub fn backup(&self, dest: &Path) -> Result<(), StoreError> {
+        if dest.exists() {
+            return Err(StoreError::Io {
+                what: "refusing to overwrite",
+                path: dest.to_path_buf(),
+                error: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        create_file(dest)?;
+        let quoted = dest.to_string_lossy().replace('\'', "''");
+        if let Err(e) = self.db.execute_batch(&format!("VACUUM INTO '{quoted}'")) {
+            let _ = fs::remove_file(dest);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Runs `PRAGMA integrity_check`; `Ok(())` when the file is sound.
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let result: String = self
+            .db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(result))
+        }
+    }
+}
+
+/// Creates an empty file with mode 0600 (its parent 0700 when we create it).
+fn create_file(path: &Path) -> Result<(), StoreError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|error| StoreError::Io {
+                    what: "cannot create the directory",
+                    path: parent.to_path_buf(),
+                    error,
+                })?;
+        }
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|error| StoreError::Io {
+            what: "cannot create",
+            path: path.to_path_buf(),
+            error,
+        })
+}
+
+/// Times are stored as Unix milliseconds.
+pub(crate) fn to_ms(t: Timestamp) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_ms(ms: i64) -> Timestamp {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// Bumps and returns the store-wide change sequence (inside a write transaction).
+pub(crate) fn next_seq(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+    Ok(tx.query_row(
+        "UPDATE meta SET value = value + 1 WHERE key = 'change_seq' RETURNING value",
+        [],
+        |r| r.get(0),
+    )?)
+}
