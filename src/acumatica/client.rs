@@ -7,8 +7,10 @@
 //! receives a 200 with a complete JSON body.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,9 +18,9 @@ use oauth2::basic::{
     BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
 };
 use oauth2::{
-    AuthType, AuthorizationCode, ClientId, ClientSecret, HttpRequest, HttpResponse,
-    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, StandardRevocableToken,
-    TokenResponse, TokenUrl,
+    AsyncHttpClient, AuthType, AuthorizationCode, ClientId, ClientSecret, HttpRequest,
+    HttpResponse, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError,
+    StandardRevocableToken, TokenResponse, TokenUrl,
 };
 use reqwest::header::CONTENT_TYPE;
 use url::Url;
@@ -217,13 +219,12 @@ impl TokenClient {
     ) -> Result<TokenGrant, TokenError> {
         let oauth = self.oauth_client(instance, client_id, client_secret)?;
         let token = RefreshToken::new(refresh_token.expose().to_string());
-        let seen = Mutex::new(None);
-        let http = |request: HttpRequest| self.inner.send(request, &seen);
+        let http = Transport::new(&self.inner);
         let result = oauth
             .exchange_refresh_token(&token)
             .request_async(&http)
             .await;
-        finish(result, &seen)
+        finish(result, &http.seen)
     }
 
     /// Exchanges an authorization code (with its PKCE verifier) for the first grant.
@@ -243,15 +244,14 @@ impl TokenClient {
                 false,
             )
         })?;
-        let seen = Mutex::new(None);
-        let http = |request: HttpRequest| self.inner.send(request, &seen);
+        let http = Transport::new(&self.inner);
         let result = oauth
             .exchange_code(AuthorizationCode::new(code.to_string()))
             .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier.expose().to_string()))
             .set_redirect_uri(Cow::Owned(redirect))
             .request_async(&http)
             .await;
-        finish(result, &seen)
+        finish(result, &http.seen)
     }
 
     fn oauth_client(
@@ -276,8 +276,38 @@ impl TokenClient {
     }
 }
 
+/// The HTTP function handed to oauth2. A named type rather than a closure: a
+/// closure's future is not `Send` for every lifetime oauth2 asks about, and the
+/// engine spawns refreshes on a multi-threaded runtime.
+/// It owns what its futures use, because borrowed fields make the compiler unable
+/// to prove the future `Send` for every lifetime.
+struct Transport {
+    inner: Arc<Inner>,
+    seen: Arc<Mutex<Option<String>>>,
+}
+
+impl Transport {
+    fn new(inner: &Arc<Inner>) -> Self {
+        Transport {
+            inner: inner.clone(),
+            seen: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+impl<'c> AsyncHttpClient<'c> for Transport {
+    type Error = TokenError;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, TokenError>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        let inner = self.inner.clone();
+        let seen = self.seen.clone();
+        Box::pin(async move { inner.send(request, &seen).await })
+    }
+}
+
 impl Inner {
-    /// The HTTP function handed to oauth2: performs one request and lets only a
+    /// Performs one token request and lets only a
     /// complete 200 JSON answer through; `seen` keeps its description for the case
     /// where oauth2 then finds it is not a token.
     async fn send(
@@ -594,6 +624,21 @@ mod tests {
             .check_destination(&Url::parse("http://127.0.0.1:9/x").unwrap())
             .unwrap_err();
         assert!(e.reason.contains("plain http"), "{}", e.reason);
+    }
+
+    /// A self-signed CA (P-256, valid until 2126) used only to prove a PEM loads.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBjDCCATOgAwIBAgIUSdmeGahGG53lw7nMKfGE11+ARLswCgYIKoZIzj0EAwIw\nGzEZMBcGA1UEAwwQYWN1dG9rZW4gdGVzdCBDQTAgFw0yNjExMjkwNTM4MjVaGA8y\nMTI2MTEwNTA1MzgyNVowGzEZMBcGA1UEAwwQYWN1dG9rZW4gdGVzdCBDQTBZMBMG\nByqGSM49AgEGCCqGSM49AwEHA0IABO8D0VV6VRsYDxzHAq8Kml7JQb/0kZ0tZXfe\nchWuUzDDek/9r4U7yHylVVTBx+3wmmZtWHVJJtBSQJfoekF8cMujUzBRMB0GA1Ud\nDgQWBBQbiv70T1ZBtBXBuGkHq1q9lkCK5DAfBgNVHSMEGDAWgBQbiv70T1ZBtBXB\nuGkHq1q9lkCK5DAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIET2\n/uPH8Ajxb1vkmRdcvHttHUkc4LsOG89AatYhcKT8AiBNg1HTVsXnD6fvztikTnDO\nH2kfJ2mCDpL+32+FYwSD1A==\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn ca_file_is_added_as_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, TEST_CA).unwrap();
+        let c = TokenClient::new(ClientSettings {
+            ca_file: Some(path),
+            ..ClientSettings::default()
+        });
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

@@ -127,13 +127,13 @@ fn strip_scheme(s: &str) -> Result<&str, InstanceError> {
     };
     let scheme = before.to_ascii_lowercase();
     let web = matches!(scheme.as_str(), "http" | "https");
-    if after.starts_with("//") {
+    if let Some(rest) = after.strip_prefix("//") {
         let looks_like_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
             && scheme
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
         return match (web, looks_like_scheme) {
-            (true, _) => Ok(&after[2..]),
+            (true, _) => Ok(rest),
             (false, true) => Err(InstanceError::Scheme { scheme }),
             (false, false) => Err(InstanceError::MissingHost(s.to_string())),
         };
