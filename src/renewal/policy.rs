@@ -20,12 +20,21 @@
 //! A point is "satisfied" by any successful refresh at or after the earliest
 //! moment it could have been planned, so a refresh that did not rotate the
 //! token never makes the same point due again.
+//!
+//! Access-token usability and the alert conditions of DESIGN §8 live in
+//! `conditions` and are re-exported here.
 
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::model::{Connection, DeadlineSource, FailureKind, Mode, State, Timestamp};
+
+mod conditions;
+pub use conditions::{
+    REFRESH_FAILED_AFTER, REFRESH_FAILED_CRITICAL_WITHIN, WarnPoint, access_token_usable,
+    expiry_warning, refresh_failed_alert, secret_warning,
+};
 
 /// The reason stored when `invalid_grant` follows an attempt whose outcome was
 /// unknown (DESIGN §3, invariant 1).
@@ -34,12 +43,6 @@ pub const LOST_ROTATED_TOKEN: &str = "a rotated token was lost while the process
 /// The shortest backoff near a deadline; retries never come closer together than
 /// this (or `retry_min`, when that is shorter), however little time is left.
 pub const BACKOFF_FLOOR: Duration = Duration::from_secs(5);
-
-/// How long transient failures must persist before `refresh_failed` fires.
-pub const REFRESH_FAILED_AFTER: Duration = Duration::from_secs(3600);
-
-/// `refresh_failed` is critical when the deadline is closer than this.
-pub const REFRESH_FAILED_CRITICAL_WITHIN: Duration = Duration::from_secs(24 * 3600);
 
 const DEFAULT_RENEW_AT: f64 = 0.66;
 
@@ -601,103 +604,6 @@ pub fn expired_secret_decision(conn: &Connection, now: Timestamp) -> Option<Deci
             crate::model::fmt_time(expired)
         ),
     })
-}
-
-/// True when the access token can be handed out: more than the margin is left.
-///
-/// The margin is capped at half the token's lifetime (when known, e.g.
-/// `access_expires_at - last_refresh_at`), so a short-lived token is still
-/// usable for half its life. No expiry known means not usable.
-pub fn access_token_usable(
-    access_expires_at: Option<Timestamp>,
-    issued_lifetime: Option<Duration>,
-    margin: Duration,
-    now: Timestamp,
-) -> bool {
-    let Some(expires) = access_expires_at else {
-        return false;
-    };
-    let margin = issued_lifetime.map_or(margin, |l| margin.min(l / 2));
-    add(now, margin) < expires
-}
-
-/// How loud an alert is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Urgency {
-    /// Someone should look soon.
-    Warning,
-    /// Someone must act now.
-    Critical,
-}
-
-/// The `warn_before` point an `expiry_approaching` alert is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WarnPoint {
-    /// How long before the deadline this point lies.
-    pub before: Duration,
-    /// This is the last (smallest) point: the alert is critical.
-    pub last: bool,
-}
-
-impl WarnPoint {
-    /// Warning, or critical at the last point.
-    pub fn urgency(self) -> Urgency {
-        if self.last {
-            Urgency::Critical
-        } else {
-            Urgency::Warning
-        }
-    }
-}
-
-/// The latest `warn_before` point passed for this deadline, if any.
-///
-/// Only the latest point fires: a connection first seen 2 days before its
-/// deadline gets the 3-day point, not the 7-day one as well. The engine asks
-/// only for `active` and `retrying` connections; after the deadline the last
-/// point stays until the final attempt changes the state.
-pub fn expiry_warning(
-    deadline: Timestamp,
-    warn_before: &[Duration],
-    now: Timestamp,
-) -> Option<WarnPoint> {
-    let last = warn_before.iter().min()?;
-    let passed = warn_before
-        .iter()
-        .filter(|b| sub(deadline, **b) <= now)
-        .min()?;
-    Some(WarnPoint {
-        before: *passed,
-        last: passed == last,
-    })
-}
-
-/// True from `secret_warn_before` ahead of Expires On until it passes (after
-/// that the connection is `needs_secret`, which has its own alert).
-pub fn secret_warning(
-    secret_expires_at: Option<Timestamp>,
-    secret_warn_before: Duration,
-    now: Timestamp,
-) -> bool {
-    secret_expires_at.is_some_and(|e| sub(e, secret_warn_before) <= now && now < e)
-}
-
-/// The `refresh_failed` condition: transient failures since `failing_since`
-/// have lasted [`REFRESH_FAILED_AFTER`]; critical when the deadline is less than
-/// [`REFRESH_FAILED_CRITICAL_WITHIN`] away (or passed).
-pub fn refresh_failed_alert(
-    failing_since: Option<Timestamp>,
-    deadline: Option<Timestamp>,
-    now: Timestamp,
-) -> Option<Urgency> {
-    let since = failing_since?;
-    if span(since, now) < REFRESH_FAILED_AFTER {
-        return None;
-    }
-    match deadline {
-        Some(d) if span(now, d) < REFRESH_FAILED_CRITICAL_WITHIN => Some(Urgency::Critical),
-        _ => Some(Urgency::Warning),
-    }
 }
 
 #[cfg(test)]
