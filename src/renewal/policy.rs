@@ -196,9 +196,15 @@ fn unit(rand_unit: f64) -> f64 {
     }
 }
 
+/// `d × fraction` for a fraction in `[0, 1]`, never more than `d`. Unlike
+/// `Duration::mul_f64` it cannot panic, even for a duration near the maximum.
+fn scale(d: Duration, fraction: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * unit(fraction)).map_or(d, |s| s.min(d))
+}
+
 /// A random part of `cap`: `cap × rand_unit`, never more than `cap`.
 pub fn jitter(cap: Duration, rand_unit: f64) -> Duration {
-    cap.mul_f64(unit(rand_unit)).min(cap)
+    scale(cap, rand_unit)
 }
 
 /// The connection's deadline and where it comes from, or `None` when neither
@@ -316,7 +322,7 @@ pub fn plan_refresh(
         }
     };
     if conn.mode == Mode::Sliding {
-        let point = add(token, conn.lifetime.mul_f64(policy.renew_fraction()));
+        let point = add(token, scale(conn.lifetime, policy.renew_fraction()));
         if !done_since(sub(point, cap)) {
             offer(sub(point, jitter(cap, rand_unit)), PlanReason::Renew);
         }

@@ -640,6 +640,26 @@ fn refresh_failed_fires_after_an_hour_and_is_critical_near_the_deadline() {
 }
 
 #[test]
+fn extreme_inputs_do_not_panic() {
+    let mut c = conn(Mode::Sliding);
+    c.lifetime = Duration::MAX;
+    c.absolute_lifetime = Some(Duration::MAX);
+    let p = Policy {
+        renew_at: 1.0,
+        jitter: Duration::MAX,
+        retry_max: Duration::MAX,
+        probe_interval: Duration::MAX,
+        ..Policy::default()
+    };
+    assert_eq!(jitter(Duration::MAX, 1.0), Duration::MAX);
+    assert!(plan_refresh(&c, &p, t("2026-01-02T00:00:00Z"), 0.999).is_some());
+    let now = t("2026-01-02T00:00:00Z");
+    assert!(backoff(u32::MAX, now, None, Some(Duration::MAX), &p, 1.0) > now);
+    let u = after_success(&c, true, Some(Duration::MAX), now, &p, 1.0);
+    assert_eq!(u.state, State::Active);
+}
+
+#[test]
 fn policy_defaults_match_the_design_and_validate() {
     let p = Policy::default();
     assert_eq!(p.renew_at, 0.66);
