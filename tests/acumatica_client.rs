@@ -662,3 +662,212 @@ async fn one_client_serves_many_requests_concurrently() {
     }
     assert_eq!(server.seen().len(), 8);
 }
+
+/// Against the crate's Acumatica simulator: the same client, a server that keeps
+/// state (rotation, replay detection, revocation) and injects Acumatica's faults.
+mod simulator {
+    use super::*;
+    use acutoken::sim::{Fault, Simulator};
+
+    const SITE: &str = "AcumaticaERP";
+    const SECRET: &str = "sim-SECRET-1";
+
+    async fn sim() -> (Simulator, String) {
+        let sim = Simulator::start(acutoken::clock::system()).await.unwrap();
+        sim.add_client(SITE, CLIENT_ID, SECRET, None);
+        let rt = sim
+            .issue_grant(SITE, CLIENT_ID, chrono::Utc::now())
+            .unwrap();
+        (sim, rt)
+    }
+
+    async fn sim_refresh(
+        sim: &Simulator,
+        secret: &str,
+        rt: &str,
+    ) -> Result<acutoken::acumatica::TokenGrant, TokenError> {
+        client()
+            .refresh(
+                &sim.instance(SITE),
+                CLIENT_ID,
+                &Secret::new(secret),
+                &Secret::new(rt),
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn refresh_rotates_and_the_simulator_sees_client_secret_post() {
+        let (sim, rt1) = sim().await;
+        let grant = sim_refresh(&sim, SECRET, &rt1).await.unwrap();
+        let rt2 = grant.refresh_token.expect("the simulator always rotates");
+        assert_ne!(rt2.expose(), rt1);
+        assert_eq!(grant.expires_in, Some(Duration::from_secs(3600)));
+        assert!(sim.access_token_valid(SITE, grant.access_token.expose()));
+        assert!(!sim.refresh_token_alive(SITE, &rt1));
+        assert!(sim.refresh_token_alive(SITE, rt2.expose()));
+
+        let req = &sim.requests(SITE)[0];
+        assert!(!req.basic_auth);
+        assert_eq!(req.client_id.as_deref(), Some(CLIENT_ID));
+        let mut keys = req.form_keys.clone();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["client_id", "client_secret", "grant_type", "refresh_token"]
+        );
+
+        // The rotated token works; the simulator never saw a replay.
+        assert!(sim_refresh(&sim, SECRET, rt2.expose()).await.is_ok());
+        assert_eq!(sim.replays(SITE), 0);
+    }
+
+    #[tokio::test]
+    async fn expires_in_as_string() {
+        let (sim, rt) = sim().await;
+        sim.set_expires_in_as_string(SITE, true);
+        sim.set_expires_in(SITE, 1800);
+        let grant = sim_refresh(&sim, SECRET, &rt).await.unwrap();
+        assert_eq!(grant.expires_in, Some(Duration::from_secs(1800)));
+    }
+
+    #[tokio::test]
+    async fn wrong_secret_and_replay() {
+        let (sim, rt1) = sim().await;
+        let e = sim_refresh(&sim, "sim-SECRET-wrong", &rt1)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidClient);
+        assert_clean(&e);
+
+        assert!(sim_refresh(&sim, SECRET, &rt1).await.is_ok());
+        let e = sim_refresh(&sim, SECRET, &rt1).await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidGrant, "a used token is dead");
+        assert_clean(&e);
+    }
+
+    #[tokio::test]
+    async fn revoke_access_means_reauthorization() {
+        let (sim, rt) = sim().await;
+        sim.revoke(SITE, CLIENT_ID).unwrap();
+        let e = sim_refresh(&sim, SECRET, &rt).await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidGrant);
+        assert_clean(&e);
+    }
+
+    #[tokio::test]
+    async fn every_fault_is_transient_and_leaves_the_token_alive() {
+        let (sim, rt) = sim().await;
+        let faults = [
+            Fault::Html503,
+            Fault::Empty502,
+            Fault::ApiLoginLimit,
+            Fault::RedirectToErrorAspx,
+            Fault::Garbage200,
+            Fault::Huge,
+            Fault::Status {
+                code: 429,
+                retry_after: Some(11),
+                body: String::new(),
+            },
+        ];
+        for fault in faults {
+            let name = fault.name();
+            sim.inject(SITE, fault, Some(1));
+            let e = sim_refresh(&sim, SECRET, &rt).await.unwrap_err();
+            assert_eq!(e.kind, FailureKind::Transient, "{name}: {e:?}");
+            assert!(e.sent, "{name}");
+            assert_clean(&e);
+            match name {
+                "api_login_limit" => assert!(e.reason.contains("login limit"), "{}", e.reason),
+                "redirect_to_error_aspx" => assert!(e.reason.contains("Error.aspx")),
+                "huge" => assert!(e.reason.contains("not read further"), "{}", e.reason),
+                "status" => assert_eq!(e.retry_after, Some(Duration::from_secs(11))),
+                _ => {}
+            }
+            assert!(
+                sim.refresh_token_alive(SITE, &rt),
+                "{name} consumed the token"
+            );
+        }
+        assert!(sim_refresh(&sim, SECRET, &rt).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_hanging_instance_times_out_as_sent() {
+        let (sim, rt) = sim().await;
+        sim.inject(SITE, Fault::Hang, Some(1));
+        let client = TokenClient::new(ClientSettings {
+            timeout: Duration::from_millis(400),
+            ..settings()
+        })
+        .unwrap();
+        let e = client
+            .refresh(
+                &sim.instance(SITE),
+                CLIENT_ID,
+                &Secret::new(SECRET),
+                &Secret::new(rt),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.sent);
+        assert_eq!(e.kind, FailureKind::Transient);
+    }
+
+    #[tokio::test]
+    async fn authorization_code_flow_with_pkce() {
+        let sim = Simulator::start(acutoken::clock::system()).await.unwrap();
+        sim.add_client(SITE, CLIENT_ID, SECRET, None);
+        let redirect = "https://connect.example.com/settings/acumaticacallback";
+        sim.add_redirect_uri(SITE, CLIENT_ID, redirect).unwrap();
+
+        let client = client();
+        let (verifier, challenge) = acutoken::acumatica::pkce_pair();
+        let url =
+            client.authorize_url(&sim.instance(SITE), CLIENT_ID, redirect, "st-1", &challenge);
+        // The simulated customer approves at once: the answer redirects to the callback.
+        let browser = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let answer = browser.get(&url).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::FOUND, "{url}");
+        let location = answer.headers()[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let landed = url::Url::parse(&location).unwrap();
+        let q: BTreeMap<String, String> = landed.query_pairs().into_owned().collect();
+        assert_eq!(q.get("state").map(String::as_str), Some("st-1"));
+        let code = q.get("code").expect("a code");
+
+        let grant = client
+            .exchange_code(
+                &sim.instance(SITE),
+                CLIENT_ID,
+                &Secret::new(SECRET),
+                code,
+                &verifier,
+                redirect,
+            )
+            .await
+            .unwrap();
+        assert!(grant.refresh_token.is_some());
+        assert!(sim.access_token_valid(SITE, grant.access_token.expose()));
+
+        // A code is single-use.
+        let e = client
+            .exchange_code(
+                &sim.instance(SITE),
+                CLIENT_ID,
+                &Secret::new(SECRET),
+                code,
+                &verifier,
+                redirect,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidGrant);
+    }
+}
