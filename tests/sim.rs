@@ -636,6 +636,10 @@ async fn hang_never_answers_until_shutdown() {
         .unwrap_err();
     assert!(err.is_timeout(), "{err}");
     assert_eq!(sim.token_requests(""), 1);
+    let r = &sim.requests("")[0];
+    assert_eq!((r.fault, r.status), (Some("hang"), 0));
+    // The client gave up and closed the connection: the request is no longer in flight.
+    eventually("the abandoned request to end", || sim.in_flight("") == 0).await;
 }
 
 #[tokio::test]

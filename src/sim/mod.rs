@@ -115,7 +115,7 @@ pub struct RecordedRequest {
     pub replay: bool,
     /// The fault served instead of (or, for a delay, before) the real answer.
     pub fault: Option<&'static str>,
-    /// HTTP status answered (0 if the answer never completed, as with `Hang`).
+    /// HTTP status answered; 0 for `Hang`, recorded on arrival because no answer comes.
     pub status: u16,
     /// The OAuth `error` code answered, if any.
     pub error: Option<String>,

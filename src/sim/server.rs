@@ -287,7 +287,7 @@ async fn token(shared: Arc<Shared>, site_name: &str, headers: HeaderMap, body: B
     let basic_auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.len() >= 6 && v[..6].eq_ignore_ascii_case("basic "));
+        .is_some_and(|v| v.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("basic ")));
     let mut record = RecordedRequest {
         at: shared.clock.now(),
         grant_type: form.get("grant_type").map(str::to_string),
@@ -300,13 +300,18 @@ async fn token(shared: Arc<Shared>, site_name: &str, headers: HeaderMap, body: B
         error: None,
     };
     match fault {
-        Some(Fault::Delay(d)) => {
-            if !shared.pause(d).await {
-                return html(StatusCode::SERVICE_UNAVAILABLE, "stopping");
-            }
+        Some(Fault::Delay(d)) if !shared.pause(d).await => {
+            return html(StatusCode::SERVICE_UNAVAILABLE, "stopping");
+        }
+        Some(Fault::Delay(_)) => {}
+        Some(Fault::Hang) => {
+            // Recorded on arrival: the answer may never come.
+            site.lock().record(record);
+            shared.shutdown.cancelled().await;
+            return html(StatusCode::SERVICE_UNAVAILABLE, "stopping");
         }
         Some(fault) => {
-            let response = fault_response(&shared, &site, fault).await;
+            let response = fault_response(&shared, &site, fault);
             record.status = response.status().as_u16();
             site.lock().record(record);
             return response;
@@ -400,7 +405,7 @@ fn token_response(
     no_store((StatusCode::OK, axum::Json(body)).into_response())
 }
 
-async fn fault_response(shared: &Arc<Shared>, site: &Site, fault: Fault) -> Response {
+fn fault_response(shared: &Shared, site: &Site, fault: Fault) -> Response {
     match fault {
         Fault::Status {
             code,
@@ -458,10 +463,6 @@ async fn fault_response(shared: &Arc<Shared>, site: &Site, fault: Fault) -> Resp
             StatusCode::OK,
             "<!DOCTYPE html><html><head><title>Acumatica</title></head><body><form action=\"Login.aspx\"><input name=\"txtUser\"></form></body></html>",
         ),
-        Fault::Hang => {
-            shared.shutdown.cancelled().await;
-            html(StatusCode::SERVICE_UNAVAILABLE, "stopping")
-        }
         Fault::Drip => {
             let (tx, rx) = mpsc::channel(1);
             let stop = shared.shutdown.clone();
@@ -484,8 +485,8 @@ async fn fault_response(shared: &Arc<Shared>, site: &Site, fault: Fault) -> Resp
             left: HUGE_LEN,
             stop: shared.shutdown.clone(),
         })),
-        // Handled before the fault is rendered: a delay answers normally.
-        Fault::Delay(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        // Handled before the fault is rendered: a delay answers normally, a hang never.
+        Fault::Delay(_) | Fault::Hang => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 

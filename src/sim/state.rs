@@ -171,10 +171,8 @@ impl Form {
     }
 
     fn has_duplicates(&self) -> bool {
-        self.pairs
-            .iter()
-            .enumerate()
-            .any(|(i, (k, _))| self.pairs[..i].iter().any(|(k2, _)| k2 == k))
+        let mut seen = std::collections::HashSet::new();
+        !self.pairs.iter().all(|(k, _)| seen.insert(k.as_str()))
     }
 
     /// The keys present, in order, without values (safe to record and print).
