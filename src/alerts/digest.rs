@@ -1,0 +1,306 @@
+//! The digest: on the `alerts.digest` cron schedule, one summary per channel
+//! of connections per state, who must act, and the nearest deadlines.
+//!
+//! The schedule runs in `alerts.digest_timezone` on tokio-cron-scheduler,
+//! which only ever fires future ticks: a digest missed while the daemon was
+//! down is not sent late.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+
+use super::http::{self, Outcome};
+use super::text::clip;
+use crate::clock::SharedClock;
+use crate::config::{ChannelKind, Config};
+use crate::model::{State, Timestamp, fmt_time};
+use crate::store::Store;
+use crate::store::alerts::{self as outbox, DigestData, DigestEntry};
+
+/// How many connections each list of the digest names.
+pub const DIGEST_LIST: usize = 10;
+
+/// Why the digest could not be scheduled.
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    /// The scheduler could not start or the schedule was refused: the daemon
+    /// reports it; alerts are unaffected.
+    #[error("cannot schedule the digest: {0}")]
+    Schedule(String),
+    /// No HTTP client: the daemon reports it.
+    #[error(transparent)]
+    Client(#[from] http::ClientError),
+}
+
+fn entry_line(e: &DigestEntry) -> String {
+    let labels = if e.labels.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " [{}]",
+            e.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let deadline = e
+        .deadline
+        .map_or_else(String::new, |d| format!(", deadline {}", fmt_time(d)));
+    clip(
+        &format!("{} ({}){labels}: {}{deadline}", e.name, e.instance, e.state),
+        300,
+    )
+}
+
+/// The digest as plain lines: a title, then sections.
+pub fn digest_text(data: &DigestData, now: Timestamp) -> (String, Vec<(String, Vec<String>)>) {
+    let total: u64 = data.counts.values().sum();
+    let title = format!(
+        "acutoken digest {}: {total} connections, {} waiting for a person",
+        fmt_time(now),
+        data.must_act_total
+    );
+    let counts = State::ALL
+        .iter()
+        .filter_map(|s| data.counts.get(s).map(|n| format!("{s}: {n}")))
+        .collect::<Vec<_>>();
+    let mut sections = vec![("Connections per state".to_string(), counts)];
+    let mut act: Vec<String> = data
+        .must_act
+        .iter()
+        .map(|e| {
+            let who = e.state.action().unwrap_or("");
+            format!("{} → {}", entry_line(e), who.replace("NAME", &e.name))
+        })
+        .collect();
+    if data.must_act_total as usize > data.must_act.len() {
+        act.push(format!(
+            "…and {} more (see `acutoken status`)",
+            data.must_act_total as usize - data.must_act.len()
+        ));
+    }
+    if act.is_empty() {
+        act.push("nobody: every connection is looking after itself".into());
+    }
+    sections.push(("Who must act".to_string(), act));
+    let mut nearest: Vec<String> = data.nearest.iter().map(entry_line).collect();
+    if nearest.is_empty() {
+        nearest.push("none".into());
+    }
+    sections.push(("Nearest deadlines".to_string(), nearest));
+    if !data.firing.is_empty() {
+        sections.push((
+            "Firing alerts".to_string(),
+            data.firing
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect(),
+        ));
+    }
+    (title, sections)
+}
+
+/// The digest body for a channel kind.
+pub fn render_digest(kind: ChannelKind, data: &DigestData, now: Timestamp) -> Value {
+    let (title, sections) = digest_text(data, now);
+    let plain = |bold: &str| {
+        let mut s = format!("{bold}{title}{bold}");
+        for (h, lines) in &sections {
+            s.push_str(&format!("\n\n{bold}{h}{bold}"));
+            for l in lines {
+                s.push_str(&format!("\n• {l}"));
+            }
+        }
+        s
+    };
+    match kind {
+        ChannelKind::Slack => {
+            let mut blocks = vec![
+                json!({"type": "header", "text": {"type": "plain_text", "text": clip(&title, 150)}}),
+            ];
+            for (h, lines) in &sections {
+                let body = format!(
+                    "*{h}*\n{}",
+                    lines
+                        .iter()
+                        .map(|l| format!("• {l}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": clip(&body, 3000)}}));
+            }
+            json!({"text": clip(&title, 3000), "blocks": blocks})
+        }
+        ChannelKind::Teams => {
+            let mut body = vec![
+                json!({"type": "TextBlock", "size": "Large", "weight": "Bolder", "wrap": true, "text": title}),
+            ];
+            for (h, lines) in &sections {
+                body.push(json!({"type": "TextBlock", "weight": "Bolder", "wrap": true, "separator": true, "text": h}));
+                body.push(json!({"type": "TextBlock", "wrap": true, "text": clip(&lines.iter().map(|l| format!("- {l}")).collect::<Vec<_>>().join("\n"), 4000)}));
+            }
+            json!({"type": "message", "attachments": [{
+                "contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": null,
+                "content": {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                    "type": "AdaptiveCard", "version": "1.4", "msteams": {"width": "Full"}, "body": body}}]})
+        }
+        ChannelKind::Discord => {
+            let fields: Vec<Value> = sections
+                .iter()
+                .take(25)
+                .map(|(h, lines)| json!({"name": clip(h, 256), "value": clip(&lines.join("\n"), 1000)}))
+                .collect();
+            json!({"content": clip(&title, 2000), "embeds": [{"title": clip(&title, 256), "fields": fields, "timestamp": fmt_time(now)}], "allowed_mentions": {"parse": []}})
+        }
+        ChannelKind::GoogleChat => json!({"text": clip(&plain("*"), 4000)}),
+        ChannelKind::Generic => json!({
+            "kind": "digest",
+            "sent_at": fmt_time(now),
+            "counts": data.counts.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "must_act_total": data.must_act_total,
+            "must_act": data.must_act.iter().map(entry_json).collect::<Vec<_>>(),
+            "nearest_deadlines": data.nearest.iter().map(entry_json).collect::<Vec<_>>(),
+            "firing": data.firing.iter().map(|(k, n)| (k.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        }),
+    }
+}
+
+fn entry_json(e: &DigestEntry) -> Value {
+    json!({
+        "connection": e.name,
+        "instance": e.instance,
+        "state": e.state,
+        "deadline": e.deadline.map(fmt_time),
+        "labels": e.labels,
+        "action": e.state.action().map(|a| a.replace("NAME", &e.name)),
+    })
+}
+
+/// Sends one digest to every channel now (whatever its `min_severity`).
+pub async fn send_digest(
+    store: &Arc<std::sync::Mutex<Store>>,
+    config: &Config,
+    clock: &SharedClock,
+) -> Result<(), DigestError> {
+    let now = clock.now();
+    let s = store.clone();
+    let data = tokio::task::spawn_blocking(move || {
+        let guard = s.lock().unwrap_or_else(|e| e.into_inner());
+        outbox::digest_data(guard.db(), DIGEST_LIST)
+    })
+    .await
+    .map_err(|e| DigestError::Schedule(e.to_string()))?;
+    let data = match data {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("cannot read the store for the digest: {e}");
+            return Ok(());
+        }
+    };
+    let client = http::client()?;
+    for w in &config.alerts.webhooks {
+        let body = render_digest(w.kind, &data, now);
+        let host = http::host_of(w.url.as_ref());
+        match http::post(&client, w, &body, now).await {
+            Outcome::Accepted { .. } => tracing::info!(
+                channel = w.name.as_str(),
+                host = host.as_str(),
+                "digest delivered"
+            ),
+            Outcome::Failed { error, .. } => {
+                tracing::warn!(
+                    channel = w.name.as_str(),
+                    host = host.as_str(),
+                    "digest not delivered (not retried): {error}"
+                );
+                let (s, name) = (store.clone(), w.name.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
+                    guard.write(|tx, _| {
+                        outbox::record_error(tx, &name, &format!("digest: {error}"), now)
+                    })
+                })
+                .await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn schedule(
+    config: &Config,
+    tick: mpsc::Sender<()>,
+) -> Result<Option<JobScheduler>, DigestError> {
+    let Some(cron) = config.digest_schedule() else {
+        return Ok(None);
+    };
+    let tz: chrono_tz::Tz = config.alerts.digest_timezone.parse().map_err(|_| {
+        DigestError::Schedule(format!(
+            "unknown time zone `{}`",
+            config.alerts.digest_timezone
+        ))
+    })?;
+    let err = |e: tokio_cron_scheduler::JobSchedulerError| DigestError::Schedule(e.to_string());
+    let sched = JobScheduler::new().await.map_err(err)?;
+    let job = Job::new_async_tz(cron.as_str(), tz, move |_, _| {
+        let tick = tick.clone();
+        Box::pin(async move {
+            // A digest still pending absorbs this tick: never two at once, never late ones.
+            let _ = tick.try_send(());
+        })
+    })
+    .map_err(err)?;
+    sched.add(job).await.map_err(err)?;
+    sched.start().await.map_err(err)?;
+    Ok(Some(sched))
+}
+
+/// Sends the digest on the configured schedule until `shutdown`; follows
+/// config reloads (a changed schedule, time zone or channel list).
+/// `store` is the digest's own connection.
+pub async fn run_digest(
+    store: Store,
+    mut config: watch::Receiver<Arc<Config>>,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> Result<(), DigestError> {
+    let store = Arc::new(std::sync::Mutex::new(store));
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut cfg = config.borrow_and_update().clone();
+    let mut sched = schedule(&cfg, tx.clone()).await?;
+    let mut config_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            changed = config.changed(), if config_open => {
+                if changed.is_err() {
+                    config_open = false;
+                    continue;
+                }
+                let next = config.borrow_and_update().clone();
+                if next.alerts.digest != cfg.alerts.digest || next.alerts.digest_timezone != cfg.alerts.digest_timezone {
+                    if let Some(mut old) = sched.take() {
+                        let _ = old.shutdown().await;
+                    }
+                    sched = schedule(&next, tx.clone()).await?;
+                }
+                cfg = next;
+            }
+            Some(()) = rx.recv() => {
+                if let Err(e) = send_digest(&store, &cfg, &clock).await {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+    }
+    if let Some(mut s) = sched {
+        let _ = s.shutdown().await;
+    }
+    Ok(())
+}
