@@ -60,14 +60,19 @@ impl fmt::Display for KeySource {
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
     /// The key material is not base64 of 32 bytes: the operator must fix the file.
-    #[error("{origin} does not hold a key (expected base64 of 32 bytes on one line; make one with `acutoken key generate`)")]
+    #[error(
+        "{origin} does not hold a key (expected base64 of 32 bytes on one line; make one with `acutoken key generate`)"
+    )]
     Malformed { origin: KeySource },
     /// The key file can be read by group or others: the operator must `chmod 600` it.
     #[error("{origin} is readable by group or others: run `chmod 600 {path}`")]
     TooOpen { origin: KeySource, path: String },
     /// The key file could not be read: the operator must fix the path or permissions.
     #[error("cannot read {origin}: {error}")]
-    Unreadable { origin: KeySource, error: std::io::Error },
+    Unreadable {
+        origin: KeySource,
+        error: std::io::Error,
+    },
     /// A sealed value did not open: wrong key, moved value or corruption. Nothing is trusted.
     #[error("a sealed {column} value of connection {connection} does not open: {why}")]
     Open {
@@ -122,12 +127,13 @@ impl Key {
                 path: path.display().to_string(),
             });
         }
-        let text = Zeroizing::new(fs::read_to_string(path).map_err(|error| {
-            CryptoError::Unreadable {
-                origin: source.clone(),
-                error,
-            }
-        })?);
+        let text =
+            Zeroizing::new(
+                fs::read_to_string(path).map_err(|error| CryptoError::Unreadable {
+                    origin: source.clone(),
+                    error,
+                })?,
+            );
         Key::from_base64(&text, source)
     }
 
@@ -359,7 +365,10 @@ mod tests {
         let a = Uuid::new_v4();
         let b = Uuid::new_v4();
         let sealed = ring.seal(a, "refresh_token", b"rt-123");
-        assert_eq!(ring.open(a, "refresh_token", &sealed).unwrap().as_slice(), b"rt-123");
+        assert_eq!(
+            ring.open(a, "refresh_token", &sealed).unwrap().as_slice(),
+            b"rt-123"
+        );
         // Moved to another row or column: must not open.
         assert!(ring.open(b, "refresh_token", &sealed).is_err());
         assert!(ring.open(a, "client_secret", &sealed).is_err());
@@ -376,9 +385,16 @@ mod tests {
         let old = Key::generate();
         let sealed = Keyring::new(old.clone(), vec![]).seal(Uuid::nil(), "c", b"x");
         let new = Key::generate();
-        assert!(Keyring::new(new.clone(), vec![]).open(Uuid::nil(), "c", &sealed).is_err());
+        assert!(
+            Keyring::new(new.clone(), vec![])
+                .open(Uuid::nil(), "c", &sealed)
+                .is_err()
+        );
         let ring = Keyring::new(new, vec![old]);
-        assert_eq!(ring.open(Uuid::nil(), "c", &sealed).unwrap().as_slice(), b"x");
+        assert_eq!(
+            ring.open(Uuid::nil(), "c", &sealed).unwrap().as_slice(),
+            b"x"
+        );
     }
 
     #[test]

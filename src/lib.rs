@@ -7,11 +7,15 @@
 
 pub mod acumatica;
 pub mod alerts;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod daemon;
+pub mod logging;
 pub mod model;
 pub mod renewal;
 pub mod secret;
-pub mod store;
 pub mod sim;
+pub mod status;
+pub mod store;

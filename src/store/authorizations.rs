@@ -74,7 +74,11 @@ pub fn create(
 }
 
 /// Marks a state used; false when it was not open (raced with another visit).
-pub fn mark_used(tx: &Transaction<'_>, state_hash: &str, now: Timestamp) -> Result<bool, StoreError> {
+pub fn mark_used(
+    tx: &Transaction<'_>,
+    state_hash: &str,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
     Ok(tx.execute(
         "UPDATE authorizations SET used_at = ?2 WHERE state_hash = ?1 AND used_at IS NULL",
         params![state_hash, to_ms(now)],
@@ -116,7 +120,8 @@ pub(super) fn reseal(
     }
     let n = todo.len();
     for (hash, conn, v, u) in todo {
-        let id = Uuid::parse_str(&conn).map_err(|_| StoreError::Corrupt(format!("connection id {conn}")))?;
+        let id = Uuid::parse_str(&conn)
+            .map_err(|_| StoreError::Corrupt(format!("connection id {conn}")))?;
         let v2 = keyring.seal(id, VERIFIER, &keyring.open(id, VERIFIER, &v)?);
         let u2 = keyring.seal(id, URL, &keyring.open(id, URL, &u)?);
         tx.execute(
@@ -154,7 +159,11 @@ impl Store {
     }
 
     /// Looks up a callback's hashed state.
-    pub fn lookup_state(&self, state_hash: &str, now: Timestamp) -> Result<CallbackLookup, StoreError> {
+    pub fn lookup_state(
+        &self,
+        state_hash: &str,
+        now: Timestamp,
+    ) -> Result<CallbackLookup, StoreError> {
         let row: Option<(String, Vec<u8>, String, i64, Option<i64>)> = self
             .db
             .query_row(

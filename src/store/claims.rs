@@ -47,7 +47,8 @@ impl Owner {
     /// True when `owner` names a process on this host that no longer runs.
     pub fn is_dead(owner: &str) -> bool {
         let mut parts = owner.split('/');
-        let (Some(host), Some(pid), Some(ticks)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(host), Some(pid), Some(ticks)) = (parts.next(), parts.next(), parts.next())
+        else {
             return false;
         };
         if host != hostname() {
@@ -155,7 +156,16 @@ pub fn claim(
             row.outcome_unknown = false;
             connections::put(tx, &row)?;
             clear_claim(tx, id)?;
-            events::record(tx, id, now, "outcome_unknown", &format!("{LOST_TOKEN}; claim of {} orphaned twice", Owner::describe(&holder)))?;
+            events::record(
+                tx,
+                id,
+                now,
+                "outcome_unknown",
+                &format!(
+                    "{LOST_TOKEN}; claim of {} orphaned twice",
+                    Owner::describe(&holder)
+                ),
+            )?;
             events::record(tx, id, now, "state", "needs_reauthorization")?;
             return Ok(ClaimOutcome::Lost(row));
         }
@@ -191,7 +201,12 @@ pub fn claim(
     tx.execute(
         "UPDATE connections SET claim_id = ?2, claim_owner = ?3, claim_expires_at = ?4,
             version = version + 1 WHERE id = ?1",
-        params![id.to_string(), attempt.to_string(), owner.as_str(), to_ms(expires)],
+        params![
+            id.to_string(),
+            attempt.to_string(),
+            owner.as_str(),
+            to_ms(expires)
+        ],
     )?;
     row.claim = Some((owner.as_str().to_string(), expires));
     Ok(ClaimOutcome::Claimed(Box::new(Claim {

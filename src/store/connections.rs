@@ -116,7 +116,10 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
             access_expires_at: opt_ms(r.get(11)?),
             deadline: opt_ms(r.get(12)?),
             deadline_source: source
-                .map(|s| s.parse::<DeadlineSource>().map_err(|_| bad("deadline_source", &s)))
+                .map(|s| {
+                    s.parse::<DeadlineSource>()
+                        .map_err(|_| bad("deadline_source", &s))
+                })
                 .transpose()?,
             next_refresh_at: opt_ms(r.get(14)?),
             last_refresh_at: opt_ms(r.get(15)?),
@@ -253,7 +256,10 @@ pub fn set_secret(
 ) -> Result<(), StoreError> {
     let sealed = value.map(|v| keyring.seal_secret(id, column.as_str(), v));
     // The column name comes from a closed enum, never from input.
-    let sql = format!("UPDATE connections SET {} = ?2 WHERE id = ?1", column.as_str());
+    let sql = format!(
+        "UPDATE connections SET {} = ?2 WHERE id = ?1",
+        column.as_str()
+    );
     tx.execute(&sql, params![id.to_string(), sealed])?;
     Ok(())
 }
@@ -286,7 +292,10 @@ pub fn remove(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
     let seq = next_seq(tx)?;
     tx.execute("DELETE FROM connections WHERE id = ?1", [&id_s])?;
     tx.execute("DELETE FROM events WHERE connection_id = ?1", [&id_s])?;
-    tx.execute("DELETE FROM authorizations WHERE connection_id = ?1", [&id_s])?;
+    tx.execute(
+        "DELETE FROM authorizations WHERE connection_id = ?1",
+        [&id_s],
+    )?;
     tx.execute(
         "INSERT OR REPLACE INTO tombstones (id, change_seq) VALUES (?1, ?2)",
         params![id_s, seq],
@@ -351,11 +360,11 @@ impl Store {
 
     /// The store-wide change sequence now.
     pub fn change_seq(&self) -> Result<i64, StoreError> {
-        Ok(self.db.query_row(
-            "SELECT value FROM meta WHERE key = 'change_seq'",
-            [],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = 'change_seq'", [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// Opens one sealed secret of a connection.
@@ -435,5 +444,51 @@ impl Store {
             done += super::authorizations::reseal(tx, kr, &primary, batch.saturating_sub(done))?;
             Ok(done)
         })
+    }
+}
+
+impl Store {
+    /// Connections a human must act on, most urgent deadline first, and how many there are.
+    pub fn needing_action(&self, limit: usize) -> Result<(Vec<ConnectionRow>, u64), StoreError> {
+        let filter = "state IN ('pending_authorization', 'needs_secret', 'needs_reauthorization')";
+        let total: i64 = self.db.query_row(
+            &format!("SELECT COUNT(*) FROM connections WHERE {filter}"),
+            [],
+            |r| r.get(0),
+        )?;
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT {COLUMNS} FROM connections WHERE {filter}
+             ORDER BY deadline IS NULL, deadline, name LIMIT ?1"
+        ))?;
+        let rows = stmt
+            .query_map([limit as i64], from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok((rows, total as u64))
+    }
+
+    /// The nearest deadlines of connections that are refreshed automatically.
+    pub fn nearest_deadlines(&self, limit: usize) -> Result<Vec<ConnectionRow>, StoreError> {
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT {COLUMNS} FROM connections WHERE state IN ('active', 'retrying')
+             AND deadline IS NOT NULL ORDER BY deadline LIMIT ?1"
+        ))?;
+        let rows = stmt
+            .query_map([limit as i64], from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Seconds from `now` to every scheduled connection's deadline (metrics histogram).
+    pub fn deadline_spread(&self, now: Timestamp) -> Result<Vec<f64>, StoreError> {
+        let mut stmt = self.db.prepare(
+            "SELECT deadline FROM connections WHERE state IN ('active', 'retrying') AND deadline IS NOT NULL",
+        )?;
+        let now = to_ms(now);
+        let v = stmt
+            .query_map([], |r| r.get::<_, i64>(0))?
+            .filter_map(|r| r.ok())
+            .map(|d| (d - now) as f64 / 1000.0)
+            .collect();
+        Ok(v)
     }
 }

@@ -81,15 +81,22 @@ fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)
         if p.exists() {
             // systemd makes credentials readable by the service user only, but
             // may give them mode 0400 or 0440 with a private group; trust it.
-            let text = std::fs::read_to_string(&p).map_err(|error| crypto::CryptoError::Unreadable {
-                origin: KeySource::Credential(p.clone()),
-                error,
-            })?;
-            return Ok(Some((Key::from_base64(&text, KeySource::Credential(p))?, true)));
+            let text =
+                std::fs::read_to_string(&p).map_err(|error| crypto::CryptoError::Unreadable {
+                    origin: KeySource::Credential(p.clone()),
+                    error,
+                })?;
+            return Ok(Some((
+                Key::from_base64(&text, KeySource::Credential(p))?,
+                true,
+            )));
         }
     }
     if let Some(p) = &config.store.key_file {
-        return Ok(Some((Key::from_file(p, KeySource::ConfigFile(p.clone()))?, true)));
+        return Ok(Some((
+            Key::from_file(p, KeySource::ConfigFile(p.clone()))?,
+            true,
+        )));
     }
     if let Some(v) = std::env::var_os("ACUTOKEN_KEY") {
         let text = v.to_string_lossy();
@@ -97,7 +104,10 @@ fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)
     }
     let p = beside(store_path);
     if p.exists() {
-        return Ok(Some((Key::from_file(&p, KeySource::BesideStore(p.clone()))?, false)));
+        return Ok(Some((
+            Key::from_file(&p, KeySource::BesideStore(p.clone()))?,
+            false,
+        )));
     }
     Ok(None)
 }
@@ -134,7 +144,11 @@ pub(super) fn register_primary(store: &Store) -> Result<(), StoreError> {
 fn add_key(store: &Store, key: &Key) -> Result<(), StoreError> {
     store.db.execute(
         "INSERT OR IGNORE INTO keys (key_id, check_value, added_at) VALUES (?1, ?2, ?3)",
-        params![key.id(), crypto::check_value(key), to_ms(chrono::Utc::now())],
+        params![
+            key.id(),
+            crypto::check_value(key),
+            to_ms(chrono::Utc::now())
+        ],
     )?;
     Ok(())
 }

@@ -38,16 +38,24 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No store file: the command names where it looked; only add/import/serve create one.
-    #[error("no store at {path}: add a connection first (`acutoken connection add`) or set store.path")]
+    #[error(
+        "no store at {path}: add a connection first (`acutoken connection add`) or set store.path"
+    )]
     Missing { path: PathBuf },
     /// The key does not belong to this store: refuse before reading or writing anything.
-    #[error("the key from {origin} does not open the store {path}: it was sealed with another key (check store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store)")]
+    #[error(
+        "the key from {origin} does not open the store {path}: it was sealed with another key (check store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store)"
+    )]
     WrongKey { origin: String, path: PathBuf },
     /// A store exists but no key was found anywhere: the operator must supply it.
-    #[error("the store {path} exists but no key was found (looked in $CREDENTIALS_DIRECTORY/acutoken.key, store.key_file, ACUTOKEN_KEY and {beside}): supply the key it was created with")]
+    #[error(
+        "the store {path} exists but no key was found (looked in $CREDENTIALS_DIRECTORY/acutoken.key, store.key_file, ACUTOKEN_KEY and {beside}): supply the key it was created with"
+    )]
     NoKey { path: PathBuf, beside: PathBuf },
     /// The file was made by a newer acutoken: upgrade the binary.
-    #[error("the store {path} has schema version {found}, newer than this acutoken knows ({known}): upgrade acutoken")]
+    #[error(
+        "the store {path} has schema version {found}, newer than this acutoken knows ({known}): upgrade acutoken"
+    )]
     TooNew {
         path: PathBuf,
         found: i64,
@@ -153,7 +161,9 @@ impl Store {
             path: path.to_path_buf(),
             keyring,
         };
-        let version: i64 = store.db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version: i64 = store
+            .db
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let known = migrations::MIGRATIONS.len() as i64;
         if version > known {
             return Err(StoreError::TooNew {
@@ -177,7 +187,11 @@ impl Store {
     }
 
     fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
-        for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(from as usize) {
+        for (i, sql) in migrations::MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(from as usize)
+        {
             let tx = self
                 .db
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -218,9 +232,7 @@ impl Store {
 
     /// SQLite's `data_version`: changes when another connection commits.
     pub fn data_version(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .db
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+        Ok(self.db.query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
     /// Writes a consistent online copy to `dest` (mode 0600), refusing to overwrite.

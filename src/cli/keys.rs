@@ -1,0 +1,121 @@
+//! `key generate`, `key rotate`, and the packaging assets.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::Context as _;
+use clap::CommandFactory;
+
+use super::{Cli, Ctx};
+use crate::crypto::{self, Key, KeySource, Keyring};
+use crate::store::Create;
+
+/// `key generate [--out FILE]`.
+pub fn generate(out: Option<&Path>) -> anyhow::Result<i32> {
+    let key = Key::generate();
+    match out {
+        Some(p) => {
+            crypto::write_key_file(p, &key)
+                .with_context(|| format!("cannot write the key to {}", p.display()))?;
+            eprintln!(
+                "wrote a new key to {} (mode 0600, key id {})",
+                p.display(),
+                key.id()
+            );
+        }
+        None if std::io::stdout().is_terminal() => {
+            anyhow::bail!(
+                "refusing to print a key to a terminal: use --out FILE, or redirect stdout to a file"
+            )
+        }
+        None => {
+            let mut o = std::io::stdout().lock();
+            writeln!(o, "{}", key.to_base64().expose())
+                .context("cannot write the key to stdout")?;
+        }
+    }
+    Ok(0)
+}
+
+/// `key rotate --new-key-file FILE`: re-seal everything in short batches.
+pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
+    let new = Key::from_file(new_key_file, KeySource::File(new_key_file.to_path_buf()))?;
+    let mut st = ctx.open_store(Create::No)?;
+    if crate::daemon::running(&ctx.config) {
+        anyhow::bail!(
+            "the daemon is running on this store: stop it (`systemctl stop acutoken`), rotate, point store.key_file or the credential at the new key, then start it again"
+        );
+    }
+    let old = st.keyring().clone();
+    if old.primary().id() == new.id() {
+        anyhow::bail!(
+            "{} is already the store's primary key",
+            new_key_file.display()
+        );
+    }
+    st.register_key(&new)?;
+    let mut previous = vec![old.primary().clone()];
+    previous.extend(old.previous().iter().cloned());
+    st.set_keyring(Keyring::new(new.clone(), previous));
+    let total: u64 = st
+        .sealed_key_usage()?
+        .iter()
+        .filter(|(id, _)| id != new.id())
+        .map(|(_, n)| n)
+        .sum();
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut done = 0u64;
+    loop {
+        // Small batches keep each write transaction well under a second.
+        let n = st.reseal_batch(200)?;
+        if n == 0 {
+            break;
+        }
+        done += n as u64;
+        bar.set_position(done);
+    }
+    bar.finish_and_clear();
+    let left: u64 = st
+        .sealed_key_usage()?
+        .iter()
+        .filter(|(id, _)| id != new.id())
+        .map(|(_, n)| n)
+        .sum();
+    if left != 0 {
+        anyhow::bail!("{left} values are still sealed under an old key; run the rotation again");
+    }
+    println!(
+        "re-sealed {done} values under key {}; nothing sealed under an old key remains.",
+        new.id()
+    );
+    println!(
+        "next: point store.key_file (or the systemd credential) at {}; the old key is no longer needed once every backup made before now is retired",
+        new_key_file.display()
+    );
+    Ok(0)
+}
+
+/// Writes shell completions and the man page (packaging).
+pub fn generate_assets(dir: &Path) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd, "acutoken", dir)
+            .with_context(|| format!("cannot write completions into {}", dir.display()))?;
+    }
+    let man = clap_mangen::Man::new(cmd);
+    let mut buf = Vec::new();
+    man.render(&mut buf).context("cannot render the man page")?;
+    std::fs::write(dir.join("acutoken.1"), buf)
+        .with_context(|| format!("cannot write {}/acutoken.1", dir.display()))?;
+    println!("wrote completions and acutoken.1 into {}", dir.display());
+    Ok(0)
+}

@@ -1,0 +1,301 @@
+//! Commands that act through the daemon when it runs, and on the store directly
+//! (under the same claim rules) when it does not: `token`, `connection refresh`,
+//! `status`, `alert test`; and `serve`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use super::Ctx;
+use crate::clock::{self, Clock};
+use crate::daemon::client::{Answer, call};
+use crate::daemon::{self, serve};
+use crate::model::fmt_time;
+use crate::renewal::engine::{Engine, EngineParts, NoHooks, RefreshReport, TokenAnswer};
+use crate::renewal::{self, authorize};
+use crate::status::{self, DaemonInfo};
+use crate::store::claims::Owner;
+use crate::store::{Create, StoreError};
+
+/// How long the CLI waits for the daemon; a token request may refresh first.
+fn api_timeout(ctx: &Ctx) -> Duration {
+    ctx.config.renewal.http_timeout * 3 + Duration::from_secs(10)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(a: &Answer) -> anyhow::Result<T> {
+    serde_json::from_slice(&a.body)
+        .context("the daemon's answer is not the JSON this version expects")
+}
+
+fn api_error(a: &Answer) -> String {
+    serde_json::from_slice::<serde_json::Value>(&a.body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("the daemon answered HTTP {}", a.status))
+}
+
+/// An engine working on the store directly (no daemon running).
+fn local_engine(ctx: &Ctx) -> anyhow::Result<Arc<Engine>> {
+    let (store, client) = authorize::cli_parts(ctx)?;
+    let path = ctx.config.store_path();
+    Ok(Arc::new(Engine::new(EngineParts {
+        store,
+        client,
+        policy: renewal::policy_from(&ctx.config),
+        clock: clock::system(),
+        owner: Owner::current("cli"),
+        http_timeout: ctx.config.renewal.http_timeout,
+        spill_dir: Some(serve::spill_dir(&ctx.config, &path)),
+        hooks: Arc::new(NoHooks),
+    })))
+}
+
+/// A rotated token the CLI could not save: retry for a while, never exit 0 with it unsaved.
+async fn settle(engine: &Engine) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        if engine.retry_unsaved().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    anyhow::bail!(
+        "a rotated refresh token could not be saved to the store; it is spilled (sealed) for the daemon to import at its next start: fix the store (disk space, permissions) and start the daemon"
+    )
+}
+
+fn print_report(r: &RefreshReport) -> i32 {
+    println!("{}: {} (state {})", r.connection, r.outcome, r.state);
+    if !r.detail.is_empty() {
+        println!("  {}", r.detail);
+    }
+    if let Some(t) = r.next_refresh_at {
+        println!("  next refresh {}", fmt_time(t));
+    }
+    if let Some(d) = r.deadline {
+        println!("  deadline {}", fmt_time(d));
+    }
+    if r.outcome == "refreshed" { 0 } else { 1 }
+}
+
+/// `connection refresh NAME`.
+pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
+    if daemon::running(&ctx.config) {
+        let a = call(
+            &ctx.config.socket_path(),
+            "POST",
+            &format!("/v1/connections/{name}/refresh"),
+            api_timeout(ctx),
+        )
+        .await?;
+        if a.status == 404 || a.status >= 500 {
+            anyhow::bail!("{}", api_error(&a));
+        }
+        let r: RefreshReport = parse(&a)?;
+        return Ok(print_report(&r));
+    }
+    let engine = local_engine(ctx)?;
+    let n = name.to_string();
+    let row = crate::renewal::engine::with_store(engine.store(), move |st| st.get(&n)).await?;
+    // Another process holds the claim: wait for its outcome rather than send.
+    let deadline = tokio::time::Instant::now() + api_timeout(ctx);
+    loop {
+        let mut r = match engine.refresh(row.conn.id).await {
+            Ok(r) => r,
+            Err(e) => {
+                settle(&engine).await?;
+                return Err(e.into());
+            }
+        };
+        if r.outcome != "busy" {
+            r.connection = row.conn.name.clone();
+            settle(&engine).await?;
+            return Ok(print_report(&r));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{name}: {}; try again shortly", r.detail);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `token NAME`.
+pub async fn token(ctx: &Ctx, name: &str, json: bool) -> anyhow::Result<i32> {
+    if daemon::running(&ctx.config) {
+        let a = call(
+            &ctx.config.socket_path(),
+            "GET",
+            &format!("/v1/connections/{name}/token"),
+            api_timeout(ctx),
+        )
+        .await?;
+        return match a.status {
+            200 => {
+                let v: serde_json::Value = parse(&a)?;
+                if json {
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{}",
+                        v.get("access_token")
+                            .and_then(|t| t.as_str())
+                            .unwrap_or_default()
+                    );
+                }
+                Ok(0)
+            }
+            409 => {
+                let v: serde_json::Value = parse(&a)?;
+                anyhow::bail!(
+                    "{name} is {}: {}",
+                    v.get("state").and_then(|s| s.as_str()).unwrap_or("?"),
+                    v.get("action").and_then(|s| s.as_str()).unwrap_or("")
+                )
+            }
+            503 => anyhow::bail!(
+                "no valid access token for {name} right now: {}; retry in {} s",
+                api_error(&a),
+                a.retry_after.unwrap_or(60)
+            ),
+            _ => anyhow::bail!("{}", api_error(&a)),
+        };
+    }
+    let engine = local_engine(ctx)?;
+    let answer = engine.token(name).await;
+    settle(&engine).await?;
+    match answer? {
+        TokenAnswer::Token(t) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "access_token": t.access_token.expose(),
+                        "token_type": t.token_type,
+                        "expires_at": fmt_time(t.expires_at),
+                        "instance": t.instance,
+                        "base_url": t.base_url,
+                    })
+                );
+            } else {
+                println!("{}", t.access_token.expose());
+            }
+            Ok(0)
+        }
+        TokenAnswer::NeedsHuman(row) => anyhow::bail!(
+            "{name} is {}: {}",
+            row.conn.state,
+            row.conn.state.action().unwrap_or("").replace("NAME", name)
+        ),
+        TokenAnswer::Unavailable {
+            retry_after,
+            reason,
+        } => anyhow::bail!(
+            "no valid access token for {name} right now: {reason}; retry in {} s",
+            retry_after.as_secs().max(1)
+        ),
+    }
+}
+
+/// `status [--json]`.
+pub async fn status(ctx: &Ctx, json: bool) -> anyhow::Result<i32> {
+    let st = if daemon::running(&ctx.config) {
+        let a = call(
+            &ctx.config.socket_path(),
+            "GET",
+            "/v1/status",
+            Duration::from_secs(30),
+        )
+        .await?;
+        if a.status != 200 {
+            anyhow::bail!("{}", api_error(&a));
+        }
+        parse::<status::Status>(&a)?
+    } else {
+        let store = match ctx.open_store(Create::No) {
+            Ok(s) => s,
+            Err(e) => {
+                if matches!(
+                    e.downcast_ref::<StoreError>(),
+                    Some(StoreError::Missing { .. })
+                ) {
+                    eprintln!("error: {e:#}");
+                    return Ok(3);
+                }
+                return Err(e);
+            }
+        };
+        let info = DaemonInfo {
+            running: false,
+            pid: None,
+            ready: false,
+            unsaved_tokens: 0,
+            scheduled: 0,
+            refreshing: 0,
+        };
+        status::gather(&store, &ctx.config, info, clock::SystemClock.now())?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        status::print_human(&st);
+    }
+    Ok(st.exit_code())
+}
+
+/// `alert test`.
+pub async fn alert_test(ctx: &Ctx) -> anyhow::Result<i32> {
+    let results: Vec<serde_json::Value> = if daemon::running(&ctx.config) {
+        let a = call(
+            &ctx.config.socket_path(),
+            "POST",
+            "/v1/alerts/test",
+            Duration::from_secs(120),
+        )
+        .await?;
+        if a.status != 200 {
+            anyhow::bail!("{}", api_error(&a));
+        }
+        parse(&a)?
+    } else {
+        crate::alerts::send_test(&ctx.config)
+            .await
+            .into_iter()
+            .map(|r| serde_json::json!({ "channel": r.channel, "host": r.host, "status": r.status, "error": r.error }))
+            .collect()
+    };
+    if results.is_empty() {
+        anyhow::bail!("no alert channels are configured (alerts.webhooks)");
+    }
+    let mut failed = 0;
+    for r in &results {
+        let channel = r.get("channel").and_then(|v| v.as_str()).unwrap_or("?");
+        let host = r.get("host").and_then(|v| v.as_str()).unwrap_or("?");
+        let status = r.get("status").and_then(|v| v.as_u64());
+        match r.get("error").and_then(|v| v.as_str()) {
+            None => println!("ok    {channel} ({host}): HTTP {}", status.unwrap_or(0)),
+            Some(e) => {
+                failed += 1;
+                println!("FAIL  {channel} ({host}): {e}");
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+/// `serve`.
+pub async fn serve(explicit: Option<&Path>) -> anyhow::Result<i32> {
+    let ctx = Ctx::load(explicit)?;
+    let code = serve::run(
+        serve::ServeOptions {
+            config: ctx.config,
+            explicit_config: explicit.map(Path::to_path_buf),
+            clock: clock::system(),
+            logging_installed: false,
+        },
+        CancellationToken::new(),
+    )
+    .await?;
+    Ok(code)
+}

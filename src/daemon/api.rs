@@ -1,0 +1,245 @@
+//! The local API (DESIGN §7): HTTP/1.1 + JSON on the Unix socket, and on
+//! `api.listen` behind bearer tokens.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::renewal::engine::{Engine, EngineError, SharedStore, TokenAnswer, with_store};
+use crate::secret::Secret;
+use crate::status::{self, DaemonInfo};
+use crate::store::StoreError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct Api {
+    pub engine: Arc<Engine>,
+    /// A separate read connection, so listing never waits behind a refresh's write.
+    pub reads: SharedStore,
+    pub config: tokio::sync::watch::Receiver<Arc<Config>>,
+    pub ready: Arc<AtomicBool>,
+    pub scheduler: tokio::sync::watch::Receiver<crate::renewal::scheduler::Snapshot>,
+    /// Bearer tokens for `api.listen` (re-read on SIGHUP).
+    pub tokens: Arc<std::sync::RwLock<Vec<Secret>>>,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": msg.into() }))).into_response()
+}
+
+fn from_store(e: StoreError) -> Response {
+    match e {
+        StoreError::UnknownConnection(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        StoreError::Busy => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+fn from_engine(e: EngineError) -> Response {
+    match e {
+        EngineError::Store(s) => from_store(s),
+        EngineError::Unsaved(m) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, m);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+    }
+}
+
+/// The API routes (shared by the socket and the TCP listener).
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/connections", get(list))
+        .route("/v1/connections/{name}", get(show))
+        .route("/v1/connections/{name}/token", get(token))
+        .route("/v1/connections/{name}/refresh", post(refresh))
+        .route("/v1/status", get(status_handler))
+        .route("/v1/alerts/test", post(alert_test))
+        .merge(health_routes(api.ready.clone()))
+        .with_state(api)
+}
+
+/// `/healthz` and `/readyz` (also on the metrics listener).
+pub fn health_routes<S: Clone + Send + Sync + 'static>(ready: Arc<AtomicBool>) -> Router<S> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                    }
+                }
+            }),
+        )
+}
+
+/// Requires `Authorization: Bearer <token>` matching a line of `api.token_file`
+/// (constant-time), except for `/healthz`.
+pub async fn bearer(State(api): State<Api>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    let ok = {
+        let tokens = api.tokens.read().unwrap_or_else(|e| e.into_inner());
+        let mut any = subtle::Choice::from(0u8);
+        for t in tokens.iter() {
+            any |= subtle::ConstantTimeEq::ct_eq(t.expose().as_bytes(), given.as_bytes());
+        }
+        bool::from(any) && !given.is_empty()
+    };
+    if !ok {
+        let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    next.run(req).await
+}
+
+/// The TCP flavour: the same routes behind [`bearer`].
+pub fn tcp_router(api: Api) -> Router {
+    let state = api.clone();
+    router(api).layer(middleware::from_fn_with_state(state, bearer))
+}
+
+async fn list(State(api): State<Api>) -> Response {
+    match with_store(&api.reads, |st| st.list()).await {
+        Ok(rows) => {
+            let conns: Vec<_> = rows.into_iter().map(|r| r.conn).collect();
+            axum::Json(conns).into_response()
+        }
+        Err(e) => from_store(e),
+    }
+}
+
+async fn show(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    match with_store(&api.reads, move |st| st.get(&name)).await {
+        Ok(row) => axum::Json(row.conn).into_response(),
+        Err(e) => from_store(e),
+    }
+}
+
+async fn token(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    metrics::counter!("acutoken_token_requests_total").increment(1);
+    match api.engine.token(&name).await {
+        Ok(TokenAnswer::Token(t)) => {
+            metrics::counter!("acutoken_token_requests_served_total").increment(1);
+            let body = json!({
+                "access_token": t.access_token.expose(),
+                "token_type": t.token_type,
+                "expires_at": crate::model::fmt_time(t.expires_at),
+                "instance": t.instance,
+                "base_url": t.base_url,
+            });
+            let mut r = axum::Json(body).into_response();
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Ok(TokenAnswer::NeedsHuman(row)) => {
+            let action = row
+                .conn
+                .state
+                .action()
+                .unwrap_or("")
+                .replace("NAME", &row.conn.name);
+            let mut r = (
+                StatusCode::CONFLICT,
+                axum::Json(json!({ "state": row.conn.state, "action": action })),
+            )
+                .into_response();
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Ok(TokenAnswer::Unavailable {
+            retry_after,
+            reason,
+        }) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, reason);
+            let secs = retry_after.as_secs().max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => from_engine(e),
+    }
+}
+
+async fn refresh(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    let n = name.clone();
+    let row = match with_store(&api.reads, move |st| st.get(&n)).await {
+        Ok(r) => r,
+        Err(e) => return from_store(e),
+    };
+    match api.engine.refresh(row.conn.id).await {
+        Ok(mut rep) => {
+            if rep.connection.is_empty() {
+                rep.connection = name;
+            }
+            let status = match rep.outcome.as_str() {
+                "refused" | "busy" => StatusCode::CONFLICT,
+                _ => StatusCode::OK,
+            };
+            (status, axum::Json(rep)).into_response()
+        }
+        Err(e) => from_engine(e),
+    }
+}
+
+/// Builds the status the daemon reports about itself.
+pub async fn current_status(api: &Api) -> Result<status::Status, StoreError> {
+    let snap = api.scheduler.borrow().clone();
+    let info = DaemonInfo {
+        running: true,
+        pid: Some(std::process::id()),
+        ready: api.ready.load(Ordering::SeqCst),
+        unsaved_tokens: api.engine.unsaved(),
+        scheduled: snap.scheduled,
+        refreshing: snap.running,
+    };
+    let now = api.engine.clock().now();
+    let config = api.config.borrow().clone();
+    with_store(&api.reads, move |st| status::gather(st, &config, info, now)).await
+}
+
+async fn status_handler(State(api): State<Api>) -> Response {
+    match current_status(&api).await {
+        Ok(s) => axum::Json(s).into_response(),
+        Err(e) => from_store(e),
+    }
+}
+
+async fn alert_test(State(api): State<Api>, _headers: HeaderMap) -> Response {
+    let config = api.config.borrow().clone();
+    let results: Vec<_> = crate::alerts::send_test(&config)
+        .await
+        .into_iter()
+        .map(|r| json!({ "channel": r.channel, "host": r.host, "status": r.status, "error": r.error }))
+        .collect();
+    axum::Json(results).into_response()
+}

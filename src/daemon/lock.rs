@@ -1,0 +1,108 @@
+//! DESIGN §3 invariant 3: one daemon per store, by an exclusive lock beside it.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The lock file beside a store: `acutoken.db` -> `acutoken.db.lock`.
+pub fn lock_path(store: &Path) -> PathBuf {
+    let mut name = store.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    store.with_file_name(name)
+}
+
+/// Why the lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another daemon serves this store: stop it first, or point this one elsewhere.
+    #[error(
+        "another acutoken daemon holds the store lock {path} ({holder}): stop it first, or use another store.path"
+    )]
+    Held { path: PathBuf, holder: String },
+    /// The lock file could not be created or opened.
+    #[error("cannot open the lock file {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// The held lock; released when dropped (and by the kernel if the process dies).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl StoreLock {
+    /// Takes the exclusive lock, writing who holds it into the file.
+    pub fn acquire(store: &Path) -> Result<StoreLock, LockError> {
+        let path = lock_path(store);
+        let io = |error| LockError::Io {
+            path: path.clone(),
+            error,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        // A CLI probing with a shared lock holds it for microseconds: retry briefly.
+        let mut tries = 0;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    let holder = holder.trim();
+                    return Err(LockError::Held {
+                        path,
+                        holder: if holder.is_empty() {
+                            "a process that did not say who it is".into()
+                        } else {
+                            holder.to_string()
+                        },
+                    });
+                }
+                Err(TryLockError::Error(e)) => return Err(io(e)),
+            }
+        }
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        writeln!(
+            file,
+            "pid {} started {}",
+            std::process::id(),
+            crate::model::fmt_time(chrono::Utc::now())
+        )
+        .map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(StoreLock { _file: file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// True when a daemon holds the lock of the store at `store`.
+pub fn held(store: &Path) -> bool {
+    let path = lock_path(store);
+    let Ok(file) = File::open(&path) else {
+        return false;
+    };
+    match file.try_lock_shared() {
+        Ok(()) => false,
+        Err(TryLockError::WouldBlock) => true,
+        Err(TryLockError::Error(_)) => false,
+    }
+}

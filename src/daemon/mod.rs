@@ -1,0 +1,18 @@
+//! The daemon: serve (start, reload, shutdown), signals, sd_notify, the API,
+//! the callback listener, metrics.
+
+pub mod api;
+pub mod callback;
+pub mod client;
+pub mod lock;
+pub mod metrics;
+pub mod notify;
+pub mod pages;
+pub mod serve;
+
+use crate::config::Config;
+
+/// True when a daemon serves the configured store.
+pub fn running(config: &Config) -> bool {
+    lock::held(&config.store_path())
+}

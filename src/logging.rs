@@ -1,0 +1,71 @@
+//! Logging: `log.format = text|json|journald`, level changeable on reload.
+
+use tracing_subscriber::layer::Layered;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+type Output = Box<dyn Layer<Registry> + Send + Sync>;
+type Filtered = Layered<Output, Registry>;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Changes the level of the installed subscriber (SIGHUP).
+pub struct LevelHandle(reload::Handle<EnvFilter, Filtered>);
+
+impl LevelHandle {
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        let filter = filter_for(level)?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+fn filter_for(level: &str) -> Result<EnvFilter, String> {
+    // Our events at the configured level; dependencies stay at warn unless tracing them.
+    let spec = match level {
+        "trace" | "debug" => format!("warn,acutoken={level}"),
+        other => format!("warn,acutoken={other}"),
+    };
+    EnvFilter::try_new(spec).map_err(|e| e.to_string())
+}
+
+/// Installs the global subscriber for `serve` and `demo`.
+pub fn init(cfg: &LogConfig) -> Result<LevelHandle, String> {
+    let (filter, handle) = reload::Layer::new(filter_for(&cfg.level)?);
+    let fmt_layer: Output = match cfg.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(l) => l.with_syslog_identifier("acutoken".into()).boxed(),
+            Err(e) => {
+                return Err(format!(
+                    "log.format = \"journald\" but the journal is not reachable: {e}"
+                ));
+            }
+        },
+    };
+    tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(filter)
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(LevelHandle(handle))
+}
+
+/// A quiet stderr logger for CLI commands: warnings and errors only.
+pub fn init_cli() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_env_filter(EnvFilter::new("warn,acutoken=warn"))
+        .try_init();
+}

@@ -1,0 +1,312 @@
+//! The authorization code flow (DESIGN §7): links, the callback's exchange,
+//! and `connection authorize` / `connection complete`.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use super::engine::{SharedStore, with_store};
+use super::planning;
+use super::policy::Policy;
+use crate::acumatica::{TokenClient, pkce_pair};
+use crate::cli::Ctx;
+use crate::model::{State, Timestamp, fmt_time};
+use crate::secret::Secret;
+use crate::store::connections::{self, SecretColumn};
+use crate::store::{CallbackLookup, Create, StoreError, authorizations, events};
+
+/// The hash under which a state is stored: the state itself is never stored.
+pub fn hash_state(state: &str) -> String {
+    hex::encode(Sha256::digest(state.as_bytes()))
+}
+
+/// A new open authorization link.
+pub struct Link {
+    pub url: Secret,
+    pub expires_at: Timestamp,
+    /// Older open links of this connection that stopped working.
+    pub replaced: usize,
+}
+
+/// Why a link could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// `acumatica.redirect_uri` is missing: the operator sets it to the Connected Application's.
+    #[error(
+        "acumatica.redirect_uri is not set: set it to the Redirect URI registered on the Connected Application (SM303010)"
+    )]
+    NoRedirectUri,
+    /// The connection is disabled: enable it first.
+    #[error("`{0}` is disabled: run `acutoken connection enable {0}` first")]
+    Disabled(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates (or replaces) the connection's open authorization link.
+pub async fn create_link(
+    store: &SharedStore,
+    client: &TokenClient,
+    redirect_uri: Option<&str>,
+    ttl: Duration,
+    name: &str,
+    now: Timestamp,
+) -> Result<Link, LinkError> {
+    let redirect = redirect_uri.ok_or(LinkError::NoRedirectUri)?.to_string();
+    let n = name.to_string();
+    let row = with_store(store, move |st| st.get(&n)).await?;
+    if row.conn.state == State::Disabled {
+        return Err(LinkError::Disabled(name.to_string()));
+    }
+    let mut raw = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut raw);
+    let state = URL_SAFE_NO_PAD.encode(raw);
+    let (verifier, challenge) = pkce_pair();
+    let url = Secret::new(client.authorize_url(
+        &row.conn.instance,
+        &row.conn.client_id,
+        &redirect,
+        &state,
+        &challenge,
+    ));
+    let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(14));
+    let hash = hash_state(&state);
+    let id = row.conn.id;
+    let u = url.clone();
+    let replaced = with_store(store, move |st| {
+        st.write(|tx, kr| {
+            let n = authorizations::create(
+                tx, kr, id, &hash, &verifier, &redirect, &u, now, expires_at,
+            )?;
+            events::record(
+                tx,
+                id,
+                now,
+                "authorize",
+                &format!(
+                    "authorization link created, valid until {}",
+                    fmt_time(expires_at)
+                ),
+            )?;
+            Ok(n)
+        })
+    })
+    .await?;
+    Ok(Link {
+        url,
+        expires_at,
+        replaced,
+    })
+}
+
+/// How a callback ended; each maps to a page (DESIGN §7).
+#[derive(Debug)]
+pub enum Completion {
+    /// Stored the grant: the connection is active.
+    Connected { name: String },
+    /// This link was used before: nothing stored.
+    AlreadyConnected { name: String },
+    /// Unknown or tampered state: nothing stored.
+    UnknownState,
+    /// The link timed out or was replaced by a newer one.
+    Expired,
+    /// The customer declined or Acumatica reported an error on the redirect.
+    Denied { error: String },
+    /// The code exchange failed; the reason is safe to show.
+    ExchangeFailed { name: String, reason: String },
+}
+
+/// Exchanges `code` for the connection that `state` belongs to and stores the grant.
+pub async fn complete(
+    store: &SharedStore,
+    client: &TokenClient,
+    policy: &Policy,
+    state: &str,
+    code: &str,
+    expect_connection: Option<&str>,
+    now: Timestamp,
+) -> Result<Completion, StoreError> {
+    let hash = hash_state(state);
+    let h = hash.clone();
+    let lookup = with_store(store, move |st| st.lookup_state(&h, now)).await?;
+    let (id, verifier, redirect_uri) = match lookup {
+        CallbackLookup::Unknown => return Ok(Completion::UnknownState),
+        CallbackLookup::Expired => return Ok(Completion::Expired),
+        CallbackLookup::Used { connection } => {
+            let name = with_store(store, move |st| st.get_by_id(connection))
+                .await?
+                .map(|r| r.conn.name)
+                .unwrap_or_default();
+            return Ok(Completion::AlreadyConnected { name });
+        }
+        CallbackLookup::Open {
+            connection,
+            verifier,
+            redirect_uri,
+        } => (connection, verifier, redirect_uri),
+    };
+    let Some(row) = with_store(store, move |st| st.get_by_id(id)).await? else {
+        return Ok(Completion::UnknownState);
+    };
+    if let Some(expected) = expect_connection {
+        if expected != row.conn.name {
+            return Ok(Completion::UnknownState);
+        }
+    }
+    let secret = with_store(store, move |st| st.secret(id, SecretColumn::ClientSecret)).await?;
+    let Some(secret) = secret else {
+        return Ok(Completion::ExchangeFailed {
+            name: row.conn.name,
+            reason: "no client secret is stored: run `acutoken connection set-secret`".into(),
+        });
+    };
+    let grant = match client
+        .exchange_code(
+            &row.conn.instance,
+            &row.conn.client_id,
+            &secret,
+            code,
+            &verifier,
+            &redirect_uri,
+        )
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            return Ok(Completion::ExchangeFailed {
+                name: row.conn.name,
+                reason: e.reason,
+            });
+        }
+    };
+    let Some(refresh_token) = grant.refresh_token.clone() else {
+        return Ok(Completion::ExchangeFailed {
+            name: row.conn.name,
+            reason: "the instance returned no refresh token: the Connected Application must allow the offline_access scope".into(),
+        });
+    };
+    let policy = policy.clone();
+    let name = row.conn.name.clone();
+    let used = with_store(store, move |st| {
+        st.write(|tx, kr| {
+            if !authorizations::mark_used(tx, &hash, now)? {
+                return Ok(false);
+            }
+            let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
+                return Ok(false);
+            };
+            planning::granted(&mut row, grant.expires_in, &grant.token_type, &policy, now);
+            connections::put(tx, &row)?;
+            connections::set_secret(tx, kr, id, SecretColumn::RefreshToken, Some(&refresh_token))?;
+            connections::set_secret(tx, kr, id, SecretColumn::AccessToken, Some(&grant.access_token))?;
+            // A stale claim would block the new token; nothing was sent with it.
+            tx.execute(
+                "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL, outcome_unknown = 0 WHERE id = ?1",
+                [id.to_string()],
+            )?;
+            events::record(tx, id, now, "authorized", "the customer authorized; grant stored")?;
+            let desired = crate::alerts::desired(&row, &policy, now);
+            crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+            Ok(true)
+        })
+    })
+    .await?;
+    Ok(if used {
+        Completion::Connected { name }
+    } else {
+        Completion::AlreadyConnected { name }
+    })
+}
+
+/// Opens the store and a token client for a CLI command that works without the daemon.
+pub(crate) fn cli_parts(ctx: &Ctx) -> anyhow::Result<(SharedStore, TokenClient)> {
+    let st = ctx.open_store(Create::No)?;
+    let client = TokenClient::new(super::client_settings(&ctx.config))?;
+    Ok((std::sync::Arc::new(std::sync::Mutex::new(st)), client))
+}
+
+/// `connection authorize NAME`.
+pub async fn cli_authorize(ctx: &Ctx, name: &str, now: Timestamp) -> anyhow::Result<i32> {
+    let (store, client) = cli_parts(ctx)?;
+    let link = create_link(
+        &store,
+        &client,
+        ctx.config.acumatica.redirect_uri.as_deref(),
+        ctx.config.callback.state_ttl,
+        name,
+        now,
+    )
+    .await?;
+    println!("{}", link.url.expose());
+    eprintln!(
+        "send this link to the customer; it stays valid until {}{}",
+        fmt_time(link.expires_at),
+        if link.replaced > 0 {
+            " (the previous link no longer works)"
+        } else {
+            ""
+        }
+    );
+    Ok(0)
+}
+
+/// `connection complete NAME --redirect-url URL`.
+pub async fn cli_complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyhow::Result<i32> {
+    let url = Url::parse(redirect_url).map_err(|_| {
+        anyhow::anyhow!(
+            "--redirect-url is not a URL: paste the whole address the browser landed on"
+        )
+    })?;
+    let mut code = None;
+    let mut state = None;
+    let mut error = None;
+    for (k, v) in url.query_pairs() {
+        match k.as_ref() {
+            "code" => code = Some(v.into_owned()),
+            "state" => state = Some(v.into_owned()),
+            "error" => error = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if let Some(e) = error {
+        anyhow::bail!(
+            "the authorization was not granted ({}): send the customer a new link",
+            e.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+        );
+    }
+    let (Some(code), Some(state)) = (code, state) else {
+        anyhow::bail!(
+            "--redirect-url has no code and state: paste the address the browser landed on after the customer approved"
+        );
+    };
+    let (store, client) = cli_parts(ctx)?;
+    let policy = super::policy_from(&ctx.config);
+    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    match complete(&store, &client, &policy, &state, &code, Some(name), now).await? {
+        Completion::Connected { name } => {
+            println!("{name} is connected: grant stored, state active");
+            Ok(0)
+        }
+        Completion::AlreadyConnected { name } => {
+            println!("{name}: this link was already used; nothing changed");
+            Ok(0)
+        }
+        Completion::UnknownState => anyhow::bail!(
+            "that URL's state does not belong to an open authorization of `{name}`: nothing stored"
+        ),
+        Completion::Expired => anyhow::bail!(
+            "that authorization link expired or was replaced: run `acutoken connection authorize {name}` and send the new link"
+        ),
+        Completion::Denied { error } => {
+            anyhow::bail!("the authorization was not granted ({error})")
+        }
+        Completion::ExchangeFailed { name, reason } => {
+            anyhow::bail!("exchanging the code for {name} failed: {reason}")
+        }
+    }
+}

@@ -1,0 +1,752 @@
+//! The engine: claim -> request -> save, for one connection at a time.
+//!
+//! DESIGN §3's invariants live here. A token request is sent only under a
+//! durable claim (invariant 1). A rotated refresh token is saved in the same
+//! transaction that releases the claim, before the new access token is handed
+//! to anyone; when that save fails the token is held in memory, spilled sealed
+//! to `$RUNTIME_DIRECTORY/pending/`, no other refresh starts, and the save is
+//! retried until it succeeds (invariant 2).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::policy::{self, Failure, Policy};
+use super::spill::{self, Spilled};
+use crate::acumatica::{TokenClient, TokenError, TokenGrant};
+use crate::clock::SharedClock;
+use crate::model::{FailureKind, State, Timestamp, fmt_time};
+use crate::secret::Secret;
+use crate::store::claims::{self, ClaimOutcome, Owner, RefreshSave};
+use crate::store::connections::{self, ConnectionRow, SecretColumn};
+use crate::store::{Store, StoreError};
+
+/// A store shared by the engine's tasks; SQLite calls are short and blocking.
+pub type SharedStore = Arc<Mutex<Store>>;
+
+/// Runs `f` on the store from async code without stalling the runtime.
+pub async fn with_store<T: Send + 'static>(
+    store: &SharedStore,
+    f: impl FnOnce(&mut Store) -> T + Send + 'static,
+) -> T {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || {
+        let mut guard = store.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    })
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// What a refresh attempt came to.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RefreshReport {
+    pub connection: String,
+    /// `refreshed`, `failed`, `busy` (another process is refreshing it) or
+    /// `refused` (a human must act; nothing was sent).
+    pub outcome: String,
+    pub state: State,
+    pub detail: String,
+    pub next_refresh_at: Option<Timestamp>,
+    pub deadline: Option<Timestamp>,
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
+}
+
+/// Failures of the engine itself (not of the token request, which is an outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A store problem: reported; the connection is left as it was.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A rotated token could not be saved: it is held and retried; nothing else refreshes.
+    #[error(
+        "a rotated refresh token could not be saved yet ({0}); it is kept in memory and spilled, and the save is retried"
+    )]
+    Unsaved(String),
+}
+
+/// An outcome the store has not accepted yet (invariant 2).
+struct PendingSave {
+    attempt: Uuid,
+    row: ConnectionRow,
+    refresh_token: Option<Secret>,
+    access_token: Secret,
+    detail: String,
+}
+
+/// Hooks the daemon gives the engine: raised alerts wake the delivery worker,
+/// unsaved tokens are announced directly.
+pub trait Hooks: Send + Sync + 'static {
+    /// An alert was written to the outbox.
+    fn alerts_raised(&self) {}
+    /// A rotated token could not be saved (send `store_write_failed` directly).
+    fn store_write_failed(&self, _connection: &str, _id: Uuid, _error: &str) {}
+    /// A refresh finished (metrics).
+    fn refreshed(&self, _outcome: &'static str, _seconds: f64) {}
+}
+
+/// No hooks (CLI use).
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// What an engine is made of.
+pub struct EngineParts {
+    pub store: SharedStore,
+    pub client: TokenClient,
+    pub policy: Policy,
+    pub clock: SharedClock,
+    /// Who claims: the daemon, or a CLI process.
+    pub owner: Owner,
+    /// `renewal.http_timeout`: claims outlive any request.
+    pub http_timeout: Duration,
+    /// Where unsaved tokens are spilled (`$RUNTIME_DIRECTORY/pending`).
+    pub spill_dir: Option<PathBuf>,
+    pub hooks: Arc<dyn Hooks>,
+}
+
+/// The renewal engine.
+pub struct Engine {
+    store: SharedStore,
+    client: std::sync::RwLock<TokenClient>,
+    policy: Mutex<Arc<Policy>>,
+    clock: SharedClock,
+    owner: Owner,
+    claim_ttl: Duration,
+    spill_dir: Option<PathBuf>,
+    pending: Mutex<HashMap<Uuid, PendingSave>>,
+    blocked: AtomicBool,
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Option<Timestamp>>>>>,
+    hooks: Arc<dyn Hooks>,
+}
+
+impl Engine {
+    pub fn new(parts: EngineParts) -> Engine {
+        let EngineParts {
+            store,
+            client,
+            policy,
+            clock,
+            owner,
+            http_timeout,
+            spill_dir,
+            hooks,
+        } = parts;
+        Engine {
+            store,
+            client: std::sync::RwLock::new(client),
+            policy: Mutex::new(Arc::new(policy)),
+            clock,
+            owner,
+            // Longer than any request can take, so a live claim is never taken over.
+            claim_ttl: http_timeout * 2 + Duration::from_secs(30),
+            spill_dir,
+            pending: Mutex::new(HashMap::new()),
+            blocked: AtomicBool::new(false),
+            locks: Mutex::new(HashMap::new()),
+            hooks,
+        }
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// The token client (cheap clone of a shared client).
+    pub fn client(&self) -> TokenClient {
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps the token client (SIGHUP: timeout, CA file, address policy, scopes).
+    pub fn set_client(&self, client: TokenClient) {
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps the policy (SIGHUP); refreshes in flight keep the one they started with.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// True while a rotated token waits to be saved: no refresh may start.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::SeqCst)
+    }
+
+    /// How many rotated tokens wait to be saved.
+    pub fn unsaved(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The per-connection single-flight lock; its value is the last token-driven refresh.
+    fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<Option<Timestamp>>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets a removed connection's lock.
+    pub fn forget(&self, id: Uuid) {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Refreshes connection `id` now, under a claim. One at a time per connection.
+    pub async fn refresh(&self, id: Uuid) -> Result<RefreshReport, EngineError> {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        self.refresh_locked(id).await
+    }
+
+    async fn refresh_locked(&self, id: Uuid) -> Result<RefreshReport, EngineError> {
+        if self.is_blocked() {
+            return Err(EngineError::Unsaved(
+                "another connection's rotated token is not saved yet".into(),
+            ));
+        }
+        let now = self.clock.now();
+        let owner = self.owner.clone();
+        let ttl = self.claim_ttl;
+        let policy = self.policy();
+        let claim_policy = policy.clone();
+        let outcome = with_store(&self.store, move |st| {
+            st.write(|tx, kr| {
+                let out = claims::claim(tx, kr, id, &owner, ttl, now)?;
+                if let ClaimOutcome::Lost(row) = &out {
+                    let desired = crate::alerts::desired(row, &claim_policy, now);
+                    crate::store::alerts::sync_connection(tx, row, &desired, now)?;
+                }
+                Ok(out)
+            })
+        })
+        .await?;
+        let claim = match outcome {
+            ClaimOutcome::Claimed(c) => c,
+            ClaimOutcome::Busy { owner, until } => {
+                return Ok(RefreshReport {
+                    connection: String::new(),
+                    outcome: "busy".into(),
+                    state: State::Active,
+                    detail: format!(
+                        "{} is refreshing it now (claim until {})",
+                        Owner::describe(&owner),
+                        fmt_time(until)
+                    ),
+                    next_refresh_at: None,
+                    deadline: None,
+                    retry_after: Some(Duration::from_secs(1)),
+                });
+            }
+            ClaimOutcome::NotRefreshable(row) => {
+                let c = &row.conn;
+                let detail = match c.state {
+                    State::Active | State::Retrying => {
+                        "no client secret or refresh token is stored".to_string()
+                    }
+                    s => s.action().unwrap_or("").replace("NAME", &c.name),
+                };
+                return Ok(report(&row, "refused", detail, None));
+            }
+            ClaimOutcome::Lost(row) => {
+                self.hooks.alerts_raised();
+                return Ok(report(&row, "failed", claims::LOST_TOKEN.into(), None));
+            }
+        };
+        let started = std::time::Instant::now();
+        let c = &claim.row.conn;
+        tracing::debug!(connection = %c.name, instance = %c.instance, "refreshing");
+        let result = self
+            .client()
+            .refresh(
+                &c.instance,
+                &c.client_id,
+                &claim.client_secret,
+                &claim.refresh_token,
+            )
+            .await;
+        let seconds = started.elapsed().as_secs_f64();
+        let report = match result {
+            Ok(grant) => self.succeeded(*claim, grant, &policy).await?,
+            Err(err) => self.failed(*claim, err, &policy).await?,
+        };
+        self.hooks
+            .refreshed(outcome_label(&report.outcome), seconds);
+        tracing::info!(
+            connection = %report.connection,
+            outcome = %report.outcome,
+            state = %report.state,
+            duration_ms = (seconds * 1000.0) as u64,
+            next = report.next_refresh_at.map(fmt_time).unwrap_or_default(),
+            detail = %report.detail,
+            "refresh attempt"
+        );
+        Ok(report)
+    }
+
+    async fn succeeded(
+        &self,
+        claim: claims::Claim,
+        grant: TokenGrant,
+        policy: &Policy,
+    ) -> Result<RefreshReport, EngineError> {
+        let now = self.clock.now();
+        let mut row = claim.row;
+        let rotated = grant.refresh_token.is_some();
+        let update = policy::after_success(
+            &row.conn,
+            rotated,
+            grant.expires_in,
+            now,
+            policy,
+            rand::random(),
+        );
+        update.apply(&mut row.conn);
+        row.failures = 0;
+        row.failing_since = None;
+        row.outcome_unknown = false;
+        row.has_access_token = true;
+        row.access_lifetime = grant.expires_in;
+        row.token_type = Some(grant.token_type.clone());
+        let mut detail = if rotated {
+            "refreshed; the refresh token was rotated".to_string()
+        } else {
+            "refreshed; the server kept the refresh token".to_string()
+        };
+        if let Some(d) = update.outlived_deadline {
+            detail = format!(
+                "{detail}; the token outlived its computed deadline {} (the lifetime is longer than configured): deadline now observed",
+                fmt_time(d)
+            );
+            tracing::warn!(connection = %row.conn.name, "refresh token outlived its computed deadline; check the connection's lifetime");
+        }
+        let pending = PendingSave {
+            attempt: claim.attempt,
+            row,
+            refresh_token: grant.refresh_token,
+            access_token: grant.access_token,
+            detail,
+        };
+        self.save(pending, policy.clone()).await
+    }
+
+    /// Saves a successful outcome; on a write failure, holds and spills it (invariant 2).
+    async fn save(&self, p: PendingSave, policy: Policy) -> Result<RefreshReport, EngineError> {
+        let now = self.clock.now();
+        let attempt = p.attempt;
+        let row = p.row.clone();
+        let rt = p.refresh_token.clone();
+        let at = p.access_token.clone();
+        let detail = p.detail.clone();
+        let res = with_store(&self.store, move |st| {
+            st.write(|tx, kr| {
+                let save = RefreshSave {
+                    row: &row,
+                    refresh_token: rt.as_ref(),
+                    access_token: Some(&at),
+                    event: "refreshed",
+                    detail: &detail,
+                };
+                let ours = claims::finish(tx, kr, attempt, &save, now)?;
+                if ours {
+                    let desired = crate::alerts::desired(&row, &policy, now);
+                    crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+                }
+                Ok(ours)
+            })
+        })
+        .await;
+        match res {
+            Ok(true) => {
+                self.hooks.alerts_raised();
+                Ok(report(&p.row, "refreshed", p.detail.clone(), None))
+            }
+            Ok(false) => {
+                // Our claim was taken over: only possible if this process stalled past
+                // the claim's expiry. The new token is still the only live one.
+                tracing::error!(connection = %p.row.conn.name, "claim lost before the save; saving the rotated token anyway");
+                self.force_save(p).await
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.hold(p, &msg);
+                Err(EngineError::Unsaved(msg))
+            }
+        }
+    }
+
+    /// Saves a rotated token whose claim is gone: the token is newer than anything stored.
+    async fn force_save(&self, p: PendingSave) -> Result<RefreshReport, EngineError> {
+        let row = p.row.clone();
+        let rt = p.refresh_token.clone();
+        let at = p.access_token.clone();
+        let now = self.clock.now();
+        let res = with_store(&self.store, move |st| {
+            st.write(|tx, kr| {
+                connections::put(tx, &row)?;
+                if let Some(rt) = &rt {
+                    connections::set_secret(
+                        tx,
+                        kr,
+                        row.conn.id,
+                        SecretColumn::RefreshToken,
+                        Some(rt),
+                    )?;
+                }
+                connections::set_secret(tx, kr, row.conn.id, SecretColumn::AccessToken, Some(&at))?;
+                crate::store::events::record(
+                    tx,
+                    row.conn.id,
+                    now,
+                    "refreshed",
+                    "saved after the claim was taken over",
+                )
+            })
+        })
+        .await;
+        match res {
+            Ok(()) => Ok(report(&p.row, "refreshed", p.detail.clone(), None)),
+            Err(e) => {
+                let msg = e.to_string();
+                self.hold(p, &msg);
+                Err(EngineError::Unsaved(msg))
+            }
+        }
+    }
+
+    fn hold(&self, p: PendingSave, error: &str) {
+        let name = p.row.conn.name.clone();
+        tracing::error!(connection = %name, error, "cannot save a rotated refresh token: holding it in memory and retrying; no other refresh starts");
+        self.blocked.store(true, Ordering::SeqCst);
+        if let Some(dir) = &self.spill_dir {
+            let keyring = self
+                .store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keyring()
+                .clone();
+            let s = Spilled::new(
+                &keyring,
+                p.attempt,
+                &p.row,
+                p.refresh_token.as_ref(),
+                &p.access_token,
+            );
+            match spill::write(dir, &s) {
+                Ok(path) => {
+                    tracing::warn!(connection = %name, path = %path.display(), "spilled the unsaved token (sealed) for the next start")
+                }
+                Err(e) => {
+                    tracing::error!(connection = %name, error = %e, "cannot spill the unsaved token either; it lives only in memory")
+                }
+            }
+        }
+        self.hooks.store_write_failed(&name, p.row.conn.id, error);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p.row.conn.id, p);
+    }
+
+    /// Tries to save every held token; true when none is left. Called every few seconds.
+    pub async fn retry_unsaved(&self) -> bool {
+        let held: Vec<PendingSave> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        let policy = self.policy();
+        for p in held {
+            let id = p.row.conn.id;
+            let name = p.row.conn.name.clone();
+            // `save` re-holds it on failure.
+            if self.save(p, (*policy).clone()).await.is_ok() {
+                tracing::info!(connection = %name, "the held refresh token is saved");
+                if let Some(dir) = &self.spill_dir {
+                    spill::remove(dir, id);
+                }
+            }
+        }
+        let empty = self.unsaved() == 0;
+        if empty {
+            self.blocked.store(false, Ordering::SeqCst);
+        }
+        empty
+    }
+
+    async fn failed(
+        &self,
+        claim: claims::Claim,
+        err: TokenError,
+        policy: &Policy,
+    ) -> Result<RefreshReport, EngineError> {
+        let now = self.clock.now();
+        let mut row = claim.row;
+        let attempt = claim.attempt;
+        row.failures = if err.kind == FailureKind::Transient {
+            row.failures.saturating_add(1)
+        } else {
+            0
+        };
+        if err.kind == FailureKind::Transient && row.failing_since.is_none() {
+            row.failing_since = Some(now);
+        }
+        let decision = policy::after_failure(
+            &row.conn,
+            &Failure {
+                kind: err.kind,
+                failures: row.failures.max(1),
+                retry_after: err.retry_after,
+                unknown_outcome: claim.after_unknown,
+            },
+            now,
+            policy,
+            rand::random(),
+        );
+        decision.apply(&mut row.conn);
+        let reason = if err.kind == FailureKind::Transient {
+            format!("{}; {}", err.reason, decision.last_error)
+        } else {
+            format!("{} ({})", decision.last_error, err.reason)
+        };
+        row.conn.last_error = Some(reason.clone());
+        if err.kind != FailureKind::Transient {
+            row.failing_since = None;
+        }
+        if !err.sent {
+            // Nothing left the process: the token was not consumed, the unknown stays as it was.
+        } else if err.kind != FailureKind::Transient {
+            row.outcome_unknown = false;
+        }
+        let policy = policy.clone();
+        let saved_row = row.clone();
+        let event = if err.kind == FailureKind::Transient {
+            "refresh_failed"
+        } else {
+            "refresh_refused"
+        };
+        let detail = reason.clone();
+        with_store(&self.store, move |st| {
+            st.write(|tx, kr| {
+                let save = RefreshSave {
+                    row: &saved_row,
+                    refresh_token: None,
+                    access_token: None,
+                    event,
+                    detail: &detail,
+                };
+                if claims::finish(tx, kr, attempt, &save, now)? {
+                    let desired = crate::alerts::desired(&saved_row, &policy, now);
+                    crate::store::alerts::sync_connection(tx, &saved_row, &desired, now)?;
+                    if saved_row.conn.state != State::Retrying {
+                        crate::store::events::record(
+                            tx,
+                            saved_row.conn.id,
+                            now,
+                            "state",
+                            saved_row.conn.state.as_str(),
+                        )?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        self.hooks.alerts_raised();
+        Ok(report(&row, "failed", reason, err.retry_after))
+    }
+
+    /// Hands out a valid access token, refreshing first when less than the margin
+    /// is left (single-flight; at most one token-driven refresh per connection per minute).
+    pub async fn token(&self, name: &str) -> Result<TokenAnswer, EngineError> {
+        let n = name.to_string();
+        let row = with_store(&self.store, move |st| st.get(&n)).await?;
+        let id = row.conn.id;
+        if let Some(a) = self.usable_token(&row).await? {
+            return Ok(a);
+        }
+        if row.conn.state.needs_human() || row.conn.state == State::Disabled {
+            return Ok(TokenAnswer::NeedsHuman(row));
+        }
+        let lock = self.lock_for(id);
+        let mut last = lock.lock().await;
+        // Someone may have refreshed while we waited for the lock.
+        let row = with_store(&self.store, move |st| st.get_by_id(id)).await?;
+        let Some(row) = row else {
+            return Err(StoreError::UnknownConnection(name.to_string()).into());
+        };
+        if let Some(a) = self.usable_token(&row).await? {
+            return Ok(a);
+        }
+        if !row.conn.state.is_scheduled() {
+            return Ok(TokenAnswer::NeedsHuman(row));
+        }
+        let now = self.clock.now();
+        if let Some(prev) = *last {
+            let wait = prev + chrono::Duration::minutes(1) - now;
+            if wait > chrono::Duration::zero() {
+                return Ok(TokenAnswer::Unavailable {
+                    retry_after: wait.to_std().unwrap_or(Duration::from_secs(60)),
+                    reason: "a token-driven refresh ran less than a minute ago and failed".into(),
+                });
+            }
+        }
+        *last = Some(now);
+        let rep = self.refresh_locked(id).await?;
+        let row = with_store(&self.store, move |st| st.get_by_id(id)).await?;
+        let Some(row) = row else {
+            return Err(StoreError::UnknownConnection(name.to_string()).into());
+        };
+        if let Some(a) = self.usable_token(&row).await? {
+            *last = None;
+            return Ok(a);
+        }
+        if row.conn.state.needs_human() || row.conn.state == State::Disabled {
+            return Ok(TokenAnswer::NeedsHuman(row));
+        }
+        Ok(TokenAnswer::Unavailable {
+            retry_after: rep
+                .retry_after
+                .or_else(|| {
+                    row.conn
+                        .next_refresh_at
+                        .and_then(|t| (t - now).to_std().ok())
+                })
+                .unwrap_or(Duration::from_secs(60))
+                .max(Duration::from_secs(1)),
+            reason: rep.detail,
+        })
+    }
+
+    async fn usable_token(&self, row: &ConnectionRow) -> Result<Option<TokenAnswer>, EngineError> {
+        let now = self.clock.now();
+        let policy = self.policy();
+        if row.conn.state == State::Disabled
+            || !row.has_access_token
+            || !policy::access_token_usable(
+                row.conn.access_expires_at,
+                row.access_lifetime,
+                policy.access_token_margin,
+                now,
+            )
+        {
+            return Ok(None);
+        }
+        let id = row.conn.id;
+        let token = with_store(&self.store, move |st| {
+            st.secret(id, SecretColumn::AccessToken)
+        })
+        .await?;
+        Ok(token.map(|t| {
+            TokenAnswer::Token(IssuedToken {
+                access_token: t,
+                token_type: row.token_type.clone().unwrap_or_else(|| "Bearer".into()),
+                expires_at: row.conn.access_expires_at.unwrap_or(now),
+                instance: row.conn.instance.clone(),
+                base_url: self.client().base_url(&row.conn.instance),
+            })
+        }))
+    }
+}
+
+/// A token ready for an application.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedToken {
+    pub access_token: Secret,
+    pub token_type: String,
+    #[serde(serialize_with = "ser_time")]
+    pub expires_at: Timestamp,
+    pub instance: String,
+    pub base_url: String,
+}
+
+fn ser_time<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&fmt_time(*t))
+}
+
+/// What `token` gives.
+#[derive(Debug)]
+pub enum TokenAnswer {
+    Token(IssuedToken),
+    /// A human must act, or the connection is disabled (API: 409).
+    NeedsHuman(ConnectionRow),
+    /// Refreshing is failing transiently (API: 503 with Retry-After).
+    Unavailable {
+        retry_after: Duration,
+        reason: String,
+    },
+}
+
+/// A fixed label for metrics (no unbounded label values).
+fn outcome_label(outcome: &str) -> &'static str {
+    match outcome {
+        "refreshed" => "refreshed",
+        "failed" => "failed",
+        "busy" => "busy",
+        _ => "refused",
+    }
+}
+
+fn report(
+    row: &ConnectionRow,
+    outcome: &'static str,
+    detail: String,
+    retry_after: Option<Duration>,
+) -> RefreshReport {
+    RefreshReport {
+        connection: row.conn.name.clone(),
+        outcome: outcome.into(),
+        state: row.conn.state,
+        detail,
+        next_refresh_at: row.conn.next_refresh_at,
+        deadline: row.conn.deadline,
+        retry_after,
+    }
+}
+
+/// Imports tokens spilled by a previous run that could not save them (start-up).
+pub fn import_spilled(
+    store: &mut Store,
+    dir: &std::path::Path,
+    now: Timestamp,
+) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for (path, s) in spill::read_all(dir) {
+        let applied = store.write(|tx, kr| s.apply(tx, kr, now))?;
+        if applied {
+            n += 1;
+            tracing::info!(path = %path.display(), "imported a spilled refresh token");
+        } else {
+            tracing::warn!(path = %path.display(), "a spilled token was already superseded; discarded");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(n)
+}

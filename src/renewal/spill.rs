@@ -1,0 +1,178 @@
+//! Spilled tokens: a rotated refresh token the store would not take, sealed into
+//! `$RUNTIME_DIRECTORY/pending/` (a tmpfs) so the next start can import it.
+//!
+//! The values are sealed exactly as the store seals its columns (same key, same
+//! connection id and column in the associated data), so importing is a copy.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use rusqlite::{OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::crypto::Keyring;
+use crate::model::{Connection, Timestamp};
+use crate::secret::Secret;
+use crate::store::StoreError;
+use crate::store::connections::{self, ConnectionRow, SecretColumn};
+
+/// One spilled outcome.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Spilled {
+    attempt: Uuid,
+    conn: Connection,
+    token_type: Option<String>,
+    access_lifetime_s: Option<u64>,
+    refresh_token: Option<String>,
+    access_token: String,
+}
+
+impl Spilled {
+    pub fn new(
+        keyring: &Keyring,
+        attempt: Uuid,
+        row: &ConnectionRow,
+        refresh_token: Option<&Secret>,
+        access_token: &Secret,
+    ) -> Spilled {
+        let id = row.conn.id;
+        Spilled {
+            attempt,
+            conn: row.conn.clone(),
+            token_type: row.token_type.clone(),
+            access_lifetime_s: row.access_lifetime.map(|d| d.as_secs()),
+            refresh_token: refresh_token.map(|t| {
+                B64.encode(keyring.seal_secret(id, SecretColumn::RefreshToken.as_str(), t))
+            }),
+            access_token: B64.encode(keyring.seal_secret(
+                id,
+                SecretColumn::AccessToken.as_str(),
+                access_token,
+            )),
+        }
+    }
+
+    /// Applies the spilled outcome if the connection still carries the claim it
+    /// was made under (nothing newer was saved since). Returns whether it applied.
+    pub fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        keyring: &Keyring,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let id = self.conn.id;
+        let claim: Option<Option<String>> = tx
+            .query_row(
+                "SELECT claim_id FROM connections WHERE id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if claim.flatten().as_deref() != Some(self.attempt.to_string().as_str()) {
+            return Ok(false);
+        }
+        let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
+            return Ok(false);
+        };
+        let open = |col: SecretColumn, b64: &str| -> Result<Secret, StoreError> {
+            let sealed = B64
+                .decode(b64)
+                .map_err(|_| StoreError::Corrupt("a spilled token is not base64".into()))?;
+            Ok(keyring.open_secret(id, col.as_str(), &sealed)?)
+        };
+        let access = open(SecretColumn::AccessToken, &self.access_token)?;
+        let refresh = self
+            .refresh_token
+            .as_deref()
+            .map(|t| open(SecretColumn::RefreshToken, t))
+            .transpose()?;
+        row.conn = self.conn.clone();
+        row.failures = 0;
+        row.failing_since = None;
+        row.outcome_unknown = false;
+        row.has_access_token = true;
+        row.token_type = self.token_type.clone();
+        row.access_lifetime = self.access_lifetime_s.map(std::time::Duration::from_secs);
+        connections::put(tx, &row)?;
+        if let Some(rt) = &refresh {
+            connections::set_secret(tx, keyring, id, SecretColumn::RefreshToken, Some(rt))?;
+        }
+        connections::set_secret(tx, keyring, id, SecretColumn::AccessToken, Some(&access))?;
+        tx.execute(
+            "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL WHERE id = ?1",
+            params![id.to_string()],
+        )?;
+        crate::store::events::record(
+            tx,
+            id,
+            now,
+            "refreshed",
+            "imported the rotated token spilled when the store could not be written",
+        )?;
+        Ok(true)
+    }
+}
+
+fn file_for(dir: &Path, id: Uuid) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+/// Writes (replaces) the spill file of one connection, mode 0600, synced.
+pub fn write(dir: &Path, s: &Spilled) -> std::io::Result<PathBuf> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let path = file_for(dir, s.conn.id);
+    let tmp = dir.join(format!(".{}.tmp", s.conn.id));
+    let body = serde_json::to_vec(s).map_err(std::io::Error::other)?;
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(path)
+}
+
+/// Deletes a connection's spill file once its token is saved.
+pub fn remove(dir: &Path, id: Uuid) {
+    let _ = std::fs::remove_file(file_for(dir, id));
+}
+
+/// Every readable spill file in `dir`.
+pub fn read_all(dir: &Path) -> Vec<(PathBuf, Spilled)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Spilled>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => out.push((p, s)),
+                Err(err) => {
+                    tracing::error!(path = %p.display(), error = %err, "cannot read a spilled token file; left in place")
+                }
+            }
+        }
+    }
+    out
+}

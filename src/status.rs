@@ -1,0 +1,277 @@
+//! What `status` and `GET /v1/status` say: daemon, counts, who must act, deadlines, alerts.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+
+use serde::Serialize;
+
+use crate::model::{State, Timestamp, fmt_time};
+use crate::store::connections::ConnectionRow;
+use crate::store::{Store, StoreError};
+
+/// How many connections each list shows.
+const LIST: usize = 20;
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub daemon: DaemonInfo,
+    pub store: String,
+    pub total: u64,
+    pub counts: BTreeMap<String, u64>,
+    pub needs_action_total: u64,
+    pub needs_action: Vec<ActionItem>,
+    pub nearest_deadlines: Vec<DeadlineItem>,
+    pub alerts: AlertInfo,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DaemonInfo {
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub ready: bool,
+    /// Rotated refresh tokens held in memory because the store would not take them.
+    pub unsaved_tokens: usize,
+    pub scheduled: usize,
+    pub refreshing: usize,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ActionItem {
+    pub name: String,
+    pub state: State,
+    pub instance: String,
+    pub deadline: Option<String>,
+    pub action: String,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DeadlineItem {
+    pub name: String,
+    pub state: State,
+    pub deadline: String,
+    pub deadline_source: Option<String>,
+    pub next_refresh_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+pub struct AlertInfo {
+    pub undelivered: u64,
+    pub channels: Vec<serde_json::Value>,
+}
+
+impl Status {
+    /// DESIGN §5's exit codes: 3 daemon down, else 1 when a human must act, else 0.
+    pub fn exit_code(&self) -> i32 {
+        if !self.daemon.running {
+            3
+        } else if self.needs_action_total > 0 {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// Reads everything `status` shows from the store.
+pub fn gather(
+    st: &Store,
+    config: &crate::config::Config,
+    daemon: DaemonInfo,
+    _now: Timestamp,
+) -> Result<Status, StoreError> {
+    let counts_by_state = st.state_counts()?;
+    let mut counts = BTreeMap::new();
+    for s in State::ALL {
+        counts.insert(
+            s.as_str().to_string(),
+            counts_by_state.get(&s).copied().unwrap_or(0),
+        );
+    }
+    let total = counts.values().sum();
+    let (needing, needs_action_total) = st.needing_action(LIST)?;
+    let needs_action = needing
+        .iter()
+        .map(|r| ActionItem {
+            name: r.conn.name.clone(),
+            state: r.conn.state,
+            instance: r.conn.instance.clone(),
+            deadline: r.conn.deadline.map(fmt_time),
+            action: r
+                .conn
+                .state
+                .action()
+                .unwrap_or("")
+                .replace("NAME", &r.conn.name),
+            last_error: r.conn.last_error.clone(),
+        })
+        .collect();
+    let nearest_deadlines = st
+        .nearest_deadlines(LIST)?
+        .iter()
+        .filter_map(|r: &ConnectionRow| {
+            Some(DeadlineItem {
+                name: r.conn.name.clone(),
+                state: r.conn.state,
+                deadline: fmt_time(r.conn.deadline?),
+                deadline_source: r.conn.deadline_source.map(|s| s.as_str().to_string()),
+                next_refresh_at: r.conn.next_refresh_at.map(fmt_time),
+            })
+        })
+        .collect();
+    let channels = crate::alerts::channel_health(st, config).unwrap_or_default();
+    let alerts = AlertInfo {
+        undelivered: channels.iter().map(|c| c.undelivered).sum(),
+        channels: channels
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name,
+                    "kind": c.kind.as_str(),
+                    "host": c.host,
+                    "undelivered": c.undelivered,
+                    "failures": c.failures,
+                    "retry_at": c.retry_at.map(fmt_time),
+                    "last_error": c.last_error,
+                    "last_error_at": c.last_error_at.map(fmt_time),
+                })
+            })
+            .collect(),
+    };
+    Ok(Status {
+        daemon,
+        store: st.path().display().to_string(),
+        total,
+        counts,
+        needs_action_total,
+        needs_action,
+        nearest_deadlines,
+        alerts,
+    })
+}
+
+/// The terminal rendering: aligned, colour only on a TTY.
+pub fn print_human(s: &Status) {
+    let color = std::io::stdout().is_terminal();
+    let paint = |code: &str, text: &str| {
+        if color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    };
+    let daemon = if s.daemon.running {
+        paint(
+            "32",
+            &format!(
+                "running (pid {}){}",
+                s.daemon
+                    .pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                if s.daemon.ready { "" } else { ", starting" }
+            ),
+        )
+    } else {
+        paint("31", "not running")
+    };
+    println!("daemon    {daemon}");
+    if s.daemon.unsaved_tokens > 0 {
+        println!(
+            "          {}",
+            paint(
+                "31;1",
+                &format!(
+                    "{} rotated token(s) not yet saved: the store cannot be written",
+                    s.daemon.unsaved_tokens
+                )
+            )
+        );
+    }
+    println!("store     {}", s.store);
+    let counts: Vec<String> = s
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!(
+        "total     {} ({})",
+        s.total,
+        if counts.is_empty() {
+            "none".into()
+        } else {
+            counts.join(", ")
+        }
+    );
+    if s.needs_action_total > 0 {
+        println!();
+        println!(
+            "{}",
+            paint(
+                "33;1",
+                &format!("needs a human ({}):", s.needs_action_total)
+            )
+        );
+        let mut rows = vec![vec![
+            "NAME".to_string(),
+            "STATE".into(),
+            "DEADLINE".into(),
+            "ACTION".into(),
+        ]];
+        for a in &s.needs_action {
+            rows.push(vec![
+                a.name.clone(),
+                a.state.to_string(),
+                a.deadline.clone().unwrap_or_else(|| "-".into()),
+                a.action.clone(),
+            ]);
+        }
+        crate::cli::print_table(&rows);
+        if s.needs_action_total as usize > s.needs_action.len() {
+            println!(
+                "... and {} more (`acutoken connection list`)",
+                s.needs_action_total as usize - s.needs_action.len()
+            );
+        }
+    }
+    if !s.nearest_deadlines.is_empty() {
+        println!();
+        println!("nearest deadlines:");
+        let mut rows = vec![vec![
+            "NAME".to_string(),
+            "STATE".into(),
+            "DEADLINE".into(),
+            "NEXT REFRESH".into(),
+        ]];
+        for d in s.nearest_deadlines.iter().take(5) {
+            rows.push(vec![
+                d.name.clone(),
+                d.state.to_string(),
+                format!(
+                    "{} ({})",
+                    d.deadline,
+                    d.deadline_source.clone().unwrap_or_default()
+                ),
+                d.next_refresh_at.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        crate::cli::print_table(&rows);
+    }
+    println!();
+    if s.alerts.undelivered > 0 {
+        println!(
+            "alerts    {}",
+            paint("33", &format!("{} undelivered", s.alerts.undelivered))
+        );
+    } else {
+        println!("alerts    all delivered");
+    }
+    for c in &s.alerts.channels {
+        let name = c.get("name").and_then(|v| v.as_str()).unwrap_or("?");
+        let err = c.get("last_error").and_then(|v| v.as_str());
+        if let Some(e) = err {
+            println!("          {name}: {}", paint("31", e));
+        }
+    }
+}
