@@ -1,0 +1,679 @@
+//! Configuration loading: the shipped example, the environment layer, unknown
+//! keys, every validation rule, secret files and masking, lookup order.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use acutoken::config::{
+    ChannelKind, Config, ConfigError, ConfigSource, LoadedConfig, LogFormat, check_private_file,
+    locate,
+};
+use acutoken::model::Mode;
+
+const EXAMPLE: &str = include_str!("../config/acutoken.toml");
+
+fn no_env() -> Vec<(String, String)> {
+    Vec::new()
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, text).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+fn load_text(text: &str, vars: Vec<(String, String)>) -> Result<LoadedConfig, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "acutoken.toml", text, 0o600);
+    Config::load_with_env(Some(&path), vars)
+}
+
+fn load_err(text: &str, vars: Vec<(String, String)>) -> String {
+    match load_text(text, vars) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn shipped_example_parses_to_the_defaults() {
+    assert_eq!(Config::from_toml_str(EXAMPLE).unwrap(), Config::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "acutoken.toml", EXAMPLE, 0o644);
+    let loaded = Config::load_with_env(Some(&path), no_env()).unwrap();
+    assert_eq!(loaded.config, Config::default());
+    assert_eq!(loaded.source.as_deref(), Some(path.as_path()));
+}
+
+/// Every commented-out example value in the shipped file is a real key with
+/// a valid value: uncommenting all of them still loads.
+#[test]
+fn shipped_example_commented_values_are_valid_keys() {
+    let uncommented: String = EXAMPLE
+        .lines()
+        .map(|line| {
+            let body = line.strip_prefix("# ").unwrap_or("");
+            let is_key = body.split_once(" = ").is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            });
+            if is_key || body == "[[alerts.webhooks]]" {
+                body
+            } else {
+                line
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = Config::from_toml_str(&uncommented).unwrap();
+    assert_ne!(config, Config::default());
+    assert_eq!(config.alerts.webhooks.len(), 5);
+    let kinds: Vec<_> = config.alerts.webhooks.iter().map(|w| w.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ChannelKind::Slack,
+            ChannelKind::Teams,
+            ChannelKind::Discord,
+            ChannelKind::GoogleChat,
+            ChannelKind::Generic
+        ]
+    );
+    assert_eq!(config.alerts.digest.as_deref(), Some("0 8 * * 1-5"));
+    assert_eq!(config.api.listen, Some("127.0.0.1:8788".parse().unwrap()));
+    assert!(config.store.key_file.is_some() && config.acumatica.redirect_uri.is_some());
+}
+
+#[test]
+fn environment_overrides_defaults_and_file() {
+    let vars = env(&[
+        ("ACUTOKEN__STORE__PATH", "/srv/acutoken/store.db"),
+        ("ACUTOKEN__RENEWAL__WARN_BEFORE", "7d, 3d"),
+        (
+            "ACUTOKEN__ACUMATICA__SCOPES",
+            "api,offline_access,api:concurrent_access",
+        ),
+        ("ACUTOKEN__RENEWAL__MAX_CONCURRENT", "8"),
+        ("ACUTOKEN__RENEWAL__RENEW_AT", "0.5"),
+        ("ACUTOKEN__RENEWAL__MODE", "sliding"),
+        ("ACUTOKEN__RENEWAL__LIFETIME", "14d"),
+        ("ACUTOKEN__ALERTS__SEND_RESOLVED", "false"),
+        ("ACUTOKEN__ALERTS__DIGEST", "0 9 * * 1-5"),
+        ("ACUTOKEN__LOG__FORMAT", "json"),
+        ("ACUTOKEN__API__SOCKET_GROUP", "1234"),
+        // Not config keys: a single underscore after the prefix.
+        ("ACUTOKEN_KEY", "c2VjcmV0"),
+        ("UNRELATED", "x"),
+    ]);
+    let file = "[renewal]\nmax_concurrent = 4\nper_instance_concurrent = 3\n";
+    let c = load_text(file, vars).unwrap().config;
+    assert_eq!(c.store.path, Some(PathBuf::from("/srv/acutoken/store.db")));
+    assert_eq!(
+        c.renewal.warn_before,
+        [
+            Duration::from_secs(7 * 86400),
+            Duration::from_secs(3 * 86400)
+        ]
+    );
+    assert_eq!(
+        c.acumatica.scopes,
+        ["api", "offline_access", "api:concurrent_access"]
+    );
+    assert_eq!(
+        c.renewal.max_concurrent, 8,
+        "the environment wins over the file"
+    );
+    assert_eq!(
+        c.renewal.per_instance_concurrent, 3,
+        "the file wins over the defaults"
+    );
+    assert_eq!(c.renewal.renew_at, 0.5);
+    assert_eq!(c.renewal.mode, Mode::Sliding);
+    assert_eq!(c.renewal.lifetime, Duration::from_secs(14 * 86400));
+    assert!(!c.alerts.send_resolved);
+    assert_eq!(c.alerts.digest.as_deref(), Some("0 9 * * 1-5"));
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.api.socket_group.as_deref(), Some("1234"));
+}
+
+#[test]
+fn single_item_list_from_environment() {
+    let vars = env(&[("ACUTOKEN__RENEWAL__WARN_BEFORE", "2d")]);
+    let c = load_text("", vars).unwrap().config;
+    assert_eq!(c.renewal.warn_before, [Duration::from_secs(2 * 86400)]);
+}
+
+#[test]
+fn acutoken_config_variable_is_not_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "a.toml", "[log]\nlevel = \"debug\"\n", 0o600);
+    let vars = env(&[
+        ("ACUTOKEN_CONFIG", path.to_str().unwrap()),
+        ("ACUTOKEN_KEY", "x"),
+    ]);
+    let loaded = Config::load_with_env(None, vars).unwrap();
+    assert_eq!(loaded.config.log.level, "debug");
+    assert_eq!(loaded.source, Some(path));
+}
+
+#[test]
+fn unknown_keys_in_file_are_named_with_their_section() {
+    let msg = load_err("[renewal]\nfoo = 1\n", no_env());
+    assert!(msg.starts_with("unknown key `renewal.foo` in "), "{msg}");
+    assert!(msg.contains("acutoken.toml"), "{msg}");
+
+    let msg = load_err("[nonsense]\nx = 1\n", no_env());
+    assert!(msg.starts_with("unknown key `nonsense`"), "{msg}");
+
+    let msg = load_err(
+        "[[alerts.webhooks]]\nname = \"a\"\nkind = \"slack\"\nurl = \"https://h.example/x\"\ncolour = \"red\"\n",
+        no_env(),
+    );
+    assert!(
+        msg.starts_with("unknown key `alerts.webhooks[0].colour`"),
+        "{msg}"
+    );
+
+    let err = Config::from_toml_str("[log]\nlevl = \"info\"\n").unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::UnknownKey { key, .. } if key == "log.levl"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_keys_in_environment_are_named_with_the_variable() {
+    let msg = load_err("", env(&[("ACUTOKEN__RENEWAL__FOO", "1")]));
+    assert_eq!(
+        msg,
+        "unknown key `renewal.foo` from environment variable ACUTOKEN__RENEWAL__FOO"
+    );
+    let msg = load_err("", env(&[("ACUTOKEN__STORAGE__PATH", "/x")]));
+    assert_eq!(
+        msg,
+        "unknown key `storage` from environment variable ACUTOKEN__STORAGE__PATH"
+    );
+}
+
+#[test]
+fn type_errors_name_the_key_and_the_problem() {
+    let msg = load_err("[renewal]\nmax_concurrent = \"many\"\n", no_env());
+    assert!(msg.starts_with("`renewal.max_concurrent`: "), "{msg}");
+    assert!(
+        msg.contains("many"),
+        "a non-secret value may be shown: {msg}"
+    );
+
+    let msg = load_err("[renewal]\nlifetime = \"30x\"\n", no_env());
+    assert!(msg.starts_with("`renewal.lifetime`: "), "{msg}");
+
+    let msg = load_err("", env(&[("ACUTOKEN__ALERTS__GROUP_MAX", "lots")]));
+    assert!(msg.starts_with("`alerts.group_max`: "), "{msg}");
+    assert!(msg.contains("ACUTOKEN__ALERTS__GROUP_MAX"), "{msg}");
+
+    let msg = load_err("[renewal]\nmode = \"weekly\"\n", no_env());
+    assert!(
+        msg.starts_with("`renewal.mode`: `weekly` is not one of absolute, sliding"),
+        "{msg}"
+    );
+    let msg = load_err("", env(&[("ACUTOKEN__LOG__FORMAT", "xml")]));
+    assert!(
+        msg.starts_with("`log.format`: `xml` is not one of text, json, journald"),
+        "{msg}"
+    );
+    let msg = load_err("", env(&[("ACUTOKEN__", "1")]));
+    assert!(msg.contains("ACUTOKEN__ names no config key"), "{msg}");
+
+    let msg = load_err(
+        "[[alerts.webhooks]]\nkind = \"slack\"\nurl = \"https://h.example/x\"\n",
+        no_env(),
+    );
+    assert!(
+        msg.starts_with("`alerts.webhooks[0].name`: is required"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn errors_never_echo_a_secret_value() {
+    let secret = "T0SECRET9hooks";
+    let bad_type = format!(
+        "[[alerts.webhooks]]\nname = \"a\"\nkind = \"generic\"\nurl = [\"https://h.example/{secret}\"]\n"
+    );
+    let msg = load_err(&bad_type, no_env());
+    assert!(msg.starts_with("`alerts.webhooks[0].url`: "), "{msg}");
+    assert!(!msg.contains(secret), "{msg}");
+
+    let bad_secret = format!(
+        "[[alerts.webhooks]]\nname = \"a\"\nkind = \"generic\"\nurl = \"https://h.example/x\"\nsecret = {{ v = \"{secret}\" }}\n"
+    );
+    let msg = load_err(&bad_secret, no_env());
+    assert!(msg.starts_with("`alerts.webhooks[0].secret`: "), "{msg}");
+    assert!(!msg.contains(secret), "{msg}");
+
+    // A syntax error on the line holding the secret: the line is not quoted.
+    let unterminated = format!(
+        "[[alerts.webhooks]]\nname = \"a\"\nkind = \"slack\"\nurl = \"https://h.example/{secret}\n"
+    );
+    let err = load_text(&unterminated, no_env()).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { line: 4, .. }), "{err}");
+    assert!(!err.to_string().contains(secret), "{err}");
+
+    let plain_http = format!(
+        "[[alerts.webhooks]]\nname = \"a\"\nkind = \"slack\"\nurl = \"http://h.example/{secret}\"\n"
+    );
+    let msg = load_err(&plain_http, no_env());
+    assert!(
+        msg.starts_with("`alerts.webhooks[0].url`: must use https"),
+        "{msg}"
+    );
+    assert!(!msg.contains(secret), "{msg}");
+}
+
+/// One broken rule per case: the message names the key.
+#[test]
+fn each_validation_rule_names_its_key() {
+    let hook =
+        |extra: &str| format!("[[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\n{extra}\n");
+    let cases: Vec<(String, &str)> = vec![
+        ("[renewal]\nrenew_at = 1.0".into(), "renewal.renew_at"),
+        ("[renewal]\nrenew_at = 0".into(), "renewal.renew_at"),
+        (
+            "[renewal]\nretry_min = \"2h\"\nretry_max = \"1h\"".into(),
+            "renewal.retry_max",
+        ),
+        ("[renewal]\nretry_min = \"0s\"".into(), "renewal.retry_min"),
+        ("[alerts]\nretry_min = \"11m\"".into(), "alerts.retry_max"),
+        ("[alerts]\nretry_min = \"0s\"".into(), "alerts.retry_min"),
+        (
+            "[renewal]\nmax_concurrent = 0".into(),
+            "renewal.max_concurrent",
+        ),
+        (
+            "[renewal]\nper_instance_concurrent = 0".into(),
+            "renewal.per_instance_concurrent",
+        ),
+        (
+            "[renewal]\nhttp_timeout = \"0s\"".into(),
+            "renewal.http_timeout",
+        ),
+        (
+            "[serve]\nshutdown_timeout = \"30s\"".into(),
+            "serve.shutdown_timeout",
+        ),
+        ("[renewal]\nlifetime = \"0s\"".into(), "renewal.lifetime"),
+        (
+            "[renewal]\nabsolute_lifetime = \"29d\"".into(),
+            "renewal.absolute_lifetime",
+        ),
+        ("[renewal]\nwarn_before = []".into(), "renewal.warn_before"),
+        (
+            "[renewal]\nwarn_before = [\"1d\", \"0s\"]".into(),
+            "renewal.warn_before",
+        ),
+        ("[alerts]\ngroup_max = 0".into(), "alerts.group_max"),
+        (
+            "[alerts]\nrepeat_interval = \"0s\"".into(),
+            "alerts.repeat_interval",
+        ),
+        ("[alerts]\ndigest = \"0 8 * *\"".into(), "alerts.digest"),
+        ("[alerts]\ndigest = \"0 25 * * *\"".into(), "alerts.digest"),
+        ("[alerts]\ndigest = \"@daily\"".into(), "alerts.digest"),
+        (
+            "[alerts]\ndigest_timezone = \"Mars/Olympus\"".into(),
+            "alerts.digest_timezone",
+        ),
+        (
+            hook("name = \"\"").replace("name = \"ops\"\n", ""),
+            "alerts.webhooks[0].name",
+        ),
+        (
+            format!(
+                "{}{}",
+                hook("url = \"https://a.example/1\""),
+                hook("url = \"https://a.example/2\"")
+            ),
+            "alerts.webhooks[1].name",
+        ),
+        (hook(""), "alerts.webhooks[0].url"),
+        (
+            hook("url = \"https://a.example/1\"\nurl_file = \"/x\""),
+            "alerts.webhooks[0].url",
+        ),
+        (
+            hook("url = \"ftp://a.example/1\""),
+            "alerts.webhooks[0].url",
+        ),
+        (hook("url = \"not a url\""), "alerts.webhooks[0].url"),
+        (
+            hook("url = \"https://a.example/1\"\nsecret = \"s\""),
+            "alerts.webhooks[0].secret",
+        ),
+        (
+            hook("url = \"https://a.example/1\"\nsecret = \"s\"\nsecret_file = \"/x\"")
+                .replace("slack", "generic"),
+            "alerts.webhooks[0].secret",
+        ),
+        (
+            "[acumatica]\nredirect_uri = \"/settings/cb\"".into(),
+            "acumatica.redirect_uri",
+        ),
+        (
+            "[acumatica]\nredirect_uri = \"http://acutoken.example.com/cb\"".into(),
+            "acumatica.redirect_uri",
+        ),
+        ("[callback]\npath = \"settings/cb\"".into(), "callback.path"),
+        (
+            "[callback]\nstate_ttl = \"0s\"".into(),
+            "callback.state_ttl",
+        ),
+        (
+            "[api]\nlisten = \"127.0.0.1:8788\"".into(),
+            "api.token_file",
+        ),
+        (
+            "[api]\nlisten = \"0.0.0.0:8788\"\ntoken_file = \"/t\"".into(),
+            "api.tls_cert_file",
+        ),
+        ("[api]\ntls_cert_file = \"/c\"".into(), "api.tls_key_file"),
+        ("[log]\nlevel = \"verbose\"".into(), "log.level"),
+    ];
+    for (text, key) in cases {
+        let err = Config::from_toml_str(&text).expect_err(&text);
+        let msg = err.to_string();
+        assert!(
+            matches!(err, ConfigError::Invalid { .. }),
+            "{text}\n=> {msg}"
+        );
+        assert!(msg.starts_with(&format!("`{key}`: ")), "{text}\n=> {msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+}
+
+#[test]
+fn valid_edges_are_accepted() {
+    let ok = [
+        "[alerts]\ndigest = \"30 0 8 * * 1-5\"\ndigest_timezone = \"Europe/Berlin\"",
+        "[alerts]\ndigest = \"0 8 * * MON-FRI\"",
+        "[renewal]\nwarn_before = [\"1d\"]\nabsolute_lifetime = \"30d\"",
+        "[renewal]\nprobe_interval = \"0s\"\nretry_min = \"5m\"\nretry_max = \"5m\"",
+        "[acumatica]\nredirect_uri = \"http://localhost:8787/cb\"",
+        "[acumatica]\nredirect_uri = \"http://127.0.0.1:8787/cb\"",
+        "[api]\nlisten = \"127.0.0.1:8788\"\ntoken_file = \"/t\"",
+        "[api]\nlisten = \"[::1]:8788\"\ntoken_file = \"/t\"",
+        "[api]\nlisten = \"0.0.0.0:8788\"\ntoken_file = \"/t\"\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"",
+        "[[alerts.webhooks]]\nname = \"sink\"\nkind = \"generic\"\nurl = \"http://127.0.0.1:9/x\"\nsecret = \"s\"",
+        "[[alerts.webhooks]]\nname = \"sink\"\nkind = \"slack\"\nurl = \"http://localhost:9/x\"\nmin_severity = \"critical\"",
+    ];
+    for text in ok {
+        Config::from_toml_str(text).unwrap_or_else(|e| panic!("{text}\n=> {e}"));
+    }
+    let c = Config::from_toml_str(ok[0]).unwrap();
+    assert_eq!(c.digest_schedule().as_deref(), Some("30 0 8 * * 1-5"));
+    let c = Config::from_toml_str(ok[1]).unwrap();
+    assert_eq!(c.digest_schedule().as_deref(), Some("0 0 8 * * MON-FRI"));
+}
+
+#[test]
+fn private_file_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = write(dir.path(), "key", "k\n", 0o600);
+    check_private_file(&private, "store.key_file").unwrap();
+    let owner_only = write(dir.path(), "key2", "k\n", 0o400);
+    check_private_file(&owner_only, "store.key_file").unwrap();
+
+    for mode in [0o640, 0o604, 0o620, 0o644] {
+        let open = write(dir.path(), &format!("open{mode:o}"), "k\n", mode);
+        let err = check_private_file(&open, "api.token_file").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Permissions { .. }), "{msg}");
+        assert!(msg.contains("`api.token_file`"), "{msg}");
+        assert!(
+            msg.contains(&format!("chmod 600 {}", open.display())),
+            "{msg}"
+        );
+    }
+
+    let err = check_private_file(&dir.path().join("absent"), "store.key_file").unwrap_err();
+    assert!(matches!(err, ConfigError::File { .. }), "{err}");
+}
+
+#[test]
+fn load_checks_every_secret_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = write(dir.path(), "open", "x\n", 0o644);
+    let open = open.display();
+    for (section, key) in [
+        ("[store]", "key_file = \"{p}\""),
+        ("[store]", "previous_key_files = [\"{p}\"]"),
+        ("[api]", "token_file = \"{p}\""),
+        ("[api]", "tls_cert_file = \"/c\"\ntls_key_file = \"{p}\""),
+    ] {
+        let text = format!("{section}\n{}\n", key.replace("{p}", &open.to_string()));
+        let msg = load_err(&text, no_env());
+        assert!(msg.contains("chmod 600"), "{text}\n=> {msg}");
+    }
+}
+
+#[test]
+fn webhook_secret_files_are_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write(
+        dir.path(),
+        "slack.url",
+        "https://hooks.example.com/services/T0/B0/xyz\n",
+        0o600,
+    );
+    let secret = write(dir.path(), "sign.secret", "s3cret\r\n", 0o600);
+    let text = format!(
+        "[[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\nurl_file = \"{}\"\n\
+         [[alerts.webhooks]]\nname = \"pager\"\nkind = \"generic\"\nurl = \"https://p.example/x\"\nsecret_file = \"{}\"\n",
+        url.display(),
+        secret.display()
+    );
+    let c = load_text(&text, no_env()).unwrap().config;
+    let [ops, pager] = &c.alerts.webhooks[..] else {
+        panic!("two webhooks")
+    };
+    assert_eq!(
+        ops.url.as_ref().map(|u| u.expose()),
+        Some("https://hooks.example.com/services/T0/B0/xyz")
+    );
+    assert_eq!(ops.url_file, None);
+    assert_eq!(pager.secret.as_ref().map(|s| s.expose()), Some("s3cret"));
+    assert_eq!(pager.secret_file, None);
+    c.validate().unwrap();
+
+    // The URL in a file obeys the same rules, and the error does not show it.
+    let bad = write(
+        dir.path(),
+        "bad.url",
+        "http://hooks.example.com/T0SECRET\n",
+        0o600,
+    );
+    let text = format!(
+        "[[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\nurl_file = \"{}\"\n",
+        bad.display()
+    );
+    let msg = load_err(&text, no_env());
+    assert!(
+        msg.starts_with("`alerts.webhooks[0].url_file`: must use https"),
+        "{msg}"
+    );
+    assert!(!msg.contains("T0SECRET"), "{msg}");
+
+    let open = write(
+        dir.path(),
+        "open.url",
+        "https://hooks.example.com/x\n",
+        0o644,
+    );
+    let text = format!(
+        "[[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\nurl_file = \"{}\"\n",
+        open.display()
+    );
+    assert!(load_err(&text, no_env()).contains("chmod 600"));
+
+    let empty = write(dir.path(), "empty.url", "\n", 0o600);
+    let text = format!(
+        "[[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\nurl_file = \"{}\"\n",
+        empty.display()
+    );
+    assert!(load_err(&text, no_env()).contains("empty"));
+}
+
+#[test]
+fn masked_output_contains_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write(
+        dir.path(),
+        "u",
+        "https://hooks.example.com/FILESECRET\n",
+        0o600,
+    );
+    let text = format!(
+        "[store]\npath = \"/srv/a.db\"\n\
+         [acumatica]\nredirect_uri = \"https://acutoken.example.com/cb/acumatica\"\n\
+         [[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\nurl_file = \"{}\"\n\
+         [[alerts.webhooks]]\nname = \"pager\"\nkind = \"generic\"\nurl = \"https://p.example/INLINESECRET\"\nsecret = \"SIGNSECRET\"\n",
+        url.display()
+    );
+    let c = load_text(&text, no_env()).unwrap().config;
+    let shown = c.masked_toml();
+    for secret in [
+        "FILESECRET",
+        "INLINESECRET",
+        "SIGNSECRET",
+        "hooks.example.com",
+        "p.example",
+    ] {
+        assert!(!shown.contains(secret), "{secret} shown in:\n{shown}");
+    }
+    assert_eq!(shown.matches("\"***\"").count(), 3, "{shown}");
+    // The effective values are shown, path defaults filled in.
+    let back: toml::Table = toml::from_str(&shown).unwrap();
+    assert_eq!(back["store"]["path"].as_str(), Some("/srv/a.db"));
+    assert_eq!(
+        back["api"]["socket"].as_str(),
+        Some(c.socket_path().to_str().unwrap())
+    );
+    assert_eq!(back["callback"]["path"].as_str(), Some("/cb/acumatica"));
+    assert_eq!(back["renewal"]["lifetime"].as_str(), Some("30days"));
+    assert_eq!(
+        back["alerts"]["webhooks"][1]["name"].as_str(),
+        Some("pager")
+    );
+}
+
+#[test]
+fn derived_paths() {
+    let c = Config::from_toml_str(
+        "[store]\npath = \"/srv/acutoken/a.db\"\n[api]\nsocket = \"/run/x.sock\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.store_path(), PathBuf::from("/srv/acutoken/a.db"));
+    assert_eq!(c.socket_path(), PathBuf::from("/run/x.sock"));
+
+    let c = Config::from_toml_str("[acumatica]\nredirect_uri = \"https://a.example/oauth/cb\"\n")
+        .unwrap();
+    assert_eq!(c.callback_path(), "/oauth/cb");
+    let c = Config::from_toml_str(
+        "[acumatica]\nredirect_uri = \"https://a.example/oauth/cb\"\n[callback]\npath = \"/mine\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.callback_path(), "/mine");
+    assert_eq!(
+        Config::default().callback_path(),
+        "/settings/acumaticacallback"
+    );
+}
+
+#[test]
+fn lookup_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = write(dir.path(), "flag.toml", "[log]\nlevel = \"error\"\n", 0o600);
+    let named = write(dir.path(), "named.toml", "[log]\nlevel = \"warn\"\n", 0o600);
+    let confdir = dir.path().join("conf");
+    fs::create_dir(&confdir).unwrap();
+    let in_dir = write(
+        &confdir,
+        "acutoken.toml",
+        "[log]\nlevel = \"debug\"\n",
+        0o600,
+    );
+    let confdirs = format!("{}:/nonexistent", confdir.display());
+
+    let all = env(&[
+        ("ACUTOKEN_CONFIG", named.to_str().unwrap()),
+        ("CONFIGURATION_DIRECTORY", &confdirs),
+    ]);
+    let loaded = Config::load_with_env(Some(&flag), all.clone()).unwrap();
+    assert_eq!(
+        (loaded.source, loaded.config.log.level.as_str()),
+        (Some(flag.clone()), "error")
+    );
+
+    let loaded = Config::load_with_env(None, all).unwrap();
+    assert_eq!(
+        (loaded.source, loaded.config.log.level.as_str()),
+        (Some(named.clone()), "warn")
+    );
+
+    let loaded =
+        Config::load_with_env(None, env(&[("CONFIGURATION_DIRECTORY", &confdirs)])).unwrap();
+    assert_eq!(
+        (loaded.source, loaded.config.log.level.as_str()),
+        (Some(in_dir), "debug")
+    );
+
+    // An empty configuration directory is skipped, never an error.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let loaded = Config::load_with_env(
+        None,
+        env(&[("CONFIGURATION_DIRECTORY", empty.to_str().unwrap())]),
+    )
+    .unwrap();
+    assert_ne!(loaded.source, Some(empty.join("acutoken.toml")));
+
+    // A file the operator named must exist.
+    let absent = dir.path().join("absent.toml");
+    let err = Config::load_with_env(Some(&absent), no_env()).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Missing { by: "--config", .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&absent.display().to_string()),
+        "{err}"
+    );
+    let err = Config::load_with_env(None, env(&[("ACUTOKEN_CONFIG", absent.to_str().unwrap())]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConfigError::Missing {
+                by: "ACUTOKEN_CONFIG",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    assert_eq!(
+        locate(Some(&absent)),
+        ConfigSource::Named {
+            path: absent.clone(),
+            by: "--config"
+        }
+    );
+}
