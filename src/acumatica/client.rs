@@ -276,11 +276,10 @@ impl TokenClient {
     }
 }
 
-/// The HTTP function handed to oauth2. A named type rather than a closure: a
-/// closure's future is not `Send` for every lifetime oauth2 asks about, and the
-/// engine spawns refreshes on a multi-threaded runtime.
-/// It owns what its futures use, because borrowed fields make the compiler unable
-/// to prove the future `Send` for every lifetime.
+/// The HTTP function handed to oauth2. A named type owning what its futures use,
+/// rather than a closure borrowing it: with borrows the compiler cannot prove the
+/// future `Send` for every lifetime oauth2 asks about, and the engine spawns
+/// refreshes on a multi-threaded runtime.
 struct Transport {
     inner: Arc<Inner>,
     seen: Arc<Mutex<Option<String>>>,
@@ -624,6 +623,15 @@ mod tests {
             .check_destination(&Url::parse("http://127.0.0.1:9/x").unwrap())
             .unwrap_err();
         assert!(e.reason.contains("plain http"), "{}", e.reason);
+    }
+
+    #[test]
+    fn request_futures_are_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let c = client(true);
+        let s = Secret::new("x");
+        assert_send(&c.refresh("127.0.0.1:9", "id", &s, &s));
+        assert_send(&c.exchange_code("127.0.0.1:9", "id", &s, "code", &s, "https://x/cb"));
     }
 
     /// A self-signed CA (P-256, valid until 2126) used only to prove a PEM loads.
