@@ -55,7 +55,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 refresh_token_issued_at,
             };
             // Check everything the arguments say before reading secrets or touching the store.
-            spec.build(&ctx.config, now, false)?;
+            spec.build(&ctx.config, now, refresh_token_file.is_some())?;
             let client_secret = read_secret(
                 client_secret_file.as_deref(),
                 "client secret",
