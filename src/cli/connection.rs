@@ -511,8 +511,10 @@ fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
             e.column()
         )
     })?;
-    let mut problems = Vec::new();
+    // Each problem keeps its record's position so the list reads in file order.
+    let mut problems: Vec<(usize, String)> = Vec::new();
     let mut news = Vec::with_capacity(values.len());
+    let mut positions = Vec::with_capacity(values.len());
     let mut seen = HashSet::new();
     for (i, v) in values.into_iter().enumerate() {
         let pos = i + 1;
@@ -524,7 +526,7 @@ fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
         let rec: Record = match serde_json::from_value(v) {
             Ok(r) => r,
             Err(e) => {
-                problems.push(format!("{label}: {}", scrub(&e.to_string())));
+                problems.push((pos, format!("{label}: {}", scrub(&e.to_string()))));
                 continue;
             }
         };
@@ -543,7 +545,7 @@ fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
         let secret = match rec.client_secret {
             Some(s) if !s.expose().trim().is_empty() => s,
             _ => {
-                problems.push(format!("{label}: client_secret is missing"));
+                problems.push((pos, format!("{label}: client_secret is missing")));
                 continue;
             }
         };
@@ -551,35 +553,40 @@ fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
         match spec.build(&ctx.config, now, rt.is_some()) {
             Ok(conn) => {
                 if !seen.insert(conn.name.clone()) {
-                    problems.push(format!("{label}: the name appears twice in the file"));
+                    problems.push((pos, format!("{label}: the name appears twice in the file")));
                     continue;
                 }
+                positions.push(pos);
                 news.push(NewConnection {
                     conn,
                     client_secret: Some(secret),
                     refresh_token: rt,
                 });
             }
-            Err(e) => problems.push(format!("{label}: {e:#}")),
+            Err(e) => problems.push((pos, format!("{label}: {e:#}"))),
         }
     }
     let path = ctx.config.store_path();
-    if path.exists() && problems.is_empty() {
-        // Names already in the store are named before anything is written.
+    if path.exists() {
+        // Names already in the store are named with the other problems, before
+        // anything is written, so one run lists every record to fix.
         let st = ctx.open_store(Create::No)?;
         let existing: HashSet<String> = st.list()?.into_iter().map(|r| r.conn.name).collect();
-        for (i, n) in news.iter().enumerate() {
+        for (pos, n) in positions.iter().zip(&news) {
             if existing.contains(&n.conn.name) {
-                problems.push(format!(
-                    "record {} (`{}`): a connection by that name already exists",
-                    i + 1,
-                    n.conn.name
+                problems.push((
+                    *pos,
+                    format!(
+                        "record {pos} (`{}`): a connection by that name already exists",
+                        n.conn.name
+                    ),
                 ));
             }
         }
     }
     if !problems.is_empty() {
-        for p in &problems {
+        problems.sort_by_key(|(pos, _)| *pos);
+        for (_, p) in &problems {
             eprintln!("  {p}");
         }
         anyhow::bail!(
