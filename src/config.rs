@@ -641,7 +641,8 @@ impl Config {
 
     /// Loads with `vars` standing in for the process environment: defaults,
     /// then the file, then `ACUTOKEN__SECTION__KEY` variables (lists
-    /// comma-separated). `ACUTOKEN_CONFIG` and `CONFIGURATION_DIRECTORY` are
+    /// comma-separated; `alerts.webhooks` only from the file, being an array
+    /// of tables). `ACUTOKEN_CONFIG` and `CONFIGURATION_DIRECTORY` are
     /// also taken from `vars`. The result is validated, every `*_file` is
     /// checked to be private, and webhook `url_file`/`secret_file` are read
     /// into `url`/`secret` ([`Config::resolve_secrets`]).
@@ -1242,7 +1243,7 @@ fn check_webhook_url(key: &str, raw: &str) -> Result<(), ConfigError> {
 }
 
 /// Returns the six-field form (seconds first) of a 5- or 6-field cron
-/// expression, checked with the parser tokio-cron-scheduler uses.
+/// expression, checked by tokio-cron-scheduler itself.
 fn cron_six_fields(expr: &str) -> Result<String, String> {
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let six = match fields.len() {
@@ -1255,8 +1256,9 @@ fn cron_six_fields(expr: &str) -> Result<String, String> {
             ));
         }
     };
-    tokio_cron_scheduler::JobBuilder::new()
-        .with_schedule(six.as_str())
+    // The same constructor (and so the same parser settings) the digest
+    // schedules with; building a job needs no runtime.
+    tokio_cron_scheduler::Job::new_tz(six.as_str(), chrono_tz::UTC, |_, _| {})
         .map_err(|_| format!("`{expr}` is not a valid cron expression"))?;
     Ok(six)
 }
