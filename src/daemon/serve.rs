@@ -417,8 +417,12 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     notify::notify("STOPPING=1");
     ready.store(false, Ordering::SeqCst);
     shutdown.cancel();
+    // Refreshes and code exchanges asked for through the API and the callback
+    // run inside their handlers: they get the scheduler's bound too, or a
+    // rotated token would be dropped mid-request.
+    let stop_by = tokio::time::Instant::now() + current.serve.shutdown_timeout;
     let _ = sched_task.await;
-    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+    let drained = tokio::time::timeout_at(stop_by + Duration::from_secs(1), async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
