@@ -12,9 +12,14 @@ const TEXT_MAX: usize = 4000;
 pub fn google_chat(msg: &Message) -> Value {
     let n = msg.notices.len().max(1);
     let per = (TEXT_MAX - 300) / n;
-    let mut text = format!("*{}*", clip(&msg.headline(), 300));
+    // A single alert's own heading is the message's heading.
+    let mut text = if msg.is_single() {
+        String::new()
+    } else {
+        format!("*{}*\n\n", clip(&msg.headline(), 300))
+    };
     for notice in &msg.notices {
-        let mut part = format!("\n\n*{}*", notice_headline(notice));
+        let mut part = format!("*{}*", notice_headline(notice));
         for (name, value) in facts_list(notice) {
             part.push_str(&format!("\n{name}: {value}"));
         }
@@ -24,7 +29,9 @@ pub fn google_chat(msg: &Message) -> Value {
             action(notice)
         ));
         text.push_str(&clip(&part, per));
+        text.push_str("\n\n");
     }
+    let mut text = text.trim_end().to_string();
     if msg.omitted() > 0 {
         text.push_str(&format!("\n\n…and {} more", msg.omitted()));
     }
