@@ -29,7 +29,7 @@ pub enum Command {
     },
     /// Add, inspect and change connections
     #[command(subcommand)]
-    Connection(ConnectionCommand),
+    Connection(Box<ConnectionCommand>),
     /// Print a valid access token for a connection
     Token {
         name: String,

@@ -105,7 +105,7 @@ impl Ctx {
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let explicit = cli.config.as_deref();
     match cli.command {
-        Command::Connection(cmd) => connection::run(explicit, cmd).await,
+        Command::Connection(cmd) => connection::run(explicit, *cmd).await,
         Command::Config(ConfigCommand::Check) => {
             let ctx = Ctx::load(explicit)?;
             match &ctx.source {

@@ -151,10 +151,10 @@ pub async fn complete(
     let Some(row) = with_store(store, move |st| st.get_by_id(id)).await? else {
         return Ok(Completion::UnknownState);
     };
-    if let Some(expected) = expect_connection {
-        if expected != row.conn.name {
-            return Ok(Completion::UnknownState);
-        }
+    if let Some(expected) = expect_connection
+        && expected != row.conn.name
+    {
+        return Ok(Completion::UnknownState);
     }
     let secret = with_store(store, move |st| st.secret(id, SecretColumn::ClientSecret)).await?;
     let Some(secret) = secret else {

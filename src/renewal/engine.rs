@@ -593,7 +593,7 @@ impl Engine {
             return Ok(a);
         }
         if row.conn.state.needs_human() || row.conn.state == State::Disabled {
-            return Ok(TokenAnswer::NeedsHuman(row));
+            return Ok(TokenAnswer::NeedsHuman(Box::new(row)));
         }
         let lock = self.lock_for(id);
         let mut last = lock.lock().await;
@@ -606,7 +606,7 @@ impl Engine {
             return Ok(a);
         }
         if !row.conn.state.is_scheduled() {
-            return Ok(TokenAnswer::NeedsHuman(row));
+            return Ok(TokenAnswer::NeedsHuman(Box::new(row)));
         }
         let now = self.clock.now();
         if let Some(prev) = *last {
@@ -629,7 +629,7 @@ impl Engine {
             return Ok(a);
         }
         if row.conn.state.needs_human() || row.conn.state == State::Disabled {
-            return Ok(TokenAnswer::NeedsHuman(row));
+            return Ok(TokenAnswer::NeedsHuman(Box::new(row)));
         }
         Ok(TokenAnswer::Unavailable {
             retry_after: rep
@@ -665,13 +665,13 @@ impl Engine {
         })
         .await?;
         Ok(token.map(|t| {
-            TokenAnswer::Token(IssuedToken {
+            TokenAnswer::Token(Box::new(IssuedToken {
                 access_token: t,
                 token_type: row.token_type.clone().unwrap_or_else(|| "Bearer".into()),
                 expires_at: row.conn.access_expires_at.unwrap_or(now),
                 instance: row.conn.instance.clone(),
                 base_url: self.client().base_url(&row.conn.instance),
-            })
+            }))
         }))
     }
 }
@@ -694,9 +694,9 @@ fn ser_time<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error
 /// What `token` gives.
 #[derive(Debug)]
 pub enum TokenAnswer {
-    Token(IssuedToken),
+    Token(Box<IssuedToken>),
     /// A human must act, or the connection is disabled (API: 409).
-    NeedsHuman(ConnectionRow),
+    NeedsHuman(Box<ConnectionRow>),
     /// Refreshing is failing transiently (API: 503 with Retry-After).
     Unavailable {
         retry_after: Duration,

@@ -283,11 +283,12 @@ impl Scheduler {
                     return Ok(None);
                 };
                 let mut changed = false;
-                if row.conn.state.is_scheduled() && row.claim.is_none() {
-                    if let Some(d) = policy::expired_secret_decision(&row.conn, now) {
-                        d.apply(&mut row.conn);
-                        changed = true;
-                    }
+                if row.conn.state.is_scheduled()
+                    && row.claim.is_none()
+                    && let Some(d) = policy::expired_secret_decision(&row.conn, now)
+                {
+                    d.apply(&mut row.conn);
+                    changed = true;
                 }
                 if row.conn.state.is_scheduled()
                     && row.conn.next_refresh_at.is_none_or(|t| t <= now)
@@ -385,10 +386,10 @@ impl Scheduler {
 
     fn finished(&mut self, id: Uuid, row: Option<ConnectionRow>) {
         self.running.remove(&id);
-        if let Some((inst, _)) = self.meta.get(&id) {
-            if let Some(n) = self.per_instance.get_mut(inst) {
-                *n = n.saturating_sub(1);
-            }
+        if let Some((inst, _)) = self.meta.get(&id)
+            && let Some(n) = self.per_instance.get_mut(inst)
+        {
+            *n = n.saturating_sub(1);
         }
         let now = self.engine.clock().now();
         match row {

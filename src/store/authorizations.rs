@@ -164,7 +164,8 @@ impl Store {
         state_hash: &str,
         now: Timestamp,
     ) -> Result<CallbackLookup, StoreError> {
-        let row: Option<(String, Vec<u8>, String, i64, Option<i64>)> = self
+        type StateRow = (String, Vec<u8>, String, i64, Option<i64>);
+        let row: Option<StateRow> = self
             .db
             .query_row(
                 "SELECT connection_id, pkce_verifier, redirect_uri, expires_at, used_at

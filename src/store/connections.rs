@@ -423,10 +423,10 @@ impl Store {
                 .enumerate()
                 {
                     let v: Option<Vec<u8>> = r.get(i + 1)?;
-                    if let Some(v) = v {
-                        if crate::crypto::sealed_key_id(&v) != Some(primary.as_str()) {
-                            todo.push((id.clone(), col, v));
-                        }
+                    if let Some(v) = v
+                        && crate::crypto::sealed_key_id(&v) != Some(primary.as_str())
+                    {
+                        todo.push((id.clone(), col, v));
                     }
                 }
             }

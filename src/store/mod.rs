@@ -268,8 +268,10 @@ impl Store {
 
 /// Creates an empty file with mode 0600 (its parent 0700 when we create it).
 fn create_file(path: &Path) -> Result<(), StoreError> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.exists()
+    {
+        {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
