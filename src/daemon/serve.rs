@@ -218,10 +218,10 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 let prune = now - last_prune > chrono::Duration::hours(6);
                 let (res, back) = tokio::task::spawn_blocking(move || {
                     let r = st.changed_since(seq);
-                    if prune {
-                        if let Err(e) = st.prune_events(now) {
-                            tracing::warn!(error = %e, "cannot prune old history");
-                        }
+                    if prune
+                        && let Err(e) = st.prune_events(now)
+                    {
+                        tracing::warn!(error = %e, "cannot prune old history");
                     }
                     (r, st)
                 })
@@ -382,10 +382,10 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                             global: new.renewal.max_concurrent,
                             per_instance: new.renewal.per_instance_concurrent,
                         }).await;
-                        if let Some(l) = &level {
-                            if let Err(e) = l.set(&new.log.level) {
-                                tracing::warn!(error = %e, "cannot change the log level");
-                            }
+                        if let Some(l) = &level
+                            && let Err(e) = l.set(&new.log.level)
+                        {
+                            tracing::warn!(error = %e, "cannot change the log level");
                         }
                         if let Ok(t) = read_api_tokens(&new) {
                             *tokens.write().unwrap_or_else(|e| e.into_inner()) = t;
