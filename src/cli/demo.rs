@@ -19,7 +19,11 @@ use crate::store::connections::{self, NewConnection, SecretColumn};
 use crate::store::{Create, Store, events};
 
 fn say(msg: &str) {
-    println!("\x1b[1mdemo:\x1b[0m {msg}");
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("\x1b[1mdemo:\x1b[0m {msg}");
+    } else {
+        println!("demo: {msg}");
+    }
 }
 
 fn demo_config(dir: &std::path::Path, webhook: Option<String>) -> anyhow::Result<Config> {
