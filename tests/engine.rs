@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use acutoken::acumatica::TokenClient;
-use acutoken::clock::{self, Clock, SharedClock};
+use acutoken::clock::{self, SharedClock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring};
 use acutoken::model::{Connection, DeadlineSource, Mode, State, Timestamp};
