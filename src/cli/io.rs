@@ -18,7 +18,7 @@ pub fn read_secret(file: Option<&Path>, what: &str, flag: &str) -> anyhow::Resul
             let f = std::fs::File::open(p)
                 .with_context(|| format!("cannot read {what} from {}", p.display()))?;
             let mut s = String::new();
-            f.take(MAX_SECRET)
+            f.take(MAX_SECRET + 1)
                 .read_to_string(&mut s)
                 .with_context(|| format!("{} does not hold text", p.display()))?;
             s
@@ -30,12 +30,20 @@ pub fn read_secret(file: Option<&Path>, what: &str, flag: &str) -> anyhow::Resul
         None => {
             let mut s = String::new();
             std::io::stdin()
-                .take(MAX_SECRET)
+                .take(MAX_SECRET + 1)
                 .read_to_string(&mut s)
                 .with_context(|| format!("cannot read {what} from stdin"))?;
             s
         }
     };
+    // Reading one byte past the limit tells a huge input from one that fits,
+    // so it is refused instead of silently stored cut short.
+    if text.len() as u64 > MAX_SECRET {
+        anyhow::bail!(
+            "{what} is longer than {} KiB: give the value alone",
+            MAX_SECRET / 1024
+        );
+    }
     let trimmed = text
         .strip_suffix("\r\n")
         .or_else(|| text.strip_suffix('\n'))
