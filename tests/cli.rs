@@ -578,6 +578,28 @@ fn an_empty_secret_on_stdin_is_refused_and_nothing_is_created() {
 }
 
 #[test]
+fn an_oversized_secret_is_refused_not_cut_short() {
+    let w = world_with_acme();
+    let before = w.snapshot();
+    let huge = "S".repeat(70_000);
+    let file = w.write_file("huge.txt", &huge, 0o600);
+    let out = w.run(
+        &[
+            "connection",
+            "set-secret",
+            "acme",
+            "--client-secret-file",
+            file.to_str().unwrap(),
+        ],
+        Input::Null,
+    );
+    assert!(out.one_error().contains("longer than"), "{out:#?}");
+    let out = w.add("big", "b.example.com", "X@Y", &[], &huge);
+    assert!(out.one_error().contains("longer than"), "{out:#?}");
+    assert_eq!(w.snapshot(), before);
+}
+
+#[test]
 fn commands_on_a_missing_store_say_where_they_looked_and_create_nothing() {
     let w = World::new();
     let key = w.path().join("new.key");
