@@ -186,6 +186,11 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 )?;
                 if expires.is_some() {
                     row.conn.secret_expires_at = expires;
+                } else if row.conn.secret_expires_at.is_some_and(|e| e <= now) {
+                    // A passed Expires On belongs to the old secret (a new one with
+                    // a passed date is refused above); kept, it would put the
+                    // connection straight back into needs_secret.
+                    row.conn.secret_expires_at = None;
                 }
                 if row.conn.state == State::NeedsSecret {
                     planning::resume(&mut row, &policy, now);
