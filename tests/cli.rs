@@ -1103,6 +1103,47 @@ fn set_secret_clears_needs_secret() {
 }
 
 #[test]
+fn set_secret_drops_an_expires_on_date_that_has_passed() {
+    let w = World::new();
+    let rt = w.write_file("rt.txt", "RT-exp\n", 0o600);
+    let out = w.add(
+        "exp",
+        "e.example.com",
+        "X@Y",
+        &[
+            "--refresh-token-file",
+            rt.to_str().unwrap(),
+            "--secret-expires",
+            "2020-01-01",
+        ],
+        "CS-old\n",
+    );
+    assert!(out.ok().stdout.contains("state needs_secret"), "{out:#?}");
+    w.run(
+        &["connection", "set-secret", "exp"],
+        Input::Text("CS-new\n"),
+    )
+    .ok();
+    let c = w.show("exp");
+    assert_eq!(c["state"], "active");
+    // Kept, the old date would send the daemon straight back to needs_secret.
+    assert_eq!(c["secret_expires_at"], Value::Null, "{c}");
+
+    // A date that has not passed may be the new secret's too: it stays.
+    w.run(
+        &["connection", "set", "exp", "--secret-expires", "2040-01-01"],
+        Input::Null,
+    )
+    .ok();
+    w.run(
+        &["connection", "set-secret", "exp"],
+        Input::Text("CS-newer\n"),
+    )
+    .ok();
+    assert_eq!(w.show("exp")["secret_expires_at"], "2040-01-01T00:00:00Z");
+}
+
+#[test]
 fn disable_enable_and_remove() {
     let w = World::new();
     let rt = w.write_file("rt.txt", "RT-de\n", 0o600);
