@@ -52,6 +52,12 @@ fn from_engine(e: EngineError) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
         }
+        EngineError::Stopping => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, EngineError::Stopping.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            r
+        }
     }
 }
 

@@ -88,6 +88,12 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     };
     // A core dump would hold decrypted tokens.
     let _ = nix::sys::prctl::set_dumpable(false);
+    // Before anything is claimed or READY=1 is sent: until these exist, SIGTERM
+    // and SIGHUP (whose default is to terminate) would kill the process outright,
+    // dropping a refresh in flight. Signals that arrive early wait in the streams.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
     let path = config.store_path();
     let keys = store::resolve_keyring(&config, &path, false);
@@ -363,9 +369,6 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     notify::notify("READY=1");
     tracing::info!(store = %path.display(), socket = %socket.display(), connections = scheduled, lock = %lock.path().display(), "acutoken is ready");
 
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut current = config;
     loop {
         tokio::select! {
@@ -416,6 +419,9 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
 
     notify::notify("STOPPING=1");
     ready.store(false, Ordering::SeqCst);
+    // No new claims from here on (scheduler, API, callback); what is in flight
+    // finishes and saves.
+    engine.stop_claims();
     shutdown.cancel();
     // Refreshes and code exchanges asked for through the API and the callback
     // run inside their handlers: they get the scheduler's bound too, or a

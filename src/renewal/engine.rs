@@ -72,6 +72,9 @@ pub enum EngineError {
         "a rotated refresh token could not be saved yet ({0}); it is kept in memory and spilled, and the save is retried"
     )]
     Unsaved(String),
+    /// The daemon is stopping and makes no new claims: ask again after it restarts.
+    #[error("acutoken is stopping and starts no new refresh")]
+    Stopping,
 }
 
 /// An outcome the store has not accepted yet (invariant 2).
@@ -124,6 +127,7 @@ pub struct Engine {
     spill_dir: Option<PathBuf>,
     pending: Mutex<HashMap<Uuid, PendingSave>>,
     blocked: AtomicBool,
+    stopping: AtomicBool,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Option<Timestamp>>>>>,
     hooks: Arc<dyn Hooks>,
 }
@@ -151,6 +155,7 @@ impl Engine {
             spill_dir,
             pending: Mutex::new(HashMap::new()),
             blocked: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             locks: Mutex::new(HashMap::new()),
             hooks,
         }
@@ -189,6 +194,11 @@ impl Engine {
         *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
     }
 
+    /// Shutdown: no new claims from now on; refreshes in flight finish and save.
+    pub fn stop_claims(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
     /// True while a rotated token waits to be saved: no refresh may start.
     pub fn is_blocked(&self) -> bool {
         self.blocked.load(Ordering::SeqCst)
@@ -225,6 +235,9 @@ impl Engine {
     }
 
     async fn refresh_locked(&self, id: Uuid) -> Result<RefreshReport, EngineError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(EngineError::Stopping);
+        }
         if self.is_blocked() {
             return Err(EngineError::Unsaved(
                 "another connection's rotated token is not saved yet".into(),
