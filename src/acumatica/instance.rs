@@ -17,6 +17,8 @@ pub enum InstanceError {
     )]
     Empty,
     /// Blanks or control characters inside the address: it is not one URL.
+    /// The input is shown with control characters escaped, so a pasted
+    /// escape sequence cannot reach the terminal.
     #[error(
         "the instance URL `{0}` contains blanks or control characters: paste one address, e.g. https://acme.acumatica.com"
     )]
@@ -85,7 +87,9 @@ pub fn normalize(input: &str) -> Result<String, InstanceError> {
         return Err(InstanceError::Empty);
     }
     if trimmed.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(InstanceError::Whitespace(trimmed.to_string()));
+        return Err(InstanceError::Whitespace(
+            trimmed.escape_debug().to_string(),
+        ));
     }
 
     let rest = strip_scheme(trimmed)?;
@@ -439,6 +443,9 @@ mod tests {
             normalize("https://acme.acumatica.com/Main?ScreenId=1 2"),
             Err(InstanceError::Whitespace(_))
         ));
+        let shown = normalize("acme\u{1b}[2J.com").unwrap_err().to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("acme\\u{1b}[2J.com"), "{shown}");
         assert_eq!(
             normalize("ftp://acme.acumatica.com"),
             Err(InstanceError::Scheme {
