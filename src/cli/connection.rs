@@ -342,12 +342,12 @@ fn show(st: &Store, row: &ConnectionRow, now: Timestamp) -> anyhow::Result<()> {
         vec!["mode".into(), c.mode.to_string()],
         vec![
             "lifetime".into(),
-            humantime::format_duration(c.lifetime).to_string(),
+            crate::model::fmt_duration(c.lifetime),
         ],
         vec![
             "absolute_lifetime".into(),
             c.absolute_lifetime
-                .map(|d| humantime::format_duration(d).to_string())
+                .map(|d| crate::model::fmt_duration(d))
                 .unwrap_or_else(|| "none".into()),
         ],
         vec!["secret_expires_at".into(), t(c.secret_expires_at)],
@@ -478,15 +478,17 @@ impl Spec {
     }
 }
 
-/// One record of `connection import`.
+/// One record of `connection import`. The secrets are read as any JSON value
+/// so that a mistyped one (a number, an object) is refused without serde
+/// quoting it in the error.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record {
     name: String,
     instance: String,
     client_id: String,
-    client_secret: Option<Secret>,
-    refresh_token: Option<Secret>,
+    client_secret: Option<serde_json::Value>,
+    refresh_token: Option<serde_json::Value>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     secret_expires_at: Option<String>,
@@ -497,41 +499,56 @@ struct Record {
     absolute_lifetime: Option<String>,
 }
 
-fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
-    let meta =
-        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        eprintln!(
-            "warning: {} holds secrets and is readable by group or others: `chmod 600` it, or delete it after the import",
-            file.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a JSON array of connection objects (line {}, column {}): nothing imported",
-            file.display(),
-            e.line(),
-            e.column()
-        )
+/// The records of an import file that passed every check, and what is wrong
+/// with the others.
+pub struct ParsedImport {
+    /// Valid records with their 1-based position in the file, in file order.
+    pub records: Vec<(usize, NewConnection)>,
+    /// `(position, message)` for each invalid record; messages are one line,
+    /// free of control characters, and never quote a secret.
+    pub problems: Vec<(usize, String)>,
+}
+
+/// The file is not a JSON array of objects at all: nothing can be imported.
+/// The caller shows the position and asks for a fixed file.
+#[derive(Debug, thiserror::Error)]
+#[error("not a JSON array of connection objects (line {line}, column {column})")]
+pub struct ImportSyntax {
+    /// 1-based line of the first syntax error.
+    pub line: usize,
+    /// 1-based column of the first syntax error.
+    pub column: usize,
+}
+
+/// Parses and checks the text of a `connection import` file against `config`'s
+/// defaults at `now`, without touching a store. Duplicate names within the file
+/// are problems; names already in a store are the caller's to check.
+pub fn parse_import(
+    text: &str,
+    config: &Config,
+    now: Timestamp,
+) -> Result<ParsedImport, ImportSyntax> {
+    let values: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| ImportSyntax {
+        line: e.line(),
+        column: e.column(),
     })?;
-    // Each problem keeps its record's position so the list reads in file order.
     let mut problems: Vec<(usize, String)> = Vec::new();
-    let mut news = Vec::with_capacity(values.len());
-    let mut positions = Vec::with_capacity(values.len());
+    let mut records = Vec::with_capacity(values.len());
     let mut seen = HashSet::new();
     for (i, v) in values.into_iter().enumerate() {
         let pos = i + 1;
         let label = v
             .get("name")
             .and_then(|n| n.as_str())
-            .map(|n| format!("record {pos} (`{n}`)"))
+            .map(|n| format!("record {pos} (`{}`)", printable(n)))
             .unwrap_or_else(|| format!("record {pos}"));
         let rec: Record = match serde_json::from_value(v) {
             Ok(r) => r,
             Err(e) => {
-                problems.push((pos, format!("{label}: {}", scrub(&e.to_string()))));
+                problems.push((
+                    pos,
+                    format!("{label}: {}", printable(&scrub(&e.to_string()))),
+                ));
                 continue;
             }
         };
@@ -547,30 +564,89 @@ fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
             grant_issued_at: rec.grant_issued_at,
             refresh_token_issued_at: rec.refresh_token_issued_at,
         };
-        let secret = match rec.client_secret {
-            Some(s) if !s.expose().trim().is_empty() => s,
-            _ => {
+        let secret = match secret_field(rec.client_secret, "client_secret") {
+            Ok(Some(s)) => s,
+            Ok(None) => {
                 problems.push((pos, format!("{label}: client_secret is missing")));
                 continue;
             }
+            Err(e) => {
+                problems.push((pos, format!("{label}: {e}")));
+                continue;
+            }
         };
-        let rt = rec.refresh_token.filter(|t| !t.expose().trim().is_empty());
-        match spec.build(&ctx.config, now, rt.is_some()) {
+        let rt = match secret_field(rec.refresh_token, "refresh_token") {
+            Ok(rt) => rt,
+            Err(e) => {
+                problems.push((pos, format!("{label}: {e}")));
+                continue;
+            }
+        };
+        match spec.build(config, now, rt.is_some()) {
             Ok(conn) => {
                 if !seen.insert(conn.name.clone()) {
                     problems.push((pos, format!("{label}: the name appears twice in the file")));
                     continue;
                 }
-                positions.push(pos);
-                news.push(NewConnection {
-                    conn,
-                    client_secret: Some(secret),
-                    refresh_token: rt,
-                });
+                records.push((
+                    pos,
+                    NewConnection {
+                        conn,
+                        client_secret: Some(secret),
+                        refresh_token: rt,
+                    },
+                ));
             }
-            Err(e) => problems.push((pos, format!("{label}: {e:#}"))),
+            Err(e) => problems.push((pos, format!("{label}: {}", printable(&format!("{e:#}"))))),
         }
     }
+    Ok(ParsedImport { records, problems })
+}
+
+/// A secret field: a non-blank string, or absent (`null` and blank count as
+/// absent). Any other JSON type is refused without showing the value.
+fn secret_field(v: Option<serde_json::Value>, field: &str) -> Result<Option<Secret>, String> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(Secret::new(s))),
+        Some(_) => Err(format!("{field} must be a string")),
+    }
+}
+
+/// Escapes control characters so one record's text cannot break the listing
+/// into lines or send escape sequences to the terminal.
+fn printable(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        s.to_string()
+    }
+}
+
+fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
+    let meta =
+        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "warning: {} holds secrets and is readable by group or others: `chmod 600` it, or delete it after the import",
+            file.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let parsed = parse_import(&text, &ctx.config, now)
+        .map_err(|e| anyhow::anyhow!("{} is {e}: nothing imported", file.display()))?;
+    let mut problems = parsed.problems;
+    let (positions, news): (Vec<usize>, Vec<NewConnection>) = parsed.records.into_iter().unzip();
     let path = ctx.config.store_path();
     if path.exists() {
         // Names already in the store are named with the other problems, before
@@ -778,4 +854,70 @@ fn set(
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> Timestamp {
+        chrono::DateTime::from_timestamp(1_780_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_refused_without_being_shown() {
+        let text = r#"[{"name":"a","instance":"a.com","client_id":"X@T","client_secret":987654321},
+                       {"name":"b","instance":"b.com","client_id":"X@T","client_secret":"s","refresh_token":[4242424242]}]"#;
+        let p = parse_import(text, &Config::default(), now()).unwrap();
+        assert!(p.records.is_empty());
+        assert_eq!(
+            p.problems,
+            vec![
+                (
+                    1,
+                    "record 1 (`a`): client_secret must be a string".to_string()
+                ),
+                (
+                    2,
+                    "record 2 (`b`): refresh_token must be a string".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn problems_are_one_line_without_control_characters() {
+        let text = r#"[{"name":"x\u001b[2J\ny","instance":"a\tb.com","client_id":"X@T","client_secret":"s"},
+                       {"name":"ok","instance":"c\u0007.com","client_id":"X@T","client_secret":"s"}]"#;
+        let p = parse_import(text, &Config::default(), now()).unwrap();
+        assert_eq!(p.problems.len(), 2);
+        for (_, m) in &p.problems {
+            assert!(!m.chars().any(char::is_control), "{m:?}");
+        }
+        assert!(
+            p.problems[0].1.starts_with("record 1 (`x\\u{1b}[2J\\ny`)"),
+            "{:?}",
+            p.problems[0].1
+        );
+    }
+
+    #[test]
+    fn good_records_keep_their_positions_and_blank_tokens_count_as_absent() {
+        let text = r#"[{"name":"a","instance":"https://a.com/Main","client_id":"X@T","client_secret":"s","refresh_token":"  "},
+                       {"name":"a","instance":"b.com","client_id":"X@T","client_secret":"s"},
+                       {"name":"c","instance":"c.com","client_id":"X@T","client_secret":"s","refresh_token":"rt"}]"#;
+        let p = parse_import(text, &Config::default(), now()).unwrap();
+        let pos: Vec<usize> = p.records.iter().map(|(i, _)| *i).collect();
+        assert_eq!(pos, [1, 3]);
+        assert!(p.records[0].1.refresh_token.is_none());
+        assert_eq!(p.records[0].1.conn.instance, "a.com");
+        assert_eq!(
+            p.problems,
+            vec![(
+                2,
+                "record 2 (`a`): the name appears twice in the file".to_string()
+            )]
+        );
+        assert!(parse_import("{}", &Config::default(), now()).is_err());
+    }
 }
