@@ -93,7 +93,7 @@ pub struct RenewalConfig {
     /// Default mode for new connections.
     pub mode: Mode,
     /// Default refresh-token lifetime for new connections.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub lifetime: Duration,
     /// `"none"` = no cap.
     #[serde(with = "optional_duration")]
@@ -101,32 +101,32 @@ pub struct RenewalConfig {
     /// Sliding: refresh when this fraction of the lifetime has passed.
     pub renew_at: f64,
     /// Refresh at least this often; zero = off.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub probe_interval: Duration,
     /// At most this much earlier, at random (capped at 10 % of the lifetime).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub jitter: Duration,
     /// Smallest backoff after a transient failure.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub retry_min: Duration,
     /// Largest backoff after a transient failure.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub retry_max: Duration,
     /// Refreshes in flight at once, in total.
     pub max_concurrent: usize,
     /// Refreshes in flight at once against one instance.
     pub per_instance_concurrent: usize,
     /// Whole-request timeout of a token request.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub http_timeout: Duration,
     /// `token` refreshes when less than this is left.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub access_token_margin: Duration,
     /// `expiry_approaching` points before a deadline.
     #[serde(with = "duration_list")]
     pub warn_before: Vec<Duration>,
     /// `secret_expiring` point before a secret's Expires On.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub secret_warn_before: Duration,
 }
 
@@ -221,23 +221,23 @@ fn default_min_severity() -> Severity {
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
     /// Re-send a still-firing alert this often.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub repeat_interval: Duration,
     /// Send `resolved` when a condition clears.
     pub send_resolved: bool,
     /// Alerts raised within this window go out together.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub group_wait: Duration,
     /// At most one message per channel and kind this often.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub group_interval: Duration,
     /// A larger group lists this many and a count.
     pub group_max: usize,
     /// Smallest webhook delivery backoff.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub retry_min: Duration,
     /// Largest webhook delivery backoff.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub retry_max: Duration,
     /// Cron expression of the digest (5 fields, or 6 with leading seconds).
     pub digest: Option<String>,
@@ -291,7 +291,7 @@ pub struct CallbackConfig {
     /// `None` = the path of `acumatica.redirect_uri`, else `/settings/acumaticacallback`.
     pub path: Option<String>,
     /// How long an authorization link stays valid.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub state_ttl: Duration,
 }
 
@@ -318,7 +318,7 @@ pub struct MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     /// How long refreshes in flight may take to finish at shutdown.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::model::dur")]
     pub shutdown_timeout: Duration,
 }
 
@@ -898,8 +898,8 @@ impl Config {
                 "renewal.absolute_lifetime",
                 format!(
                     "must be at least renewal.lifetime ({}), or \"none\" (is {})",
-                    humantime::format_duration(r.lifetime),
-                    humantime::format_duration(cap)
+                    crate::model::fmt_duration(r.lifetime),
+                    crate::model::fmt_duration(cap)
                 ),
             ));
         }
@@ -921,8 +921,8 @@ impl Config {
                 "serve.shutdown_timeout",
                 format!(
                     "must exceed renewal.http_timeout ({}) so refreshes in flight can be saved (is {})",
-                    humantime::format_duration(r.http_timeout),
-                    humantime::format_duration(self.serve.shutdown_timeout)
+                    crate::model::fmt_duration(r.http_timeout),
+                    crate::model::fmt_duration(self.serve.shutdown_timeout)
                 ),
             ));
         }
@@ -1211,8 +1211,8 @@ fn check_backoff(section: &str, min: Duration, max: Duration) -> Result<(), Conf
             format!("{section}.retry_max"),
             format!(
                 "must be at least {section}.retry_min ({}) (is {})",
-                humantime::format_duration(min),
-                humantime::format_duration(max)
+                crate::model::fmt_duration(min),
+                crate::model::fmt_duration(max)
             ),
         ));
     }
@@ -1312,7 +1312,7 @@ mod optional_duration {
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            Some(d) => s.serialize_str(&crate::model::fmt_duration(*d)),
             None => s.serialize_str("none"),
         }
     }
@@ -1338,7 +1338,7 @@ mod duration_list {
     pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(v.len()))?;
         for d in v {
-            seq.serialize_element(&humantime::format_duration(*d).to_string())?;
+            seq.serialize_element(&crate::model::fmt_duration(*d))?;
         }
         seq.end()
     }

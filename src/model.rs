@@ -182,10 +182,10 @@ pub struct Connection {
     pub client_id: String,
     pub labels: BTreeMap<String, String>,
     pub mode: Mode,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "dur")]
     pub lifetime: Duration,
     /// Sliding only; `None` = no cap.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "opt_dur")]
     pub absolute_lifetime: Option<Duration>,
     pub secret_expires_at: Option<Timestamp>,
     pub grant_issued_at: Option<Timestamp>,
@@ -257,7 +257,70 @@ pub fn parse_time(s: &str) -> Result<Timestamp, String> {
 
 /// Parses a humantime duration (`30d`, `6h`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration such as 30d or 6h: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration such as 30d or 6h: {e}"))
+}
+
+/// Formats a duration the way people write them: `30d`, `6h`, `1d 12h`, `90s`.
+/// Parses back with humantime (unlike humantime's own output, which turns
+/// `90d` into months and fractions of days).
+pub fn fmt_duration(d: Duration) -> String {
+    let mut secs = d.as_secs();
+    let millis = d.subsec_millis();
+    if secs == 0 && millis == 0 {
+        return "0s".into();
+    }
+    let mut parts = Vec::new();
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            parts.push(format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    if millis > 0 {
+        parts.push(format!("{millis}ms"));
+    }
+    parts.join(" ")
+}
+
+/// Serde for a `Duration` as a humantime string, written with [`fmt_duration`].
+pub mod dur {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::fmt_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration such as 30d or 6h: {e}")))
+    }
+}
+
+/// Serde for an `Option<Duration>`: a humantime string or `null`.
+pub mod opt_dur {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::fmt_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = Option::<String>::deserialize(d)?;
+        s.map(|s| {
+            humantime::parse_duration(s.trim())
+                .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration: {e}")))
+        })
+        .transpose()
+    }
 }
 
 /// Formats a time as DESIGN wants it: RFC 3339 UTC with a `Z`.
@@ -273,7 +336,10 @@ mod tests {
     fn state_names_round_trip() {
         for s in State::ALL {
             assert_eq!(s.as_str().parse::<State>().unwrap(), s);
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
         }
     }
 
@@ -287,12 +353,24 @@ mod tests {
 
     #[test]
     fn dates_mean_midnight_utc() {
-        assert_eq!(fmt_time(parse_date("2026-12-01").unwrap()), "2026-12-01T00:00:00Z");
+        assert_eq!(
+            fmt_time(parse_date("2026-12-01").unwrap()),
+            "2026-12-01T00:00:00Z"
+        );
         assert_eq!(
             fmt_time(parse_date("2026-12-01T10:00:00+02:00").unwrap()),
             "2026-12-01T08:00:00Z"
         );
         assert!(parse_date("12/01/2026").is_err());
+    }
+
+    #[test]
+    fn durations_print_as_people_write_them_and_parse_back() {
+        for (secs, text) in [(30 * 86400, "30d"), (90 * 86400, "90d"), (6 * 3600, "6h"), (129_600, "1d 12h"), (90, "1m 30s"), (0, "0s")] {
+            let d = Duration::from_secs(secs);
+            assert_eq!(fmt_duration(d), text);
+            assert_eq!(humantime::parse_duration(text).unwrap(), d);
+        }
     }
 
     #[test]

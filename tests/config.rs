@@ -567,7 +567,7 @@ fn masked_output_contains_no_secret() {
         Some(c.socket_path().to_str().unwrap())
     );
     assert_eq!(back["callback"]["path"].as_str(), Some("/cb/acumatica"));
-    assert_eq!(back["renewal"]["lifetime"].as_str(), Some("30days"));
+    assert_eq!(back["renewal"]["lifetime"].as_str(), Some("30d"));
     assert_eq!(
         back["alerts"]["webhooks"][1]["name"].as_str(),
         Some("pager")

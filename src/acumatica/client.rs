@@ -422,7 +422,7 @@ impl Inner {
             return TokenError::transient(
                 format!(
                     "no answer from {host} within {}; the request may have been received",
-                    humantime::format_duration(self.settings.timeout)
+                    crate::model::fmt_duration(self.settings.timeout)
                 ),
                 true,
             );

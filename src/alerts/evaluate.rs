@@ -196,7 +196,7 @@ mod tests {
             kinds(&w),
             [(AlertKind::ExpiryApproaching, Severity::Warning)]
         );
-        assert!(w[0].summary.contains("3days"));
+        assert!(w[0].summary.contains("3d"), "{}", w[0].summary);
         assert_eq!(next_change(&r, &p, t(28, 1)), Some(t(30, 0)));
         let c = desired(&r, &p, t(30, 1));
         assert_eq!(

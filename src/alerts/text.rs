@@ -22,7 +22,7 @@ pub(crate) fn clip(s: &str, max: usize) -> String {
 }
 
 fn human(d: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    crate::model::fmt_duration(Duration::from_secs(d.as_secs()))
 }
 
 fn base(row: &ConnectionRow, kind: AlertKind, severity: Severity) -> AlertFacts {

@@ -373,7 +373,7 @@ fn record(store: &mut Store, a: &AlertsConfig, batch: &Batch, outcome: &Outcome,
                 alert.kind = batch.kind.as_str(),
                 failures,
                 "alert delivery failed ({error}); next attempt in {}",
-                humantime::format_duration(Duration::from_secs(delay.as_secs().max(1)))
+                crate::model::fmt_duration(Duration::from_secs(delay.as_secs().max(1)))
             );
             store.write(|tx, _| outbox::record_failure(tx, name, error, add(now, delay), now))
         }

@@ -88,12 +88,15 @@ pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
     if left != 0 {
         anyhow::bail!("{left} values are still sealed under an old key; run the rotation again");
     }
+    // From now on only the new key opens the store: a command still using the
+    // old one is refused instead of sealing values the new key cannot open.
+    st.retire_keys_except(&new)?;
     println!(
         "re-sealed {done} values under key {}; nothing sealed under an old key remains.",
         new.id()
     );
     println!(
-        "next: point store.key_file (or the systemd credential) at {}; the old key is no longer needed once every backup made before now is retired",
+        "next: make {} the key acutoken finds (store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store); the old key no longer opens the store: keep it only to read backups made before now",
         new_key_file.display()
     );
     Ok(0)

@@ -55,7 +55,12 @@ pub fn resolve_keyring(
         });
     }
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|error| StoreError::Io {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|error| StoreError::Io {
             what: "cannot create the directory",
             path: dir.to_path_buf(),
             error,
@@ -157,6 +162,14 @@ impl Store {
     /// Registers `key` as a key of this store (key rotation); it then opens the store.
     pub fn register_key(&self, key: &Key) -> Result<(), StoreError> {
         add_key(self, key)
+    }
+
+    /// Forgets every key but `keep`: after a rotation left nothing sealed under
+    /// them, an old key must no longer open (and so seal into) this store.
+    pub fn retire_keys_except(&self, keep: &Key) -> Result<usize, StoreError> {
+        Ok(self
+            .db
+            .execute("DELETE FROM keys WHERE key_id <> ?1", [keep.id()])?)
     }
 
     /// Replaces the keyring (after rotation re-sealed everything under a new key).
