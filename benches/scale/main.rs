@@ -1,0 +1,198 @@
+//! acutoken's scale and speed benchmarks (issue 6). Run through `benches/run`,
+//! which builds the release binary and the tools, or directly:
+//!
+//! ```text
+//! cargo bench --bench scale -- <command> [args]
+//! ```
+//!
+//! Every figure is printed as one JSON line per run (and appended to
+//! `$BENCH_DIR/results.jsonl`), then as medians. Nothing here asserts a
+//! timing: the figures go into BENCHMARKS.md.
+
+mod daemon;
+mod fixture;
+mod load;
+mod renewal;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+const USAGE: &str = "usage: scale <command> [args]
+  gen N FILE                       write an import file of N connections
+  serve N [RUNS] [IDLE_SECS]       start to READY=1, RSS, idle CPU, SIGHUP reload
+  token N [RUNS] [SECS]            token path with oha at 1, 8, 64 clients, and nginx
+  catchup [BACKLOG] [SITES] [LATENCY_MS] [RUNS]
+  lateness N [DUE] [WINDOW_SECS] [RUNS]
+  cost N [REFRESHES] [RUNS]
+env: ACUTOKEN_BIN (default target/release/acutoken), BENCH_DIR (default target/bench),
+     OHA, NGINX";
+
+/// Milliseconds of `d`, as figures are reported.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Collected figures: one row per run, medians at the end.
+#[derive(Default)]
+pub struct Report {
+    rows: BTreeMap<(String, usize), Vec<Vec<(String, f64)>>>,
+}
+
+impl Report {
+    /// Records and prints one run's figures.
+    pub fn row(&mut self, bench: &str, n: usize, run: usize, fields: &[(&str, f64)]) {
+        let mut obj = serde_json::Map::new();
+        obj.insert("bench".into(), bench.into());
+        obj.insert("n".into(), n.into());
+        obj.insert("run".into(), run.into());
+        for (k, v) in fields {
+            obj.insert((*k).into(), round(*v).into());
+        }
+        let line = serde_json::Value::Object(obj).to_string();
+        println!("{line}");
+        let path = fixture::work_root().join("results.jsonl");
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+        self.rows
+            .entry((bench.to_string(), n))
+            .or_default()
+            .push(fields.iter().map(|(k, v)| (k.to_string(), *v)).collect());
+    }
+
+    /// Prints the median of every figure over the runs.
+    pub fn medians(&self) {
+        for ((bench, n), runs) in &self.rows {
+            let Some(first) = runs.first() else { continue };
+            let mut parts = Vec::new();
+            for (i, (k, _)) in first.iter().enumerate() {
+                let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i)).map(|x| x.1).collect();
+                v.sort_by(f64::total_cmp);
+                let m = if v.len() % 2 == 1 {
+                    v[v.len() / 2]
+                } else {
+                    (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+                };
+                parts.push(format!("{k}={}", round(m)));
+            }
+            println!(
+                "median {bench} n={n} runs={}: {}",
+                runs.len(),
+                parts.join(" ")
+            );
+        }
+    }
+}
+
+fn round(v: f64) -> f64 {
+    if v.abs() >= 100.0 {
+        (v * 10.0).round() / 10.0
+    } else {
+        (v * 1000.0).round() / 1000.0
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> anyhow::Result<T> {
+    match args.get(i) {
+        None => Ok(default),
+        Some(s) => s
+            .replace('_', "")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("`{s}` is not a number\n{USAGE}")),
+    }
+}
+
+/// Writes an import file of `n` records like those `serve` benchmarks use.
+fn gen_import(n: usize, file: &str) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    let f = std::fs::File::create(file).with_context(|| format!("cannot create {file}"))?;
+    let mut w = std::io::BufWriter::new(f);
+    w.write_all(b"[\n")?;
+    for i in 0..n {
+        let s = fixture::idle_spec(i, n, now);
+        let rec = serde_json::json!({
+            "name": s.name,
+            "instance": format!("https://{}", s.instance),
+            "client_id": s.client_id,
+            "client_secret": s.client_secret,
+            "refresh_token": s.refresh_token,
+            "grant_issued_at": acutoken::model::fmt_time(s.grant_issued_at),
+            "labels": { "customer": format!("Customer {}", i / 3) },
+        });
+        serde_json::to_writer(&mut w, &rec)?;
+        w.write_all(if i + 1 < n { b",\n" } else { b"\n" })?;
+    }
+    w.write_all(b"]\n")?;
+    w.flush()?;
+    // It holds secrets, as a real import file does; import warns otherwise.
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; the commands take none of their own.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let Some(cmd) = args.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    std::fs::create_dir_all(fixture::work_root())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut report = Report::default();
+    match cmd.as_str() {
+        "gen" => {
+            let n = arg(&args, 1, 10_000usize)?;
+            let file = args.get(2).context(USAGE)?;
+            gen_import(n, file)?;
+        }
+        "serve" => {
+            let n = arg(&args, 1, 10_000usize)?;
+            let runs = arg(&args, 2, 3usize)?;
+            let idle = Duration::from_secs(arg(&args, 3, 60u64)?);
+            daemon::serve(n, runs, idle, &mut report)?;
+        }
+        "token" => {
+            let n = arg(&args, 1, 10_000usize)?;
+            let runs = arg(&args, 2, 3usize)?;
+            let secs = arg(&args, 3, 10u64)?;
+            load::token(n, runs, secs, &mut report)?;
+        }
+        "catchup" => {
+            let backlog = arg(&args, 1, 10_000usize)?;
+            let sites = arg(&args, 2, 500usize)?;
+            let latency = Duration::from_millis(arg(&args, 3, 50u64)?);
+            let runs = arg(&args, 4, 3usize)?;
+            renewal::catchup(&rt, backlog, sites, latency, runs, &mut report)?;
+        }
+        "lateness" => {
+            let n = arg(&args, 1, 100_000usize)?;
+            let due = arg(&args, 2, 1_000usize)?;
+            let window = Duration::from_secs(arg(&args, 3, 60u64)?);
+            let runs = arg(&args, 4, 3usize)?;
+            renewal::lateness(&rt, n, due, window, runs, &mut report)?;
+        }
+        "cost" => {
+            let n = arg(&args, 1, 10_000usize)?;
+            let count = arg(&args, 2, 2_000usize)?;
+            let runs = arg(&args, 3, 3usize)?;
+            renewal::cost(&rt, n, count, runs, &mut report)?;
+        }
+        other => bail!("unknown command `{other}`\n{USAGE}"),
+    }
+    report.medians();
+    Ok(())
+}
