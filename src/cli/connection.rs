@@ -347,7 +347,7 @@ fn show(st: &Store, row: &ConnectionRow, now: Timestamp) -> anyhow::Result<()> {
         vec![
             "absolute_lifetime".into(),
             c.absolute_lifetime
-                .map(|d| crate::model::fmt_duration(d))
+                .map(crate::model::fmt_duration)
                 .unwrap_or_else(|| "none".into()),
         ],
         vec!["secret_expires_at".into(), t(c.secret_expires_at)],

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Ctx;
 use crate::clock::{self, Clock};
-use crate::daemon::client::{Answer, call};
+use crate::daemon::client::{Answer, ClientError, call};
 use crate::daemon::{self, serve};
 use crate::model::fmt_time;
 use crate::renewal::engine::{Engine, EngineParts, NoHooks, RefreshReport, TokenAnswer};
@@ -23,6 +23,23 @@ use crate::store::{Create, StoreError};
 /// How long the CLI waits for the daemon; a token request may refresh first.
 fn api_timeout(ctx: &Ctx) -> Duration {
     ctx.config.renewal.http_timeout * 3 + Duration::from_secs(10)
+}
+
+/// Asks the running daemon. While it starts (lock held, socket not bound yet)
+/// the connection is refused: nothing was sent, so waiting and asking again is safe.
+async fn ask(ctx: &Ctx, method: &str, path: &str, timeout: Duration) -> anyhow::Result<Answer> {
+    let socket = ctx.config.socket_path();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match call(&socket, method, path, timeout).await {
+            Err(ClientError::Connect { .. })
+                if daemon::running(&ctx.config) && tokio::time::Instant::now() < give_up =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(a: &Answer) -> anyhow::Result<T> {
@@ -83,8 +100,8 @@ fn print_report(r: &RefreshReport) -> i32 {
 /// `connection refresh NAME`.
 pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     if daemon::running(&ctx.config) {
-        let a = call(
-            &ctx.config.socket_path(),
+        let a = ask(
+            ctx,
             "POST",
             &format!("/v1/connections/{name}/refresh"),
             api_timeout(ctx),
@@ -124,8 +141,8 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
 /// `token NAME`.
 pub async fn token(ctx: &Ctx, name: &str, json: bool) -> anyhow::Result<i32> {
     if daemon::running(&ctx.config) {
-        let a = call(
-            &ctx.config.socket_path(),
+        let a = ask(
+            ctx,
             "GET",
             &format!("/v1/connections/{name}/token"),
             api_timeout(ctx),
@@ -201,13 +218,7 @@ pub async fn token(ctx: &Ctx, name: &str, json: bool) -> anyhow::Result<i32> {
 /// `status [--json]`.
 pub async fn status(ctx: &Ctx, json: bool) -> anyhow::Result<i32> {
     let st = if daemon::running(&ctx.config) {
-        let a = call(
-            &ctx.config.socket_path(),
-            "GET",
-            "/v1/status",
-            Duration::from_secs(30),
-        )
-        .await?;
+        let a = ask(ctx, "GET", "/v1/status", Duration::from_secs(30)).await?;
         if a.status != 200 {
             anyhow::bail!("{}", api_error(&a));
         }
@@ -247,13 +258,7 @@ pub async fn status(ctx: &Ctx, json: bool) -> anyhow::Result<i32> {
 /// `alert test`.
 pub async fn alert_test(ctx: &Ctx) -> anyhow::Result<i32> {
     let results: Vec<serde_json::Value> = if daemon::running(&ctx.config) {
-        let a = call(
-            &ctx.config.socket_path(),
-            "POST",
-            "/v1/alerts/test",
-            Duration::from_secs(120),
-        )
-        .await?;
+        let a = ask(ctx, "POST", "/v1/alerts/test", Duration::from_secs(120)).await?;
         if a.status != 200 {
             anyhow::bail!("{}", api_error(&a));
         }

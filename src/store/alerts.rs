@@ -764,3 +764,16 @@ pub fn digest_data(db: &Db, limit: usize) -> Result<DigestData, StoreError> {
         firing: firing_counts(db)?,
     })
 }
+
+/// Messages each channel has accepted, counting repeats (metrics).
+pub fn delivered_counts(db: &Db) -> Result<BTreeMap<String, u64>, StoreError> {
+    let mut stmt =
+        db.prepare("SELECT channel, SUM(sends) FROM alert_deliveries GROUP BY channel")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let (c, n) = r?;
+        out.insert(c, n.max(0) as u64);
+    }
+    Ok(out)
+}
