@@ -1,5 +1,6 @@
 //! `serve`: start, reload, shutdown.
 
+use std::collections::HashSet;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,19 +155,58 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         }),
     }));
 
-    // Re-evaluate every alert condition before anything is delivered.
-    let rows = with_store(&engine_store, |st| st.list()).await?;
+    let shutdown = CancellationToken::new();
+    let max_sleep = notify::watchdog_interval()
+        .map(|w| (w / 2).min(Duration::from_secs(60)))
+        .unwrap_or(Duration::from_secs(60));
+    let (scheduler, snapshot) = Scheduler::new(
+        engine.clone(),
+        config.renewal.max_concurrent,
+        config.renewal.per_instance_concurrent,
+        max_sleep,
+    );
+    // One streamed pass plans every connection and finds those whose alert
+    // conditions hold or whose alerts fire; only these are re-evaluated in the
+    // store, before anything is delivered. Nothing secret is read, and a
+    // million connections never sit in memory as full rows.
+    let (scheduler, to_sync, scheduled) = {
+        let st = engine_store.clone();
+        let policy = policy_from(&config);
+        let now = clock.now();
+        tokio::task::spawn_blocking(move || -> Result<_, store::StoreError> {
+            let mut scheduler = scheduler;
+            let st = st.lock().unwrap_or_else(|e| e.into_inner());
+            let firing: HashSet<uuid::Uuid> = store::alerts::firing_connection_ids(st.db())?
+                .iter()
+                .filter_map(|k| uuid::Uuid::parse_str(k).ok())
+                .collect();
+            scheduler.reserve(st.count()?);
+            let mut to_sync = Vec::new();
+            let mut n = 0usize;
+            st.each_for_planning(|row| {
+                n += 1;
+                if firing.contains(&row.conn.id) || !alerts::desired(row, &policy, now).is_empty() {
+                    to_sync.push(row.conn.id);
+                }
+                scheduler.upsert(row, now);
+            })?;
+            Ok((scheduler, to_sync, n))
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?
+    };
     {
         let policy = policy_from(&config);
         let now = clock.now();
-        let chunks: Vec<Vec<_>> = rows.chunks(500).map(|c| c.to_vec()).collect();
-        for chunk in chunks {
-            let policy = policy.clone();
+        for chunk in to_sync.chunks(500) {
+            let (policy, chunk) = (policy.clone(), chunk.to_vec());
             with_store(&engine_store, move |st| {
                 st.write(|tx, _| {
-                    for row in &chunk {
-                        let desired = alerts::desired(row, &policy, now);
-                        store::alerts::sync_connection(tx, row, &desired, now)?;
+                    for id in chunk {
+                        if let Some(row) = store::connections::get_by_id_tx(tx, id)? {
+                            let desired = alerts::desired(&row, &policy, now);
+                            store::alerts::sync_connection(tx, &row, &desired, now)?;
+                        }
                     }
                     Ok(())
                 })
@@ -174,23 +214,9 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             .await?;
         }
     }
+    // Tokens are served from memory while the store is unchanged.
+    engine.cache_tokens(open(Create::No)?);
 
-    let shutdown = CancellationToken::new();
-    let max_sleep = notify::watchdog_interval()
-        .map(|w| (w / 2).min(Duration::from_secs(60)))
-        .unwrap_or(Duration::from_secs(60));
-    let (mut scheduler, snapshot) = Scheduler::new(
-        engine.clone(),
-        config.renewal.max_concurrent,
-        config.renewal.per_instance_concurrent,
-        max_sleep,
-    );
-    let now = clock.now();
-    for row in &rows {
-        scheduler.upsert(row, now);
-    }
-    let scheduled = rows.len();
-    drop(rows);
     let (sched_tx, sched_rx) = mpsc::channel::<Input>(4096);
     let watchdog_on = notify::watchdog_interval().is_some();
     let sched_task = tokio::spawn(scheduler.run(
@@ -224,9 +250,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 let prune = now - last_prune > chrono::Duration::hours(6);
                 let (res, back) = tokio::task::spawn_blocking(move || {
                     let r = st.changed_since(seq);
-                    if prune
-                        && let Err(e) = st.prune_events(now)
-                    {
+                    if prune && let Err(e) = st.prune_events(now) {
                         tracing::warn!(error = %e, "cannot prune old history");
                     }
                     (r, st)
@@ -293,11 +317,14 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             }
         });
     }
-    {
+    // The store-derived gauges scan every connection: gathered only when
+    // someone can read them.
+    if config.metrics.listen.is_some() {
         let m = metrics.clone();
         let st = open(Create::No)?;
         let (clock, shutdown, snap) = (clock.clone(), shutdown.clone(), snapshot.clone());
-        tasks.spawn(async move { m.update_loop(st, clock, snap, shutdown).await });
+        let cfg = config_rx.clone();
+        tasks.spawn(async move { m.update_loop(st, cfg, clock, snap, shutdown).await });
     }
 
     let ready = Arc::new(AtomicBool::new(false));

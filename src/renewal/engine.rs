@@ -130,6 +130,46 @@ pub struct Engine {
     stopping: AtomicBool,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Option<Timestamp>>>>>,
     hooks: Arc<dyn Hooks>,
+    /// Opened access tokens, when the daemon turned the cache on.
+    tokens: std::sync::OnceLock<TokenCache>,
+}
+
+/// The most access tokens kept opened in memory; past it the cache starts over.
+const TOKEN_CACHE_MAX: usize = 100_000;
+
+/// Access tokens already read and opened, served while the store is unchanged.
+///
+/// Each hit asks SQLite for `PRAGMA data_version` on the cache's own
+/// connection, which changes whenever any other connection (the engine, the
+/// CLI, another daemon task) commits. Any commit empties the cache, so an
+/// entry can never outlive a disable, a removal, a new token or a cleared
+/// grant; expiry is checked against the clock and the current margin on every
+/// hit, as the uncached path does.
+struct TokenCache {
+    inner: Arc<Mutex<CacheInner>>,
+}
+
+struct CacheInner {
+    store: Store,
+    version: i64,
+    entries: HashMap<String, CachedToken>,
+}
+
+struct CachedToken {
+    token: IssuedToken,
+    lifetime: Option<Duration>,
+}
+
+impl CacheInner {
+    /// Empties the cache when anything was committed since it was filled.
+    fn check(&mut self) -> Result<i64, StoreError> {
+        let v = self.store.data_version()?;
+        if v != self.version {
+            self.entries.clear();
+            self.version = v;
+        }
+        Ok(v)
+    }
 }
 
 impl Engine {
@@ -158,7 +198,116 @@ impl Engine {
             stopping: AtomicBool::new(false),
             locks: Mutex::new(HashMap::new()),
             hooks,
+            tokens: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Serves access tokens from memory while the store is unchanged (the
+    /// daemon's token path). `reads` is a connection of its own: the cache
+    /// learns of every commit by another connection, the engine's included.
+    pub fn cache_tokens(&self, reads: Store) {
+        let _ = self.tokens.set(TokenCache {
+            inner: Arc::new(Mutex::new(CacheInner {
+                store: reads,
+                version: i64::MIN,
+                entries: HashMap::new(),
+            })),
+        });
+    }
+
+    fn forget_cached_tokens(&self) {
+        if let Some(c) = self.tokens.get() {
+            c.inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entries
+                .clear();
+        }
+    }
+
+    /// A cached token for `name` that is still usable now.
+    fn cached_token(&self, name: &str) -> Result<Option<IssuedToken>, StoreError> {
+        let Some(cache) = self.tokens.get() else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        let margin = self.policy().access_token_margin;
+        let mut inner = cache.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.check()?;
+        let usable = match inner.entries.get(name) {
+            None => return Ok(None),
+            Some(c) => {
+                policy::access_token_usable(Some(c.token.expires_at), c.lifetime, margin, now)
+            }
+        };
+        if usable {
+            Ok(inner.entries.get(name).map(|c| c.token.clone()))
+        } else {
+            inner.entries.remove(name);
+            Ok(None)
+        }
+    }
+
+    /// Reads and opens `name`'s token through the cache's connection and keeps
+    /// it; `None` when there is no cache or no usable token (the full path decides).
+    async fn fill_token_cache(&self, name: &str) -> Result<Option<IssuedToken>, EngineError> {
+        let Some(cache) = self.tokens.get() else {
+            return Ok(None);
+        };
+        let handle = cache.inner.clone();
+        let n = name.to_string();
+        let now = self.clock.now();
+        let margin = self.policy().access_token_margin;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut inner = handle.lock().unwrap_or_else(|e| e.into_inner());
+            let version = inner.check()?;
+            let row = match inner.store.get(&n) {
+                Ok(r) => r,
+                Err(StoreError::UnknownConnection(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            // The same conditions as `usable_token`.
+            if row.conn.state == State::Disabled
+                || !row.has_access_token
+                || !policy::access_token_usable(
+                    row.conn.access_expires_at,
+                    row.access_lifetime,
+                    margin,
+                    now,
+                )
+            {
+                return Ok(None);
+            }
+            let token = inner.store.secret(row.conn.id, SecretColumn::AccessToken)?;
+            Ok::<_, StoreError>(token.map(|t| (version, row, t)))
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        let Some((version, row, token)) = read else {
+            return Ok(None);
+        };
+        let issued = IssuedToken {
+            access_token: token,
+            token_type: row.token_type.clone().unwrap_or_else(|| "Bearer".into()),
+            expires_at: row.conn.access_expires_at.unwrap_or(now),
+            instance: row.conn.instance.clone(),
+            base_url: self.client().base_url(&row.conn.instance),
+        };
+        let mut inner = cache.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Kept only if nothing was committed since the row was read.
+        if inner.check()? == version {
+            if inner.entries.len() >= TOKEN_CACHE_MAX {
+                inner.entries.clear();
+            }
+            inner.entries.insert(
+                name.to_string(),
+                CachedToken {
+                    token: issued.clone(),
+                    lifetime: row.access_lifetime,
+                },
+            );
+        }
+        Ok(Some(issued))
     }
 
     pub fn store(&self) -> &SharedStore {
@@ -176,6 +325,8 @@ impl Engine {
     /// Swaps the token client (SIGHUP: timeout, CA file, address policy, scopes).
     pub fn set_client(&self, client: TokenClient) {
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        // Cached answers carry the client's base URL.
+        self.forget_cached_tokens();
     }
 
     pub fn clock(&self) -> &SharedClock {
@@ -599,6 +750,12 @@ impl Engine {
     /// Hands out a valid access token, refreshing first when less than the margin
     /// is left (single-flight; at most one token-driven refresh per connection per minute).
     pub async fn token(&self, name: &str) -> Result<TokenAnswer, EngineError> {
+        if let Some(t) = self.cached_token(name)? {
+            return Ok(TokenAnswer::Token(Box::new(t)));
+        }
+        if let Some(t) = self.fill_token_cache(name).await? {
+            return Ok(TokenAnswer::Token(Box::new(t)));
+        }
         let n = name.to_string();
         let row = with_store(&self.store, move |st| st.get(&n)).await?;
         let id = row.conn.id;
@@ -762,4 +919,167 @@ pub fn import_spilled(
         let _ = std::fs::remove_file(&path);
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::Config;
+    use crate::crypto::{Key, Keyring};
+    use crate::model::{Connection, Mode};
+    use crate::store::connections::NewConnection;
+    use crate::store::{Create, Store};
+
+    const TOKEN: &str = "access-token-value-1";
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        keyring: Keyring,
+        clock: ManualClock,
+        engine: Engine,
+    }
+
+    impl Rig {
+        fn open(&self) -> Store {
+            Store::open(&self.path, self.keyring.clone(), Create::No).unwrap()
+        }
+
+        async fn answer(&self) -> Option<String> {
+            match self.engine.token("acme").await {
+                Ok(TokenAnswer::Token(t)) => Some(t.access_token.expose().to_string()),
+                _ => None,
+            }
+        }
+    }
+
+    /// A store with connection `acme` holding a valid access token, and an
+    /// engine with the token cache on.
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acutoken.db");
+        let keyring = Keyring::new(Key::generate(), Vec::new());
+        let now = chrono::Utc::now();
+        let clock = ManualClock::new(now);
+        let mut st = Store::open(&path, keyring.clone(), Create::Yes).unwrap();
+        let conn = Connection {
+            id: Uuid::new_v4(),
+            name: "acme".into(),
+            instance: "erp.example.com".into(),
+            client_id: "client@Company".into(),
+            labels: Default::default(),
+            mode: Mode::Absolute,
+            lifetime: Duration::from_secs(30 * 86_400),
+            absolute_lifetime: None,
+            secret_expires_at: None,
+            grant_issued_at: Some(now),
+            refresh_token_issued_at: Some(now),
+            access_expires_at: None,
+            deadline: None,
+            deadline_source: None,
+            next_refresh_at: Some(now + chrono::Duration::hours(20)),
+            last_refresh_at: Some(now),
+            last_error: None,
+            state: State::Active,
+        };
+        st.write(|tx, kr| {
+            let new = NewConnection {
+                conn,
+                client_secret: None,
+                refresh_token: None,
+            };
+            connections::insert(tx, kr, &new, now)?;
+            let mut row = connections::get_tx(tx, "acme")?;
+            row.conn.access_expires_at = Some(now + chrono::Duration::hours(1));
+            row.access_lifetime = Some(Duration::from_secs(3600));
+            row.token_type = Some("Bearer".into());
+            connections::put(tx, &row)?;
+            connections::set_secret(
+                tx,
+                kr,
+                row.conn.id,
+                SecretColumn::AccessToken,
+                Some(&Secret::new(TOKEN)),
+            )
+        })
+        .unwrap();
+        let config = Config::default();
+        let engine = Engine::new(EngineParts {
+            store: Arc::new(Mutex::new(st)),
+            client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
+            policy: crate::renewal::policy_from(&config),
+            clock: Arc::new(clock.clone()),
+            owner: Owner::current("test"),
+            http_timeout: Duration::from_secs(5),
+            spill_dir: None,
+            hooks: Arc::new(NoHooks),
+        });
+        let reads = Store::open(&path, keyring.clone(), Create::No).unwrap();
+        engine.cache_tokens(reads);
+        Rig {
+            _dir: dir,
+            path,
+            keyring,
+            clock,
+            engine,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_is_never_served_for_a_connection_disabled_elsewhere() {
+        let r = rig();
+        assert_eq!(r.answer().await.as_deref(), Some(TOKEN));
+        assert_eq!(r.answer().await.as_deref(), Some(TOKEN), "served again");
+        // Another process (the CLI) disables it: the very next request sees it.
+        let mut cli = r.open();
+        cli.write(|tx, _| {
+            let mut row = connections::get_tx(tx, "acme")?;
+            row.conn.state = State::Disabled;
+            connections::put(tx, &row)
+        })
+        .unwrap();
+        assert_eq!(r.answer().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_is_never_served_for_a_removed_connection() {
+        let r = rig();
+        assert_eq!(r.answer().await.as_deref(), Some(TOKEN));
+        let mut cli = r.open();
+        let id = cli.get("acme").unwrap().conn.id;
+        cli.write(|tx, _| connections::remove(tx, id)).unwrap();
+        assert!(matches!(
+            r.engine.token("acme").await,
+            Err(EngineError::Store(StoreError::UnknownConnection(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_is_never_served_past_its_expiry_margin() {
+        let r = rig();
+        assert_eq!(r.answer().await.as_deref(), Some(TOKEN));
+        // One hour of lifetime, a five-minute margin: unusable after 55 minutes.
+        r.clock.advance(chrono::Duration::minutes(56));
+        assert_eq!(r.answer().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_token_saved_elsewhere_replaces_the_cached_one() {
+        let r = rig();
+        assert_eq!(r.answer().await.as_deref(), Some(TOKEN));
+        let mut cli = r.open();
+        cli.write(|tx, kr| {
+            let id = connections::get_tx(tx, "acme")?.conn.id;
+            connections::set_secret(
+                tx,
+                kr,
+                id,
+                SecretColumn::AccessToken,
+                Some(&Secret::new("access-token-value-2")),
+            )
+        })
+        .unwrap();
+        assert_eq!(r.answer().await.as_deref(), Some("access-token-value-2"));
+    }
 }

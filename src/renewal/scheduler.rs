@@ -1,22 +1,24 @@
-//! The scheduler: one task owning a timer queue of per-connection wake times.
+//! The scheduler: one task owning the wake times of every connection.
 //!
-//! Each scheduled connection has one entry in a `DelayQueue`, keyed by when it
-//! next needs attention: its planned refresh, or the next time its alert
-//! conditions can change by time alone (a warn point, a secret's Expires On).
-//! Due refreshes go to a ready set ordered by deadline, so after downtime the
-//! most urgent run first, and are started within the global and per-instance
-//! concurrency limits. The loop never sleeps more than `max_sleep` without
-//! re-reading the wall clock; a jump of more than a minute either way re-plans
-//! every entry against the new time.
+//! Each scheduled connection has one timer, keyed by when it next needs
+//! attention: its planned refresh, or the next time its alert conditions can
+//! change by time alone (a warn point, a secret's Expires On). Timers hold
+//! wall-clock times, so a jump of the clock either way moves every one of them
+//! with it. Due refreshes go to a ready set ordered by deadline, so after
+//! downtime the most urgent run first, and are started within the global and
+//! per-instance concurrency limits. The loop never sleeps more than
+//! `max_sleep` without re-reading the wall clock.
+//!
+//! A million connections must fit on a small machine: each one costs a
+//! 40-byte [`Entry`] in a slab, an index slot and a timer key, and nothing
+//! else; instances are interned once.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::DelayQueue;
-use tokio_util::time::delay_queue::Key;
 use uuid::Uuid;
 
 use super::engine::{Engine, with_store};
@@ -24,7 +26,7 @@ use super::policy;
 use crate::model::{State, Timestamp};
 use crate::store::connections::ConnectionRow;
 
-/// A clock jump larger than this re-plans everything.
+/// A clock jump larger than this is logged (timers are wall-clock times already).
 pub const JUMP: chrono::Duration = chrono::Duration::seconds(60);
 
 /// Messages into the scheduler.
@@ -46,23 +48,50 @@ pub struct Snapshot {
     pub running: usize,
 }
 
-struct Slot {
-    key: Key,
-    due: Timestamp,
+/// Where an entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing planned (a human must act, or disabled).
+    Idle,
+    /// Waiting for its timer.
+    Timed,
+    /// Due: waiting for a free slot under the limits.
+    Ready,
+    /// A refresh is in flight.
+    Running,
+}
+
+/// One connection, as small as the scheduler can keep it.
+struct Entry {
+    id: Uuid,
+    /// The timer, in Unix milliseconds (meaningful while `Timed`).
+    due: i64,
+    /// The refresh deadline in Unix milliseconds (`i64::MAX` when unknown).
+    deadline: i64,
+    /// Index into the interned instances.
+    instance: u32,
+    phase: Phase,
+    /// Removed while its refresh ran: freed when the refresh finishes.
+    removed: bool,
+}
+
+fn ms(t: Timestamp) -> i64 {
+    t.timestamp_millis()
 }
 
 /// The scheduler's state; run with [`Scheduler::run`].
 pub struct Scheduler {
     engine: Arc<Engine>,
-    queue: DelayQueue<Uuid>,
-    slots: HashMap<Uuid, Slot>,
-    /// Facts the dispatcher needs without a store read.
-    meta: HashMap<Uuid, (Arc<str>, Timestamp)>,
-    ready: BTreeSet<(Timestamp, Uuid)>,
-    in_ready: HashSet<Uuid>,
-    running: HashSet<Uuid>,
-    per_instance: HashMap<Arc<str>, usize>,
-    instances: HashSet<Arc<str>>,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    index: HashMap<Uuid, u32>,
+    timers: BTreeSet<(i64, u32)>,
+    ready: BTreeSet<(i64, u32)>,
+    running: usize,
+    instances: Vec<Arc<str>>,
+    instance_ids: HashMap<Arc<str>, u32>,
+    /// Refreshes in flight per interned instance.
+    busy: Vec<usize>,
     global_limit: usize,
     instance_limit: usize,
     max_sleep: Duration,
@@ -83,14 +112,15 @@ impl Scheduler {
         (
             Scheduler {
                 engine,
-                queue: DelayQueue::new(),
-                slots: HashMap::new(),
-                meta: HashMap::new(),
+                entries: Vec::new(),
+                free: Vec::new(),
+                index: HashMap::new(),
+                timers: BTreeSet::new(),
                 ready: BTreeSet::new(),
-                in_ready: HashSet::new(),
-                running: HashSet::new(),
-                per_instance: HashMap::new(),
-                instances: HashSet::new(),
+                running: 0,
+                instances: Vec::new(),
+                instance_ids: HashMap::new(),
+                busy: Vec::new(),
                 global_limit: global_limit.max(1),
                 instance_limit: instance_limit.max(1),
                 max_sleep,
@@ -102,12 +132,21 @@ impl Scheduler {
         )
     }
 
-    fn intern(&mut self, instance: &str) -> Arc<str> {
-        if let Some(i) = self.instances.get(instance) {
-            return i.clone();
+    /// Room for `n` connections, so a start-up load grows nothing twice.
+    pub fn reserve(&mut self, n: usize) {
+        self.entries.reserve(n);
+        self.index.reserve(n);
+    }
+
+    fn intern(&mut self, instance: &str) -> u32 {
+        if let Some(i) = self.instance_ids.get(instance) {
+            return *i;
         }
-        let i: Arc<str> = Arc::from(instance);
-        self.instances.insert(i.clone());
+        let i = self.instances.len() as u32;
+        let name: Arc<str> = Arc::from(instance);
+        self.instances.push(name.clone());
+        self.instance_ids.insert(name, i);
+        self.busy.push(0);
         i
     }
 
@@ -131,68 +170,118 @@ impl Scheduler {
         at
     }
 
-    /// Adds or re-plans one connection.
-    pub fn upsert(&mut self, row: &ConnectionRow, now: Timestamp) {
-        let id = row.conn.id;
-        let deadline = row.conn.deadline.unwrap_or(Timestamp::MAX_UTC);
-        let inst = self.intern(&row.conn.instance);
-        self.meta.insert(id, (inst, deadline));
-        if self.running.contains(&id) {
-            // Re-planned when the refresh finishes.
-            return;
+    /// The slot of `id`, made when new.
+    fn slot(&mut self, id: Uuid) -> u32 {
+        if let Some(s) = self.index.get(&id) {
+            return *s;
         }
-        if self.in_ready.remove(&id) {
-            self.ready.retain(|(_, r)| *r != id);
-        }
-        let wake = self.wake_at(row, now);
-        self.place(id, wake, now);
+        let e = Entry {
+            id,
+            due: i64::MAX,
+            deadline: i64::MAX,
+            instance: 0,
+            phase: Phase::Idle,
+            removed: false,
+        };
+        let s = match self.free.pop() {
+            Some(s) => {
+                self.entries[s as usize] = e;
+                s
+            }
+            None => {
+                self.entries.push(e);
+                (self.entries.len() - 1) as u32
+            }
+        };
+        self.index.insert(id, s);
+        s
     }
 
-    fn place(&mut self, id: Uuid, wake: Option<Timestamp>, now: Timestamp) {
-        let old = self.slots.remove(&id);
-        let Some(due) = wake else {
-            if let Some(s) = old {
-                self.queue.remove(&s.key);
+    /// Takes an entry out of the timers or the ready set.
+    fn unqueue(&mut self, s: u32) {
+        let e = &mut self.entries[s as usize];
+        match e.phase {
+            Phase::Timed => {
+                self.timers.remove(&(e.due, s));
             }
+            Phase::Ready => {
+                self.ready.remove(&(e.deadline, s));
+            }
+            Phase::Idle | Phase::Running => return,
+        }
+        e.phase = Phase::Idle;
+    }
+
+    /// Adds or re-plans one connection.
+    pub fn upsert(&mut self, row: &ConnectionRow, now: Timestamp) {
+        let s = self.slot(row.conn.id);
+        if self.entries[s as usize].phase == Phase::Running {
+            // Re-planned from the saved row when the refresh finishes.
             return;
-        };
-        let delay = (due - now).to_std().unwrap_or(Duration::ZERO);
-        let key = match old {
-            Some(s) => {
-                self.queue.reset(&s.key, delay);
-                s.key
-            }
-            None => self.queue.insert(id, delay),
-        };
-        self.slots.insert(id, Slot { key, due });
+        }
+        let instance = self.intern(&row.conn.instance);
+        let wake = self.wake_at(row, now);
+        self.unqueue(s);
+        let e = &mut self.entries[s as usize];
+        e.instance = instance;
+        e.deadline = row.conn.deadline.map_or(i64::MAX, ms);
+        self.place(s, wake);
+    }
+
+    /// Sets the timer of an entry that is neither ready nor running.
+    fn place(&mut self, s: u32, wake: Option<Timestamp>) {
+        self.unqueue(s);
+        if let Some(due) = wake {
+            let e = &mut self.entries[s as usize];
+            e.due = ms(due);
+            e.phase = Phase::Timed;
+            self.timers.insert((e.due, s));
+        }
+    }
+
+    fn free_slot(&mut self, s: u32) {
+        let e = &mut self.entries[s as usize];
+        self.index.remove(&e.id);
+        e.id = Uuid::nil();
+        e.phase = Phase::Idle;
+        e.removed = false;
+        self.free.push(s);
     }
 
     pub fn remove(&mut self, id: Uuid) {
-        if let Some(s) = self.slots.remove(&id) {
-            self.queue.remove(&s.key);
+        if let Some(&s) = self.index.get(&id) {
+            self.unqueue(s);
+            if self.entries[s as usize].phase == Phase::Running {
+                self.entries[s as usize].removed = true;
+            } else {
+                self.free_slot(s);
+            }
         }
-        if self.in_ready.remove(&id) {
-            self.ready.retain(|(_, r)| *r != id);
-        }
-        self.meta.remove(&id);
         self.engine.forget(id);
-    }
-
-    /// Re-plans every entry against the wall clock (after a jump).
-    fn replan_all(&mut self, now: Timestamp) {
-        let entries: Vec<(Uuid, Timestamp)> =
-            self.slots.iter().map(|(id, s)| (*id, s.due)).collect();
-        for (id, due) in entries {
-            self.place(id, Some(due), now);
-        }
     }
 
     fn publish(&self) {
         self.snapshot.send_replace(Snapshot {
-            scheduled: self.slots.len(),
+            scheduled: self.timers.len(),
             ready: self.ready.len(),
-            running: self.running.len(),
+            running: self.running,
         });
+    }
+
+    /// The earliest timer that is due at `now`.
+    fn first_due(&self, now: Timestamp) -> Option<(i64, u32)> {
+        self.timers.first().copied().filter(|(d, _)| *d <= ms(now))
+    }
+
+    /// How long to sleep before the next timer (at most `max_sleep`).
+    fn sleep_for(&self, now: Timestamp) -> Duration {
+        match self.timers.first() {
+            None => self.max_sleep,
+            Some((d, _)) => {
+                let left = u64::try_from(d.saturating_sub(ms(now))).unwrap_or(0);
+                Duration::from_millis(left.max(1)).min(self.max_sleep)
+            }
+        }
     }
 
     /// Runs until `shutdown`; then stops claiming and waits for refreshes in
@@ -206,23 +295,28 @@ impl Scheduler {
     ) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Uuid, Option<ConnectionRow>)>();
         let mut tasks = tokio::task::JoinSet::new();
-        let max_sleep = self.max_sleep;
         loop {
             watchdog();
             self.check_clock();
             self.dispatch(&done_tx, &mut tasks);
             self.publish();
+            let now = self.engine.clock().now();
+            let due = self.first_due(now);
+            let sleep = self.sleep_for(now);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some((id, row)) = done_rx.recv() => self.finished(id, row),
                 Some(msg) = input.recv() => self.handle(msg),
-                Some(expired) = std::future::poll_fn(|cx| self.queue.poll_expired(cx)), if !self.queue.is_empty() => {
-                    let id = expired.into_inner();
-                    self.slots.remove(&id);
-                    self.due(id).await;
+                _ = std::future::ready(()), if due.is_some() => {
+                    if let Some((d, s)) = due {
+                        self.timers.remove(&(d, s));
+                        self.entries[s as usize].phase = Phase::Idle;
+                        let id = self.entries[s as usize].id;
+                        self.due(id).await;
+                    }
                 }
-                _ = tokio::time::sleep(max_sleep) => {}
+                _ = tokio::time::sleep(sleep) => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
@@ -249,10 +343,9 @@ impl Scheduler {
         if drift > JUMP || drift < -JUMP {
             tracing::warn!(
                 jump_seconds = drift.num_seconds(),
-                scheduled = self.slots.len(),
-                "the wall clock jumped; re-planning every connection"
+                scheduled = self.timers.len(),
+                "the wall clock jumped; every wake-up follows the new time"
             );
-            self.replan_all(now);
         }
     }
 
@@ -323,21 +416,29 @@ impl Scheduler {
             Ok(Some(row)) => {
                 let refresh_due = row.conn.state.is_scheduled()
                     && row.conn.next_refresh_at.is_none_or(|t| t <= now);
-                if refresh_due {
-                    let deadline = row.conn.deadline.unwrap_or(Timestamp::MAX_UTC);
-                    let inst = self.intern(&row.conn.instance);
-                    self.meta.insert(id, (inst, deadline));
-                    if self.in_ready.insert(id) {
-                        self.ready.insert((deadline, id));
-                    }
-                } else {
+                let Some(&s) = self.index.get(&id) else {
+                    // Removed while it was read.
+                    return;
+                };
+                if refresh_due && self.entries[s as usize].phase == Phase::Idle {
+                    let instance = self.intern(&row.conn.instance);
+                    let e = &mut self.entries[s as usize];
+                    e.instance = instance;
+                    e.deadline = row.conn.deadline.map_or(i64::MAX, ms);
+                    e.phase = Phase::Ready;
+                    self.ready.insert((e.deadline, s));
+                } else if !refresh_due {
                     self.upsert(&row, now);
                 }
             }
             Ok(None) => self.remove(id),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read a due connection; trying again in a minute");
-                self.place(id, Some(now + chrono::Duration::minutes(1)), now);
+                if let Some(&s) = self.index.get(&id)
+                    && self.entries[s as usize].phase == Phase::Idle
+                {
+                    self.place(s, Some(now + chrono::Duration::minutes(1)));
+                }
             }
         }
     }
@@ -351,24 +452,23 @@ impl Scheduler {
             return;
         }
         let mut start = Vec::new();
-        for &(deadline, id) in self.ready.iter() {
-            if self.running.len() + start.len() >= self.global_limit {
+        for &(deadline, s) in self.ready.iter() {
+            if self.running + start.len() >= self.global_limit {
                 break;
             }
-            let Some((inst, _)) = self.meta.get(&id) else {
-                continue;
-            };
-            let busy = self.per_instance.get(inst).copied().unwrap_or(0);
-            if busy >= self.instance_limit {
+            let inst = self.entries[s as usize].instance as usize;
+            if self.busy[inst] >= self.instance_limit {
                 continue;
             }
-            *self.per_instance.entry(inst.clone()).or_default() += 1;
-            start.push((deadline, id));
+            self.busy[inst] += 1;
+            start.push((deadline, s));
         }
-        for (deadline, id) in start {
-            self.ready.remove(&(deadline, id));
-            self.in_ready.remove(&id);
-            self.running.insert(id);
+        for key in start {
+            self.ready.remove(&key);
+            self.running += 1;
+            let e = &mut self.entries[key.1 as usize];
+            e.phase = Phase::Running;
+            let id = e.id;
             let engine = self.engine.clone();
             let done = done.clone();
             tasks.spawn(async move {
@@ -385,11 +485,20 @@ impl Scheduler {
     }
 
     fn finished(&mut self, id: Uuid, row: Option<ConnectionRow>) {
-        self.running.remove(&id);
-        if let Some((inst, _)) = self.meta.get(&id)
-            && let Some(n) = self.per_instance.get_mut(inst)
-        {
-            *n = n.saturating_sub(1);
+        let Some(&s) = self.index.get(&id) else {
+            return;
+        };
+        let e = &mut self.entries[s as usize];
+        if e.phase != Phase::Running {
+            return;
+        }
+        e.phase = Phase::Idle;
+        let (inst, removed) = (e.instance as usize, e.removed);
+        self.running = self.running.saturating_sub(1);
+        self.busy[inst] = self.busy[inst].saturating_sub(1);
+        if removed {
+            self.free_slot(s);
+            return;
         }
         let now = self.engine.clock().now();
         match row {
@@ -399,7 +508,7 @@ impl Scheduler {
                     && row.claim.is_none() =>
             {
                 // Nothing moved the plan (e.g. the engine is blocked): look again shortly.
-                self.place(id, Some(now + chrono::Duration::seconds(5)), now);
+                self.place(s, Some(now + chrono::Duration::seconds(5)));
             }
             Some(row) => self.upsert(&row, now),
             None => self.remove(id),

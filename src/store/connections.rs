@@ -145,6 +145,69 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
     })
 }
 
+/// A text column borrowed from the row (no allocation per row).
+fn text<'a>(r: &'a Row<'_>, i: usize) -> rusqlite::Result<&'a str> {
+    r.get_ref(i)?.as_str().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// See [`Store::each_for_planning`].
+fn planning_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
+    let id = text(r, 0)?;
+    let mode = text(r, 2)?;
+    let source = match r.get_ref(10)? {
+        rusqlite::types::ValueRef::Null => None,
+        _ => Some(text(r, 10)?),
+    };
+    let state = text(r, 13)?;
+    let claim_owner: Option<String> = r.get(17)?;
+    let claim_expires: Option<i64> = r.get(18)?;
+    Ok(ConnectionRow {
+        conn: Connection {
+            id: Uuid::parse_str(id).map_err(|_| bad("connection id", id))?,
+            name: String::new(),
+            instance: r.get(1)?,
+            client_id: String::new(),
+            labels: BTreeMap::new(),
+            mode: mode.parse().map_err(|_| bad("mode", mode))?,
+            lifetime: Duration::from_secs(r.get::<_, i64>(3)?.max(0) as u64),
+            absolute_lifetime: r
+                .get::<_, Option<i64>>(4)?
+                .map(|s| Duration::from_secs(s.max(0) as u64)),
+            secret_expires_at: opt_ms(r.get(5)?),
+            grant_issued_at: opt_ms(r.get(6)?),
+            refresh_token_issued_at: opt_ms(r.get(7)?),
+            access_expires_at: opt_ms(r.get(8)?),
+            deadline: opt_ms(r.get(9)?),
+            deadline_source: source
+                .map(|s| {
+                    s.parse::<DeadlineSource>()
+                        .map_err(|_| bad("deadline_source", s))
+                })
+                .transpose()?,
+            next_refresh_at: opt_ms(r.get(11)?),
+            last_refresh_at: opt_ms(r.get(12)?),
+            last_error: None,
+            state: state.parse::<State>().map_err(|_| bad("state", state))?,
+        },
+        failures: r.get::<_, i64>(14)?.clamp(0, u32::MAX as i64) as u32,
+        failing_since: opt_ms(r.get(15)?),
+        outcome_unknown: r.get::<_, i64>(16)? != 0,
+        has_client_secret: false,
+        has_refresh_token: false,
+        has_access_token: false,
+        token_type: None,
+        access_lifetime: None,
+        claim: match (claim_owner, claim_expires) {
+            (Some(o), Some(e)) => Some((o, from_ms(e))),
+            _ => None,
+        },
+        version: r.get(19)?,
+        change_seq: r.get(20)?,
+    })
+}
+
 fn labels_json(labels: &BTreeMap<String, String>) -> String {
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
 }
@@ -162,34 +225,34 @@ pub fn insert(
         s.as_ref()
             .map(|s| keyring.seal_secret(c.id, col.as_str(), s))
     };
-    let res = tx.execute(
+    let mut stmt = tx.prepare_cached(
         "INSERT INTO connections (id, name, instance, client_id, labels, mode, lifetime_s,
             absolute_lifetime_s, secret_expires_at, grant_issued_at, refresh_token_issued_at,
             deadline, deadline_source, next_refresh_at, state, client_secret, refresh_token,
             change_seq, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-        params![
-            c.id.to_string(),
-            c.name,
-            c.instance,
-            c.client_id,
-            labels_json(&c.labels),
-            c.mode.as_str(),
-            c.lifetime.as_secs() as i64,
-            c.absolute_lifetime.map(|d| d.as_secs() as i64),
-            c.secret_expires_at.map(to_ms),
-            c.grant_issued_at.map(to_ms),
-            c.refresh_token_issued_at.map(to_ms),
-            c.deadline.map(to_ms),
-            c.deadline_source.map(|s| s.as_str()),
-            c.next_refresh_at.map(to_ms),
-            c.state.as_str(),
-            seal(SecretColumn::ClientSecret, &new.client_secret),
-            seal(SecretColumn::RefreshToken, &new.refresh_token),
-            seq,
-            to_ms(now),
-        ],
-    );
+    )?;
+    let res = stmt.execute(params![
+        c.id.to_string(),
+        c.name,
+        c.instance,
+        c.client_id,
+        labels_json(&c.labels),
+        c.mode.as_str(),
+        c.lifetime.as_secs() as i64,
+        c.absolute_lifetime.map(|d| d.as_secs() as i64),
+        c.secret_expires_at.map(to_ms),
+        c.grant_issued_at.map(to_ms),
+        c.refresh_token_issued_at.map(to_ms),
+        c.deadline.map(to_ms),
+        c.deadline_source.map(|s| s.as_str()),
+        c.next_refresh_at.map(to_ms),
+        c.state.as_str(),
+        seal(SecretColumn::ClientSecret, &new.client_secret),
+        seal(SecretColumn::RefreshToken, &new.refresh_token),
+        seq,
+        to_ms(now),
+    ]);
     match res {
         Ok(_) => Ok(()),
         Err(rusqlite::Error::SqliteFailure(e, _))
@@ -205,8 +268,9 @@ pub fn insert(
 pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> {
     let c = &row.conn;
     let seq = next_seq(tx)?;
-    let n = tx.execute(
-        "UPDATE connections SET instance = ?2, client_id = ?3, labels = ?4, mode = ?5,
+    let n = tx
+        .prepare_cached(
+            "UPDATE connections SET instance = ?2, client_id = ?3, labels = ?4, mode = ?5,
             lifetime_s = ?6, absolute_lifetime_s = ?7, secret_expires_at = ?8,
             grant_issued_at = ?9, refresh_token_issued_at = ?10, access_expires_at = ?11,
             deadline = ?12, deadline_source = ?13, next_refresh_at = ?14, last_refresh_at = ?15,
@@ -214,7 +278,8 @@ pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> 
             outcome_unknown = ?20, token_type = ?21, access_lifetime_s = ?22,
             version = version + 1, change_seq = ?23
          WHERE id = ?1",
-        params![
+        )?
+        .execute(params![
             c.id.to_string(),
             c.instance,
             c.client_id,
@@ -238,8 +303,7 @@ pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> 
             row.token_type,
             row.access_lifetime.map(|d| d.as_secs() as i64),
             seq,
-        ],
-    )?;
+        ])?;
     if n == 0 {
         return Err(StoreError::UnknownConnection(c.name.clone()));
     }
@@ -260,17 +324,17 @@ pub fn set_secret(
         "UPDATE connections SET {} = ?2 WHERE id = ?1",
         column.as_str()
     );
-    tx.execute(&sql, params![id.to_string(), sealed])?;
+    tx.prepare_cached(&sql)?
+        .execute(params![id.to_string(), sealed])?;
     Ok(())
 }
 
 /// Reads one connection by name inside a transaction.
 pub fn get_tx(tx: &Transaction<'_>, name: &str) -> Result<ConnectionRow, StoreError> {
-    tx.query_row(
-        &format!("SELECT {COLUMNS} FROM connections WHERE name = ?1"),
-        [name],
-        from_row,
-    )
+    tx.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM connections WHERE name = ?1"
+    ))?
+    .query_row([name], from_row)
     .optional()?
     .ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
 }
@@ -278,11 +342,8 @@ pub fn get_tx(tx: &Transaction<'_>, name: &str) -> Result<ConnectionRow, StoreEr
 /// Reads one connection by id inside a transaction.
 pub fn get_by_id_tx(tx: &Transaction<'_>, id: Uuid) -> Result<Option<ConnectionRow>, StoreError> {
     Ok(tx
-        .query_row(
-            &format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"),
-            [id.to_string()],
-            from_row,
-        )
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?
+        .query_row([id.to_string()], from_row)
         .optional()?)
 }
 
@@ -307,11 +368,10 @@ impl Store {
     /// One connection by name.
     pub fn get(&self, name: &str) -> Result<ConnectionRow, StoreError> {
         self.db
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM connections WHERE name = ?1"),
-                [name],
-                from_row,
-            )
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM connections WHERE name = ?1"
+            ))?
+            .query_row([name], from_row)
             .optional()?
             .ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
     }
@@ -320,11 +380,8 @@ impl Store {
     pub fn get_by_id(&self, id: Uuid) -> Result<Option<ConnectionRow>, StoreError> {
         Ok(self
             .db
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"),
-                [id.to_string()],
-                from_row,
-            )
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?
+            .query_row([id.to_string()], from_row)
             .optional()?)
     }
 
@@ -335,6 +392,38 @@ impl Store {
             .prepare(&format!("SELECT {COLUMNS} FROM connections ORDER BY name"))?;
         let rows = stmt.query_map([], from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// How many connections the store holds.
+    pub fn count(&self) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .db
+            .query_row("SELECT COUNT(*) FROM connections", [], |r| r.get(0))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// Calls `f` with every connection as a *planning row*: only what
+    /// deciding when it next needs attention and whether an alert condition
+    /// holds reads (id, instance, mode, lifetimes, times, state, failures,
+    /// claim). Its name, client ID, labels, last error and token type are
+    /// empty, and its `has_*` flags false: never save, show or act on one.
+    ///
+    /// Rows are streamed, so start-up with a million connections holds one
+    /// row at a time, and nothing secret is read.
+    pub fn each_for_planning(&self, mut f: impl FnMut(&ConnectionRow)) -> Result<(), StoreError> {
+        let mut stmt = self.db.prepare(
+            "SELECT id, instance, mode, lifetime_s, absolute_lifetime_s, secret_expires_at,
+                grant_issued_at, refresh_token_issued_at, access_expires_at, deadline,
+                deadline_source, next_refresh_at, last_refresh_at, state, failures,
+                failing_since, outcome_unknown, claim_owner, claim_expires_at, version,
+                change_seq
+             FROM connections",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            f(&planning_row(r)?);
+        }
+        Ok(())
     }
 
     /// Connections changed and ids removed after change sequence `seq`, and the newest sequence.
@@ -372,7 +461,8 @@ impl Store {
         let sql = format!("SELECT {} FROM connections WHERE id = ?1", column.as_str());
         let sealed: Option<Vec<u8>> = self
             .db
-            .query_row(&sql, [id.to_string()], |r| r.get(0))
+            .prepare_cached(&sql)?
+            .query_row([id.to_string()], |r| r.get(0))
             .optional()?
             .flatten();
         sealed
