@@ -80,6 +80,14 @@ impl Metrics {
             "acutoken_last_reload_timestamp_seconds",
             "When the configuration was last loaded"
         );
+        metrics::describe_gauge!(
+            "acutoken_alerts_delivered",
+            "Messages each channel accepted (repeats included)"
+        );
+        metrics::describe_gauge!(
+            "acutoken_alert_channel_failures",
+            "Failed deliveries in a row per channel"
+        );
         metrics::describe_gauge!("acutoken_build_info", "Version of the running binary");
         metrics::gauge!("acutoken_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Ok(Metrics { handle: h.clone() })
@@ -124,13 +132,15 @@ impl Metrics {
     pub async fn update_loop(
         self,
         mut st: Store,
+        config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
         clock: SharedClock,
         snapshot: tokio::sync::watch::Receiver<Snapshot>,
         shutdown: CancellationToken,
     ) {
         loop {
             let now = clock.now();
-            let (res, back) = tokio::task::spawn_blocking(move || (gauges(&st, now), st))
+            let cfg = config.borrow().clone();
+            let (res, back) = tokio::task::spawn_blocking(move || (gauges(&st, &cfg, now), st))
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             st = back;
@@ -148,7 +158,20 @@ impl Metrics {
     }
 }
 
-fn gauges(st: &Store, now: Timestamp) -> Result<(), crate::store::StoreError> {
+fn gauges(
+    st: &Store,
+    config: &crate::config::Config,
+    now: Timestamp,
+) -> Result<(), crate::store::StoreError> {
+    for c in crate::alerts::channel_health(st, config)? {
+        metrics::gauge!("acutoken_alerts_undelivered", "channel" => c.name.clone())
+            .set(c.undelivered as f64);
+        metrics::gauge!("acutoken_alert_channel_failures", "channel" => c.name.clone())
+            .set(c.failures as f64);
+    }
+    for (channel, n) in crate::store::alerts::delivered_counts(st.db())? {
+        metrics::gauge!("acutoken_alerts_delivered", "channel" => channel).set(n as f64);
+    }
     let counts = st.state_counts()?;
     for s in State::ALL {
         metrics::gauge!("acutoken_connections", "state" => s.as_str())
