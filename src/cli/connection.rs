@@ -652,7 +652,7 @@ fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
         // Names already in the store are named with the other problems, before
         // anything is written, so one run lists every record to fix.
         let st = ctx.open_store(Create::No)?;
-        let existing: HashSet<String> = st.list()?.into_iter().map(|r| r.conn.name).collect();
+        let existing: HashSet<String> = st.names()?.into_iter().collect();
         for (pos, n) in positions.iter().zip(&news) {
             if existing.contains(&n.conn.name) {
                 problems.push((
@@ -682,19 +682,20 @@ fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // One transaction: all or nothing, and one fsync for the whole file.
     st.write(|tx, kr| {
-        for (i, n) in news.iter().enumerate() {
-            connections::insert(tx, kr, n, now)?;
-            events::record(
-                tx,
-                n.conn.id,
-                now,
-                "added",
-                &format!("imported; state {}", n.conn.state),
-            )?;
-            if i % 1000 == 0 {
-                bar.set_position(i as u64);
+        for (i, chunk) in news.chunks(1000).enumerate() {
+            connections::insert_many(tx, kr, chunk, now)?;
+            for n in chunk {
+                events::record(
+                    tx,
+                    n.conn.id,
+                    now,
+                    "added",
+                    &format!("imported; state {}", n.conn.state),
+                )?;
             }
+            bar.set_position((i * 1000 + chunk.len()) as u64);
         }
         Ok(())
     })?;

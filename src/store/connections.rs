@@ -219,8 +219,34 @@ pub fn insert(
     new: &NewConnection,
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let c = &new.conn;
     let seq = next_seq(tx)?;
+    insert_at(tx, keyring, new, now, seq)
+}
+
+/// Inserts many new connections under one change sequence (`connection
+/// import`): the daemon picks them all up in one look. A taken name is
+/// [`StoreError::DuplicateName`] and the caller's transaction rolls back.
+pub fn insert_many(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    news: &[NewConnection],
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let seq = next_seq(tx)?;
+    for new in news {
+        insert_at(tx, keyring, new, now, seq)?;
+    }
+    Ok(())
+}
+
+fn insert_at(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    new: &NewConnection,
+    now: Timestamp,
+    seq: i64,
+) -> Result<(), StoreError> {
+    let c = &new.conn;
     let seal = |col: SecretColumn, s: &Option<Secret>| {
         s.as_ref()
             .map(|s| keyring.seal_secret(c.id, col.as_str(), s))
@@ -391,6 +417,13 @@ impl Store {
             .db
             .prepare(&format!("SELECT {COLUMNS} FROM connections ORDER BY name"))?;
         let rows = stmt.query_map([], from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every connection's name (what `import` checks new names against).
+    pub fn names(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.db.prepare("SELECT name FROM connections")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
