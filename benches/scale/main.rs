@@ -36,10 +36,13 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// One run's named figures.
+type Figures = Vec<(String, f64)>;
+
 /// Collected figures: one row per run, medians at the end.
 #[derive(Default)]
 pub struct Report {
-    rows: BTreeMap<(String, usize), Vec<Vec<(String, f64)>>>,
+    rows: BTreeMap<(String, usize), Vec<Figures>>,
 }
 
 impl Report {
