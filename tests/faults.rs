@@ -7,7 +7,6 @@
 //! Tests that mount a tmpfs need root (or CAP_SYS_ADMIN); without it they say
 //! so on stderr and pass, and `.ci/run` runs as root.
 
-#[allow(dead_code)]
 mod alerts_support;
 
 use std::collections::BTreeMap;

@@ -3,7 +3,6 @@
 //! searched for every secret and token involved. Also: the daemon marks itself
 //! non-dumpable, so no core dump or ptrace by its own user can read tokens.
 
-#[allow(dead_code)]
 mod alerts_support;
 
 use std::path::{Path, PathBuf};
