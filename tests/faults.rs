@@ -464,6 +464,7 @@ async fn the_daemon_keeps_a_token_it_cannot_save_across_a_restart_and_imports_it
         !status.success(),
         "started although the spilled token cannot be imported: {stderr}"
     );
+    assert!(stderr.contains("full"), "the error says why: {stderr}");
     assert!(
         std::fs::read_dir(&spill).unwrap().next().is_some(),
         "the spill is kept"
