@@ -117,6 +117,12 @@ pub fn normalize(input: &str) -> Result<String, InstanceError> {
         out.push(':');
         out.push_str(&port.to_string());
     }
+    // A host named `http` or `https` with a port would be stored as
+    // `https:8443`, which reads back as a mangled scheme: refuse it now rather
+    // than store what the token client cannot use.
+    if out.starts_with("http:") || out.starts_with("https:") {
+        return Err(InstanceError::MissingHost(trimmed.to_string()));
+    }
     for segment in virtual_dir(path)? {
         out.push('/');
         out.push_str(segment);
@@ -126,8 +132,15 @@ pub fn normalize(input: &str) -> Result<String, InstanceError> {
 
 /// Removes `scheme://` (http or https only). A bare `host:port` is not a scheme.
 fn strip_scheme(s: &str) -> Result<&str, InstanceError> {
-    let Some((before, after)) = s.split_once(':') else {
-        return Ok(s.strip_prefix("//").unwrap_or(s));
+    // `//host/...` names the host that follows: judge that, as it is what is stored.
+    let s = s.strip_prefix("//").unwrap_or(s);
+    // A colon after a `/`, `?` or `#` belongs to the path, query or fragment
+    // (`erp.example.com/Main?ReturnUrl=https://...`), never to a scheme.
+    let Some((before, after)) = s
+        .split_once(':')
+        .filter(|(before, _)| !before.contains(['/', '?', '#']))
+    else {
+        return Ok(s);
     };
     let scheme = before.to_ascii_lowercase();
     let web = matches!(scheme.as_str(), "http" | "https");
@@ -167,7 +180,7 @@ fn strip_scheme(s: &str) -> Result<&str, InstanceError> {
     if NOT_WEB.contains(&scheme.as_str()) {
         return Err(InstanceError::Scheme { scheme });
     }
-    Ok(s.strip_prefix("//").unwrap_or(s))
+    Ok(s)
 }
 
 /// Splits `host[:port]`, `[v6][:port]` or a bare IPv6 literal.
@@ -429,6 +442,25 @@ mod tests {
             let once = ok(input);
             assert_eq!(ok(&once), once);
         }
+    }
+
+    #[test]
+    fn found_by_fuzzing_stored_values_read_back_the_same() {
+        // `//http:44480` was stored as `http:44480`, which reads back as a
+        // mangled scheme: the token client could never use it.
+        for input in ["//http:44480", "https://http:8443/ERP", "//ftp:21"] {
+            assert!(normalize(input).is_err(), "{input}");
+        }
+        assert_eq!(normalize("https://https").unwrap(), "https");
+        // A scheme inside the query is not the URL's scheme.
+        assert_eq!(
+            normalize("erp.example.com/AcumaticaERP/Main?ReturnUrl=https://x.example/").unwrap(),
+            "erp.example.com/AcumaticaERP"
+        );
+        assert_eq!(
+            normalize("//acme.acumatica.com:8443").unwrap(),
+            "acme.acumatica.com:8443"
+        );
     }
 
     #[test]
