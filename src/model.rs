@@ -295,8 +295,9 @@ pub mod dur {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration such as 30d or 6h: {e}")))
+        humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!("`{s}` is not a duration such as 30d or 6h: {e}"))
+        })
     }
 }
 
@@ -366,7 +367,14 @@ mod tests {
 
     #[test]
     fn durations_print_as_people_write_them_and_parse_back() {
-        for (secs, text) in [(30 * 86400, "30d"), (90 * 86400, "90d"), (6 * 3600, "6h"), (129_600, "1d 12h"), (90, "1m 30s"), (0, "0s")] {
+        for (secs, text) in [
+            (30 * 86400, "30d"),
+            (90 * 86400, "90d"),
+            (6 * 3600, "6h"),
+            (129_600, "1d 12h"),
+            (90, "1m 30s"),
+            (0, "0s"),
+        ] {
             let d = Duration::from_secs(secs);
             assert_eq!(fmt_duration(d), text);
             assert_eq!(humantime::parse_duration(text).unwrap(), d);

@@ -23,7 +23,10 @@ use acutoken::store::connections::{self, NewConnection, SecretColumn};
 use acutoken::store::{Create, Store};
 
 fn chromium() -> Option<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"].iter().map(PathBuf::from).find(|p| p.exists())
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 /// The DOM after Chromium loaded `url`.
@@ -52,7 +55,10 @@ fn dump_dom(browser: &PathBuf, url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callback_pages_render_in_a_browser_and_echo_nothing() {
     let Some(browser) = chromium() else {
-        assert!(std::env::var_os("CI").is_none(), "CI must install chromium (.ci/run does)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium (.ci/run does)"
+        );
         eprintln!("skipped: no chromium on this machine (apt-get install chromium)");
         return;
     };
@@ -89,8 +95,19 @@ async fn the_callback_pages_render_in_a_browser_and_echo_nothing() {
     };
     let id = conn.id;
     let mut st = Store::open(&path, keyring.clone(), Create::Yes).unwrap();
-    st.write(|tx, kr| connections::insert(tx, kr, &NewConnection { conn, client_secret: Some(Secret::new("s3cret")), refresh_token: None }, now))
-        .unwrap();
+    st.write(|tx, kr| {
+        connections::insert(
+            tx,
+            kr,
+            &NewConnection {
+                conn,
+                client_secret: Some(Secret::new("s3cret")),
+                refresh_token: None,
+            },
+            now,
+        )
+    })
+    .unwrap();
     let mut config = Config::default();
     config.acumatica.allow_insecure_loopback = true;
     let store: SharedStore = Arc::new(Mutex::new(st));
@@ -104,38 +121,86 @@ async fn the_callback_pages_render_in_a_browser_and_echo_nothing() {
         spill_dir: None,
         hooks: Arc::new(NoHooks),
     }));
-    let router = acutoken::daemon::callback::router(engine.clone(), acutoken::alerts::Wake::new(), "/settings/acumaticacallback");
+    let router = acutoken::daemon::callback::router(
+        engine.clone(),
+        acutoken::alerts::Wake::new(),
+        "/settings/acumaticacallback",
+    );
     tokio::spawn(async move { axum::serve(listener, router).await });
 
     // The customer follows the link and approves at the (simulated) instance.
-    let link = create_link(&store, &engine.client(), Some(&redirect), Duration::from_secs(3600), "acme", now).await.unwrap();
-    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let link = create_link(
+        &store,
+        &engine.client(),
+        Some(&redirect),
+        Duration::from_secs(3600),
+        "acme",
+        now,
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let resp = http.get(link.url.expose()).send().await.unwrap();
     assert_eq!(resp.status(), 302);
     let landing = resp.headers()["location"].to_str().unwrap().to_string();
     let landing_url = url::Url::parse(&landing).unwrap();
-    let code: String = landing_url.query_pairs().find(|(k, _)| k == "code").unwrap().1.into_owned();
-    let state: String = landing_url.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
+    let code: String = landing_url
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let state: String = landing_url
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
 
     let b = browser.clone();
-    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &landing)).await.unwrap();
+    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &landing))
+        .await
+        .unwrap();
     assert!(dom.contains("<h1>Connected</h1>"), "{dom}");
-    assert!(!dom.contains(&code) && !dom.contains(&state), "the page never echoes the code or state");
+    assert!(
+        !dom.contains(&code) && !dom.contains(&state),
+        "the page never echoes the code or state"
+    );
     assert!(!dom.contains("<script"), "{dom}");
-    let row = Store::open(&path, keyring.clone(), Create::No).unwrap().get_by_id(id).unwrap().unwrap();
+    let row = Store::open(&path, keyring.clone(), Create::No)
+        .unwrap()
+        .get_by_id(id)
+        .unwrap()
+        .unwrap();
     assert_eq!(row.conn.state, State::Active, "the grant was stored");
-    assert!(Store::open(&path, keyring.clone(), Create::No).unwrap().secret(id, SecretColumn::RefreshToken).unwrap().is_some());
+    assert!(
+        Store::open(&path, keyring.clone(), Create::No)
+            .unwrap()
+            .secret(id, SecretColumn::RefreshToken)
+            .unwrap()
+            .is_some()
+    );
 
     // A tampered state carrying markup: a 4xx page, escaped, nothing stored.
     let evil = format!(
         "http://127.0.0.1:{port}/settings/acumaticacallback?code=%3Cscript%3Ealert(1)%3C/script%3E&state=%3Cimg%20src%3Dx%20onerror%3Dalert(2)%3E"
     );
     let b = browser.clone();
-    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &evil)).await.unwrap();
+    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &evil))
+        .await
+        .unwrap();
     assert!(dom.contains("Not connected"), "{dom}");
-    assert!(!dom.contains("<script") && !dom.contains("<img"), "nothing echoed as markup: {dom}");
+    assert!(
+        !dom.contains("<script") && !dom.contains("<img"),
+        "nothing echoed as markup: {dom}"
+    );
     let status = http
-        .get(format!("http://127.0.0.1:{port}/settings/acumaticacallback?code=x&state=tampered"))
+        .get(format!(
+            "http://127.0.0.1:{port}/settings/acumaticacallback?code=x&state=tampered"
+        ))
         .send()
         .await
         .unwrap()

@@ -48,7 +48,14 @@ impl World {
         let keyring = Keyring::new(Key::generate(), vec![]);
         Store::open(&path, keyring.clone(), Create::Yes).unwrap();
         let sim = Simulator::start(clock.clone()).await.unwrap();
-        World { _dir: dir, path, keyring, sim, config: config(), clock }
+        World {
+            _dir: dir,
+            path,
+            keyring,
+            sim,
+            config: config(),
+            clock,
+        }
     }
 
     fn store(&self) -> Store {
@@ -58,7 +65,10 @@ impl World {
     /// Adds a connection with a live grant issued `age` ago on `site`.
     fn add(&self, name: &str, site: &str, mode: Mode, age: chrono::Duration) -> Uuid {
         let now = self.clock.now();
-        let client_id = format!("{}@Tenant {name}", Uuid::new_v4().to_string().to_uppercase());
+        let client_id = format!(
+            "{}@Tenant {name}",
+            Uuid::new_v4().to_string().to_uppercase()
+        );
         let secret = format!("secret-{name}");
         self.sim.add_client(site, &client_id, &secret, None);
         let rt = self.sim.issue_grant(site, &client_id, now - age).unwrap();
@@ -84,8 +94,14 @@ impl World {
         };
         planning::initial(&mut conn, true, &policy_from(&self.config), now);
         let id = conn.id;
-        let new = NewConnection { conn, client_secret: Some(Secret::new(secret)), refresh_token: Some(Secret::new(rt)) };
-        self.store().write(|tx, kr| connections::insert(tx, kr, &new, now)).unwrap();
+        let new = NewConnection {
+            conn,
+            client_secret: Some(Secret::new(secret)),
+            refresh_token: Some(Secret::new(rt)),
+        };
+        self.store()
+            .write(|tx, kr| connections::insert(tx, kr, &new, now))
+            .unwrap();
         id
     }
 
@@ -108,19 +124,31 @@ impl World {
     }
 
     fn stored_refresh_token(&self, id: Uuid) -> String {
-        self.store().secret(id, SecretColumn::RefreshToken).unwrap().unwrap().expose().to_string()
+        self.store()
+            .secret(id, SecretColumn::RefreshToken)
+            .unwrap()
+            .unwrap()
+            .expose()
+            .to_string()
     }
 }
 
 fn site_of(w: &World, id: Uuid) -> String {
     let inst = w.row(id).conn.instance;
-    inst.split_once('/').map(|(_, s)| s.to_string()).unwrap_or_default()
+    inst.split_once('/')
+        .map(|(_, s)| s.to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
 async fn a_refresh_sends_one_client_secret_post_and_saves_the_rotated_token() {
     let w = World::new().await;
-    let id = w.add("acme", "AcumaticaERP", Mode::Absolute, chrono::Duration::days(1));
+    let id = w.add(
+        "acme",
+        "AcumaticaERP",
+        Mode::Absolute,
+        chrono::Duration::days(1),
+    );
     let before = w.stored_refresh_token(id);
     let engine = w.engine("test");
     let rep = engine.refresh(id).await.unwrap();
@@ -131,13 +159,25 @@ async fn a_refresh_sends_one_client_secret_post_and_saves_the_rotated_token() {
     assert_eq!(r.grant_type.as_deref(), Some("refresh_token"));
     assert!(!r.basic_auth, "client_secret_post, not HTTP Basic");
     for k in ["client_id", "client_secret", "refresh_token"] {
-        assert!(r.form_keys.iter().any(|f| f == k), "form lacks {k}: {:?}", r.form_keys);
+        assert!(
+            r.form_keys.iter().any(|f| f == k),
+            "form lacks {k}: {:?}",
+            r.form_keys
+        );
     }
-    assert!(r.client_id.as_deref().unwrap().ends_with("@Tenant acme"), "tenant with a space kept whole");
+    assert!(
+        r.client_id.as_deref().unwrap().ends_with("@Tenant acme"),
+        "tenant with a space kept whole"
+    );
     let after = w.stored_refresh_token(id);
     assert_ne!(before, after, "the rotated token replaced the old one");
     let client = w.row(id).conn.client_id;
-    assert_eq!(w.sim.current_refresh_token("AcumaticaERP", &client).as_deref(), Some(after.as_str()));
+    assert_eq!(
+        w.sim
+            .current_refresh_token("AcumaticaERP", &client)
+            .as_deref(),
+        Some(after.as_str())
+    );
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Active);
     assert!(row.claim.is_none(), "the claim is released");
@@ -153,7 +193,11 @@ async fn the_rotated_token_is_the_one_sent_next() {
         assert_eq!(engine.refresh(id).await.unwrap().outcome, "refreshed");
     }
     assert_eq!(w.sim.token_requests("s1"), 5);
-    assert_eq!(w.sim.total_replays(), 0, "no refresh token was ever sent twice");
+    assert_eq!(
+        w.sim.total_replays(),
+        0,
+        "no refresh token was ever sent twice"
+    );
     assert!(w.sim.refresh_token_alive("s1", &w.stored_refresh_token(id)));
 }
 
@@ -162,13 +206,18 @@ async fn invalid_client_means_needs_secret_and_no_retry() {
     let w = World::new().await;
     let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
     let client = w.row(id).conn.client_id;
-    w.sim.replace_secret("s1", &client, "someone-else-s-secret", None).unwrap();
+    w.sim
+        .replace_secret("s1", &client, "someone-else-s-secret", None)
+        .unwrap();
     let engine = w.engine("test");
     let rep = engine.refresh(id).await.unwrap();
     assert_eq!(rep.outcome, "failed");
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsSecret);
-    assert_eq!(row.conn.next_refresh_at, None, "never retried automatically");
+    assert_eq!(
+        row.conn.next_refresh_at, None,
+        "never retried automatically"
+    );
     assert!(row.conn.last_error.unwrap().contains("invalid_client"));
     // Asking again sends nothing: a human must act.
     let rep = engine.refresh(id).await.unwrap();
@@ -203,20 +252,40 @@ async fn transient_failures_back_off_and_recover() {
     let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
     let engine = w.engine("test");
     w.sim.inject("s1", Fault::Html503, Some(1));
-    w.sim.inject("s1", Fault::Status { code: 429, retry_after: Some(600), body: String::new() }, Some(1));
+    w.sim.inject(
+        "s1",
+        Fault::Status {
+            code: 429,
+            retry_after: Some(600),
+            body: String::new(),
+        },
+        Some(1),
+    );
     let t0 = w.clock.now();
     engine.refresh(id).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Retrying);
     assert_eq!(row.failures, 1);
     let first = row.conn.next_refresh_at.unwrap();
-    assert!(first >= t0 + chrono::Duration::seconds(59), "at least retry_min: {first}");
-    assert!(first <= t0 + chrono::Duration::seconds(3601), "at most retry_max");
+    assert!(
+        first >= t0 + chrono::Duration::seconds(59),
+        "at least retry_min: {first}"
+    );
+    assert!(
+        first <= t0 + chrono::Duration::seconds(3601),
+        "at most retry_max"
+    );
     engine.refresh(id).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.failures, 2);
-    assert!(row.conn.next_refresh_at.unwrap() >= t0 + chrono::Duration::seconds(599), "Retry-After honoured");
-    assert!(w.sim.refresh_token_alive("s1", &w.stored_refresh_token(id)), "faults never consume the token");
+    assert!(
+        row.conn.next_refresh_at.unwrap() >= t0 + chrono::Duration::seconds(599),
+        "Retry-After honoured"
+    );
+    assert!(
+        w.sim.refresh_token_alive("s1", &w.stored_refresh_token(id)),
+        "faults never consume the token"
+    );
     assert_eq!(engine.refresh(id).await.unwrap().outcome, "refreshed");
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Active);
@@ -228,39 +297,62 @@ async fn transient_failures_back_off_and_recover() {
 #[tokio::test]
 async fn absolute_mode_keeps_its_deadline_and_sliding_mode_moves_it() {
     let w = World::new().await;
-    w.sim.set_lifetime("slide", Lifetime::Sliding { lifetime: Duration::from_secs(30 * 86400), cap: None });
+    w.sim.set_lifetime(
+        "slide",
+        Lifetime::Sliding {
+            lifetime: Duration::from_secs(30 * 86400),
+            cap: None,
+        },
+    );
     let abs = w.add("abs", "fixed", Mode::Absolute, chrono::Duration::days(10));
     let sli = w.add("sli", "slide", Mode::Sliding, chrono::Duration::days(10));
-    let (a0, s0) = (w.row(abs).conn.deadline.unwrap(), w.row(sli).conn.deadline.unwrap());
+    let (a0, s0) = (
+        w.row(abs).conn.deadline.unwrap(),
+        w.row(sli).conn.deadline.unwrap(),
+    );
     let engine = w.engine("test");
     engine.refresh(abs).await.unwrap();
     engine.refresh(sli).await.unwrap();
     let a = w.row(abs).conn;
     let s = w.row(sli).conn;
-    assert_eq!(a.deadline.unwrap(), a0, "absolute: refreshing never moves the deadline");
+    assert_eq!(
+        a.deadline.unwrap(),
+        a0,
+        "absolute: refreshing never moves the deadline"
+    );
     assert_eq!(a.deadline_source, Some(DeadlineSource::Observed));
-    assert!(s.deadline.unwrap() > s0 + chrono::Duration::days(9), "sliding: the deadline moved with the refresh");
+    assert!(
+        s.deadline.unwrap() > s0 + chrono::Duration::days(9),
+        "sliding: the deadline moved with the refresh"
+    );
 }
 
 #[tokio::test]
 async fn two_processes_refreshing_at_once_send_one_request() {
     let w = World::new().await;
     let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
-    w.sim.inject("s1", Fault::Delay(Duration::from_millis(600)), Some(1));
+    w.sim
+        .inject("s1", Fault::Delay(Duration::from_millis(600)), Some(1));
     // Two engines on two store connections with different owners: a daemon and a CLI.
     let daemon = w.engine("serve");
     let cli = w.engine("cli");
     let (a, b) = tokio::join!(daemon.refresh(id), cli.refresh(id));
     let outcomes = [a.unwrap().outcome, b.unwrap().outcome];
     assert!(outcomes.contains(&"refreshed".to_string()), "{outcomes:?}");
-    assert!(outcomes.contains(&"busy".to_string()), "the second one saw a live claim: {outcomes:?}");
+    assert!(
+        outcomes.contains(&"busy".to_string()),
+        "the second one saw a live claim: {outcomes:?}"
+    );
     assert_eq!(w.sim.token_requests("s1"), 1);
     assert_eq!(w.sim.total_replays(), 0);
 }
 
 /// Puts a claim on `id` as a process that died mid-request would leave it.
 fn orphan_claim(w: &World, id: Uuid) {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
     // A pid that cannot exist (beyond pid_max), on this host: its owner is dead.
     let dead = format!("{host}/4194999/1/serve");
     w.store()
@@ -283,9 +375,15 @@ async fn an_orphaned_claim_whose_request_never_arrived_recovers() {
     assert_eq!(engine.refresh(id).await.unwrap().outcome, "refreshed");
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Active);
-    assert!(!row.outcome_unknown, "a definite outcome clears the unknown");
+    assert!(
+        !row.outcome_unknown,
+        "a definite outcome clears the unknown"
+    );
     let history = w.store().history(id).unwrap();
-    assert!(history.iter().any(|e| e.event == "outcome_unknown"), "{history:?}");
+    assert!(
+        history.iter().any(|e| e.event == "outcome_unknown"),
+        "{history:?}"
+    );
 }
 
 #[tokio::test]
@@ -299,7 +397,12 @@ async fn an_orphaned_claim_whose_token_was_consumed_is_flagged_not_hidden() {
     let http = reqwest::Client::new();
     let resp = http
         .post(w.sim.token_url("s1"))
-        .form(&[("grant_type", "refresh_token"), ("client_id", client.as_str()), ("client_secret", "secret-acme"), ("refresh_token", old.as_str())])
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", client.as_str()),
+            ("client_secret", "secret-acme"),
+            ("refresh_token", old.as_str()),
+        ])
         .send()
         .await
         .unwrap();
@@ -310,7 +413,11 @@ async fn an_orphaned_claim_whose_token_was_consumed_is_flagged_not_hidden() {
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsReauthorization);
     assert!(
-        row.conn.last_error.as_deref().unwrap().contains("a rotated token was lost while the process stopped"),
+        row.conn
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("a rotated token was lost while the process stopped"),
         "{:?}",
         row.conn.last_error
     );
@@ -329,7 +436,14 @@ async fn a_second_orphan_on_the_same_token_stops_without_sending() {
         let mut st = st;
         st.write(|tx, kr| {
             // First recovery marks the outcome unknown, then its process dies too.
-            let out = claims::claim(tx, kr, id, &Owner::current("serve"), Duration::from_secs(60), chrono::Utc::now())?;
+            let out = claims::claim(
+                tx,
+                kr,
+                id,
+                &Owner::current("serve"),
+                Duration::from_secs(60),
+                chrono::Utc::now(),
+            )?;
             assert!(matches!(out, claims::ClaimOutcome::Claimed(_)));
             Ok(())
         })
@@ -340,7 +454,11 @@ async fn a_second_orphan_on_the_same_token_stops_without_sending() {
     engine.refresh(id).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsReauthorization);
-    assert_eq!(w.sim.token_requests("s1"), 0, "a token that may have gone out twice is not sent a third time");
+    assert_eq!(
+        w.sim.token_requests("s1"),
+        0,
+        "a token that may have gone out twice is not sent a third time"
+    );
 }
 
 #[tokio::test]
@@ -358,7 +476,10 @@ async fn tokens_are_served_from_cache_and_refreshed_when_short() {
         TokenAnswer::Token(t) => t,
         other => panic!("{other:?}"),
     };
-    assert_eq!(t1.access_token, t2.access_token, "a fresh token is served from the store");
+    assert_eq!(
+        t1.access_token, t2.access_token,
+        "a fresh token is served from the store"
+    );
     assert_eq!(w.sim.token_requests("s1"), 1);
     assert_eq!(t2.base_url, format!("http://{}", w.row(id).conn.instance));
 }
@@ -391,17 +512,26 @@ async fn the_scheduler_respects_global_and_per_instance_limits_and_runs_earliest
     let mut ids = Vec::new();
     for i in 0..40 {
         // Older grants have nearer deadlines; all are due now (assumed deadlines are proven at once).
-        let id = w.add(&format!("c{i}"), &format!("site{}", i % 4), Mode::Absolute, chrono::Duration::days(1 + (i as i64 % 20)));
+        let id = w.add(
+            &format!("c{i}"),
+            &format!("site{}", i % 4),
+            Mode::Absolute,
+            chrono::Duration::days(1 + (i as i64 % 20)),
+        );
         w.store()
             .write(|tx, _| {
-                tx.execute("UPDATE connections SET next_refresh_at = 0 WHERE id = ?1", [id.to_string()])?;
+                tx.execute(
+                    "UPDATE connections SET next_refresh_at = 0 WHERE id = ?1",
+                    [id.to_string()],
+                )?;
                 Ok(())
             })
             .unwrap();
         ids.push(id);
     }
     for s in 0..4 {
-        w.sim.set_latency(&format!("site{s}"), Duration::from_millis(80));
+        w.sim
+            .set_latency(&format!("site{s}"), Duration::from_millis(80));
     }
     let engine = w.engine("serve");
     let (mut sched, snapshot) = Scheduler::new(engine.clone(), 6, 2, Duration::from_secs(60));
@@ -414,7 +544,11 @@ async fn the_scheduler_respects_global_and_per_instance_limits_and_runs_earliest
     let task = tokio::spawn(sched.run(rx, stop.clone(), Duration::from_secs(10), || {}));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while w.sim.total_token_requests() < 40 {
-        assert!(tokio::time::Instant::now() < deadline, "only {} of 40 refreshed", w.sim.total_token_requests());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 40 refreshed",
+            w.sim.total_token_requests()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Wait until every refresh is saved.
@@ -429,7 +563,11 @@ async fn the_scheduler_respects_global_and_per_instance_limits_and_runs_earliest
         let m = w.sim.max_concurrency(&format!("site{s}"));
         assert!(m <= 2, "site{s} saw {m} requests at once");
     }
-    assert!(w.sim.max_concurrency_all() <= 6, "{}", w.sim.max_concurrency_all());
+    assert!(
+        w.sim.max_concurrency_all() <= 6,
+        "{}",
+        w.sim.max_concurrency_all()
+    );
     assert!(w.sim.max_concurrency_all() >= 2, "work ran in parallel");
     assert_eq!(w.sim.total_token_requests(), 40, "each exactly once");
     assert_eq!(w.sim.total_replays(), 0);
@@ -447,7 +585,12 @@ async fn a_clock_jump_replans_without_a_storm() {
     let mut ids = Vec::new();
     for i in 0..12 {
         // Authorized an hour ago: the first probe is most of a day away.
-        ids.push(w.add(&format!("c{i}"), "s1", Mode::Absolute, chrono::Duration::hours(1)));
+        ids.push(w.add(
+            &format!("c{i}"),
+            "s1",
+            Mode::Absolute,
+            chrono::Duration::hours(1),
+        ));
     }
     let engine = w.engine("serve");
     let (mut sched, snapshot) = Scheduler::new(engine.clone(), 3, 2, Duration::from_millis(100));
@@ -461,22 +604,37 @@ async fn a_clock_jump_replans_without_a_storm() {
     // Nothing is due for a day.
     let settle = tokio::time::Instant::now() + Duration::from_millis(400);
     while tokio::time::Instant::now() < settle {
-        assert_eq!(w.sim.total_token_requests(), 0, "nothing fires before its time");
+        assert_eq!(
+            w.sim.total_token_requests(),
+            0,
+            "nothing fires before its time"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     w.sim.set_latency("s1", Duration::from_millis(50));
     manual.advance(chrono::Duration::days(2));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while w.sim.total_token_requests() < 12 {
-        assert!(tokio::time::Instant::now() < deadline, "after the jump only {} refreshed", w.sim.total_token_requests());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after the jump only {} refreshed",
+            w.sim.total_token_requests()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     while snapshot.borrow().running > 0 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(w.sim.max_concurrency("s1") <= 2, "bounded by the per-instance limit, not a storm");
-    assert_eq!(w.sim.total_token_requests(), 12, "each due connection refreshed once");
+    assert!(
+        w.sim.max_concurrency("s1") <= 2,
+        "bounded by the per-instance limit, not a storm"
+    );
+    assert_eq!(
+        w.sim.total_token_requests(),
+        12,
+        "each due connection refreshed once"
+    );
     // A jump back by hours does not make anything fire early or twice.
     manual.advance(-chrono::Duration::hours(5));
     let settle = tokio::time::Instant::now() + Duration::from_millis(500);

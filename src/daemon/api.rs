@@ -53,7 +53,10 @@ fn from_engine(e: EngineError) -> Response {
             r
         }
         EngineError::Stopping => {
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, EngineError::Stopping.to_string());
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                EngineError::Stopping.to_string(),
+            );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
             r

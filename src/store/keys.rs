@@ -61,10 +61,10 @@ pub fn resolve_keyring(
             .mode(0o700)
             .create(dir)
             .map_err(|error| StoreError::Io {
-            what: "cannot create the directory",
-            path: dir.to_path_buf(),
-            error,
-        })?;
+                what: "cannot create the directory",
+                path: dir.to_path_buf(),
+                error,
+            })?;
     }
     let key = Key::generate();
     crypto::write_key_file(&path, &key).map_err(|error| StoreError::Io {
