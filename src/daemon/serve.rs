@@ -238,6 +238,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         let wake = wake.clone();
         let mut st = watcher_store;
         let mut seq = st.change_seq()?;
+        let mut version = st.data_version()?;
         let clock = clock.clone();
         tasks.spawn(async move {
             let mut last_prune = clock.now();
@@ -248,12 +249,19 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 }
                 let now = clock.now();
                 let prune = now - last_prune > chrono::Duration::hours(6);
-                let (res, back) = tokio::task::spawn_blocking(move || {
-                    let r = st.changed_since(seq);
+                let (res, back, seen) = tokio::task::spawn_blocking(move || {
+                    // data_version moves only when another connection commits:
+                    // an idle store costs one in-memory pragma per turn.
+                    let seen = st.data_version().unwrap_or(version.wrapping_add(1));
+                    let r = if seen == version {
+                        Ok((Vec::new(), Vec::new(), seq))
+                    } else {
+                        st.changed_since(seq)
+                    };
                     if prune && let Err(e) = st.prune_events(now) {
                         tracing::warn!(error = %e, "cannot prune old history");
                     }
-                    (r, st)
+                    (r, st, seen)
                 })
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -273,6 +281,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                             let _ = tx.send(Input::Remove(id)).await;
                         }
                         seq = newest;
+                        version = seen;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read changes from the store"),
                 }

@@ -101,6 +101,9 @@ pub trait Hooks: Send + Sync + 'static {
 pub struct NoHooks;
 impl Hooks for NoHooks {}
 
+/// The per-connection lock map is swept of idle entries when it reaches this size.
+const LOCK_SWEEP_AT: usize = 4096;
+
 /// What an engine is made of.
 pub struct EngineParts {
     pub store: SharedStore,
@@ -362,12 +365,21 @@ impl Engine {
 
     /// The per-connection single-flight lock; its value is the last token-driven refresh.
     fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<Option<Timestamp>>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id)
-            .or_default()
-            .clone()
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Sweeping at powers of two keeps the cost amortised when many stay busy.
+        if locks.len() >= LOCK_SWEEP_AT && locks.len().is_power_of_two() && !locks.contains_key(&id)
+        {
+            // Keep only locks someone holds or waits on, and the ones still
+            // enforcing the one-token-refresh-a-minute rule.
+            let now = self.clock.now();
+            locks.retain(|_, l| {
+                Arc::strong_count(l) > 1
+                    || l.try_lock().map_or(true, |last| {
+                        last.is_some_and(|t| now - t < chrono::Duration::minutes(1))
+                    })
+            });
+        }
+        locks.entry(id).or_default().clone()
     }
 
     /// Forgets a removed connection's lock.

@@ -31,10 +31,10 @@ pub fn record(
     event: &str,
     detail: &str,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO events (connection_id, at, event, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![connection.to_string(), to_ms(at), event, detail],
-    )?;
+    )?
+    .execute(params![connection.to_string(), to_ms(at), event, detail])?;
     Ok(())
 }
 

@@ -309,9 +309,8 @@ pub(crate) fn from_ms(ms: i64) -> Timestamp {
 
 /// Bumps and returns the store-wide change sequence (inside a write transaction).
 pub(crate) fn next_seq(tx: &Transaction<'_>) -> Result<i64, StoreError> {
-    Ok(tx.query_row(
+    let mut stmt = tx.prepare_cached(
         "UPDATE meta SET value = value + 1 WHERE key = 'change_seq' RETURNING value",
-        [],
-        |r| r.get(0),
-    )?)
+    )?;
+    Ok(stmt.query_row([], |r| r.get(0))?)
 }
