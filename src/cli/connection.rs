@@ -340,10 +340,7 @@ fn show(st: &Store, row: &ConnectionRow, now: Timestamp) -> anyhow::Result<()> {
             },
         ],
         vec!["mode".into(), c.mode.to_string()],
-        vec![
-            "lifetime".into(),
-            crate::model::fmt_duration(c.lifetime),
-        ],
+        vec!["lifetime".into(), crate::model::fmt_duration(c.lifetime)],
         vec![
             "absolute_lifetime".into(),
             c.absolute_lifetime
