@@ -51,14 +51,18 @@ fuzz_target!(|text: &str| {
         );
         assert!(acutoken::model::validate_name(&rec.conn.name).is_ok());
     }
-    let Ok(mut doc) = serde_json::from_str::<Value>(text) else {
+    let Ok(doc) = serde_json::from_str::<Value>(text) else {
         return;
     };
-    replace_secrets(&mut doc);
-    let again = parse_import(&doc.to_string(), &config, now).expect("still an array");
+    // Both sides go through the same re-serialization (which may shorten
+    // numbers), so only the secrets differ.
+    let before = parse_import(&doc.to_string(), &config, now).expect("still an array");
+    let mut replaced = doc;
+    replace_secrets(&mut replaced);
+    let again = parse_import(&replaced.to_string(), &config, now).expect("still an array");
     assert_eq!(
-        parsed.problems, again.problems,
+        before.problems, again.problems,
         "a message depends on a secret's value"
     );
-    assert_eq!(parsed.records.len(), again.records.len());
+    assert_eq!(before.records.len(), again.records.len());
 });
