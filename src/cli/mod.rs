@@ -1,7 +1,7 @@
 //! The command line: one file per command group, all calling into the library.
 
 mod args;
-mod connection;
+pub mod connection;
 mod demo;
 mod io;
 mod keys;
