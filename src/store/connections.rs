@@ -220,7 +220,7 @@ pub fn insert(
     now: Timestamp,
 ) -> Result<(), StoreError> {
     let seq = next_seq(tx)?;
-    insert_at(tx, keyring, new, now, seq)
+    insert_at(tx, new, &Sealed::new(keyring, new), now, seq)
 }
 
 /// Inserts many new connections under one change sequence (`connection
@@ -232,62 +232,163 @@ pub fn insert_many(
     news: &[NewConnection],
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let seq = next_seq(tx)?;
-    for new in news {
-        insert_at(tx, keyring, new, now, seq)?;
+    let sealed: Vec<Sealed> = news.iter().map(|n| Sealed::new(keyring, n)).collect();
+    insert_sealed(tx, news, &sealed, now).map(|_| ())
+}
+
+/// What a [`NewConnection`]'s row needs beyond its fields: the secrets
+/// sealed for its id, and the id and labels as text. This is the CPU-bound
+/// half of an insert, which a bulk import does on another thread.
+pub struct Sealed {
+    id: String,
+    labels: String,
+    client_secret: Option<Vec<u8>>,
+    refresh_token: Option<Vec<u8>>,
+}
+
+impl Sealed {
+    pub fn new(keyring: &Keyring, new: &NewConnection) -> Sealed {
+        let id = new.conn.id;
+        let seal = |col: SecretColumn, s: &Option<Secret>| {
+            s.as_ref().map(|s| keyring.seal_secret(id, col.as_str(), s))
+        };
+        Sealed {
+            id: id.to_string(),
+            labels: labels_json(&new.conn.labels),
+            client_secret: seal(SecretColumn::ClientSecret, &new.client_secret),
+            refresh_token: seal(SecretColumn::RefreshToken, &new.refresh_token),
+        }
     }
-    Ok(())
+}
+
+/// The columns a new connection sets, in the order [`bind_new`] binds them.
+const INSERT_COLUMNS: &str = "INTO connections (id, name, instance, client_id, labels,
+    mode, lifetime_s, absolute_lifetime_s, secret_expires_at, grant_issued_at,
+    refresh_token_issued_at, deadline, deadline_source, next_refresh_at, state, client_secret,
+    refresh_token, change_seq, created_at) VALUES ";
+const INSERT_PARAMS: usize = 19;
+/// Rows per multi-row INSERT in a bulk insert: one statement per row costs
+/// as much again as the B-tree work. 50 × 19 parameters is far below
+/// SQLite's limit of 32,766.
+const BULK_ROWS: usize = 50;
+
+/// `OR ROLLBACK` spares SQLite a statement journal (a copy of every page
+/// the statement touches, kept in case a later row of it fails): a
+/// conflict ends the whole transaction instead, as the import wants anyway.
+fn insert_sql(rows: usize, conflict: &str) -> String {
+    let one = format!("({})", vec!["?"; INSERT_PARAMS].join(", "));
+    format!(
+        "INSERT OR {conflict} {INSERT_COLUMNS}{}",
+        vec![one; rows].join(", ")
+    )
+}
+
+/// [`insert_many`] with the secrets sealed beforehand; `sealed[i]` belongs
+/// to `news[i]`. Returns the change sequence the rows were written under.
+pub fn insert_sealed(
+    tx: &Transaction<'_>,
+    news: &[NewConnection],
+    sealed: &[Sealed],
+    now: Timestamp,
+) -> Result<i64, StoreError> {
+    assert_eq!(news.len(), sealed.len(), "one Sealed per new connection");
+    let seq = next_seq(tx)?;
+    let bulk = news.len() - news.len() % BULK_ROWS;
+    if bulk > 0 {
+        let mut stmt = tx.prepare_cached(&insert_sql(BULK_ROWS, "ROLLBACK"))?;
+        for (rows, seals) in news[..bulk]
+            .chunks(BULK_ROWS)
+            .zip(sealed[..bulk].chunks(BULK_ROWS))
+        {
+            for (k, (new, sealed)) in rows.iter().zip(seals).enumerate() {
+                bind_new(&mut stmt, k * INSERT_PARAMS, new, sealed, now, seq)?;
+            }
+            match stmt.raw_execute() {
+                Ok(_) => {}
+                // The transaction is gone; outside it, the store shows
+                // which name another writer took meanwhile.
+                Err(
+                    e @ rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error {
+                            code: rusqlite::ErrorCode::ConstraintViolation,
+                            ..
+                        },
+                        _,
+                    ),
+                ) => {
+                    let mut exists = tx.prepare("SELECT 1 FROM connections WHERE name = ?1")?;
+                    for new in rows {
+                        if exists.exists([&new.conn.name])? {
+                            return Err(StoreError::DuplicateName(new.conn.name.clone()));
+                        }
+                    }
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    for (new, sealed) in news[bulk..].iter().zip(&sealed[bulk..]) {
+        insert_at(tx, new, sealed, now, seq)?;
+    }
+    Ok(seq)
 }
 
 fn insert_at(
     tx: &Transaction<'_>,
-    keyring: &Keyring,
     new: &NewConnection,
+    sealed: &Sealed,
     now: Timestamp,
     seq: i64,
 ) -> Result<(), StoreError> {
-    let c = &new.conn;
-    let seal = |col: SecretColumn, s: &Option<Secret>| {
-        s.as_ref()
-            .map(|s| keyring.seal_secret(c.id, col.as_str(), s))
-    };
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO connections (id, name, instance, client_id, labels, mode, lifetime_s,
-            absolute_lifetime_s, secret_expires_at, grant_issued_at, refresh_token_issued_at,
-            deadline, deadline_source, next_refresh_at, state, client_secret, refresh_token,
-            change_seq, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-    )?;
-    let res = stmt.execute(params![
-        c.id.to_string(),
-        c.name,
-        c.instance,
-        c.client_id,
-        labels_json(&c.labels),
-        c.mode.as_str(),
-        c.lifetime.as_secs() as i64,
-        c.absolute_lifetime.map(|d| d.as_secs() as i64),
-        c.secret_expires_at.map(to_ms),
-        c.grant_issued_at.map(to_ms),
-        c.refresh_token_issued_at.map(to_ms),
-        c.deadline.map(to_ms),
-        c.deadline_source.map(|s| s.as_str()),
-        c.next_refresh_at.map(to_ms),
-        c.state.as_str(),
-        seal(SecretColumn::ClientSecret, &new.client_secret),
-        seal(SecretColumn::RefreshToken, &new.refresh_token),
-        seq,
-        to_ms(now),
-    ]);
-    match res {
+    let mut stmt = tx.prepare_cached(&insert_sql(1, "ABORT"))?;
+    bind_new(&mut stmt, 0, new, sealed, now, seq)?;
+    match stmt.raw_execute() {
         Ok(_) => Ok(()),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            Err(StoreError::DuplicateName(c.name.clone()))
+            Err(StoreError::DuplicateName(new.conn.name.clone()))
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Binds one new row's values to parameters `base + 1 ..= base + 19`.
+fn bind_new(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    base: usize,
+    new: &NewConnection,
+    sealed: &Sealed,
+    now: Timestamp,
+    seq: i64,
+) -> rusqlite::Result<()> {
+    let c = &new.conn;
+    let values: [&dyn rusqlite::ToSql; INSERT_PARAMS] = [
+        &sealed.id,
+        &c.name,
+        &c.instance,
+        &c.client_id,
+        &sealed.labels,
+        &c.mode.as_str(),
+        &(c.lifetime.as_secs() as i64),
+        &c.absolute_lifetime.map(|d| d.as_secs() as i64),
+        &c.secret_expires_at.map(to_ms),
+        &c.grant_issued_at.map(to_ms),
+        &c.refresh_token_issued_at.map(to_ms),
+        &c.deadline.map(to_ms),
+        &c.deadline_source.map(|s| s.as_str()),
+        &c.next_refresh_at.map(to_ms),
+        &c.state.as_str(),
+        &sealed.client_secret,
+        &sealed.refresh_token,
+        &seq,
+        &to_ms(now),
+    ];
+    for (i, v) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(base + i + 1, v)?;
+    }
+    Ok(())
 }
 
 /// Writes every non-secret field of `row` back, bumping version and change sequence.
@@ -613,5 +714,99 @@ impl Store {
             .map(|d| (d - now) as f64 / 1000.0)
             .collect();
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Key;
+    use crate::store::Create;
+
+    fn new_connection(i: usize) -> NewConnection {
+        NewConnection {
+            conn: Connection {
+                id: Uuid::new_v4(),
+                name: format!("c{i:04}"),
+                instance: "https://erp.example.com".into(),
+                client_id: format!("{i:08X}-A48D-A50E-F710-39C1636C30F6@T"),
+                labels: BTreeMap::from([("customer".into(), format!("Customer {i}"))]),
+                mode: Mode::Sliding,
+                lifetime: Duration::from_secs(30 * 86400),
+                absolute_lifetime: None,
+                secret_expires_at: None,
+                grant_issued_at: None,
+                refresh_token_issued_at: None,
+                access_expires_at: None,
+                deadline: None,
+                deadline_source: None,
+                next_refresh_at: None,
+                last_refresh_at: None,
+                last_error: None,
+                state: State::PendingAuthorization,
+            },
+            client_secret: Some(Secret::new(format!("secret-{i}"))),
+            refresh_token: (i % 2 == 0).then(|| Secret::new(format!("token-{i}"))),
+        }
+    }
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        let keyring = Keyring::new(Key::generate(), vec![]);
+        Store::open(&dir.path().join("acutoken.db"), keyring, Create::Yes).unwrap()
+    }
+
+    /// 2 multi-row statements and 23 single rows: every row and secret lands.
+    #[test]
+    fn a_bulk_insert_writes_every_row_with_its_own_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = store(&dir);
+        let news: Vec<NewConnection> = (0..2 * BULK_ROWS + 23).map(new_connection).collect();
+        let now = chrono::Utc::now();
+        st.write(|tx, kr| insert_many(tx, kr, &news, now)).unwrap();
+        assert_eq!(st.count().unwrap(), news.len());
+        for new in &news {
+            let row = st.get(&new.conn.name).unwrap();
+            assert_eq!(row.conn.id, new.conn.id);
+            assert_eq!(row.conn.labels, new.conn.labels);
+            assert_eq!(row.conn.client_id, new.conn.client_id);
+            for (col, want) in [
+                (SecretColumn::ClientSecret, &new.client_secret),
+                (SecretColumn::RefreshToken, &new.refresh_token),
+            ] {
+                let got = st.secret(new.conn.id, col).unwrap();
+                assert_eq!(
+                    got.as_ref().map(|s| s.expose().to_string()),
+                    want.as_ref().map(|s| s.expose().to_string())
+                );
+            }
+        }
+    }
+
+    /// A name another writer took between the import's check and its write
+    /// is named, inside a multi-row statement as in the single rows, and
+    /// nothing of the batch is written.
+    #[test]
+    fn a_name_taken_meanwhile_is_named_and_nothing_is_written() {
+        for taken in [7, 2 * BULK_ROWS + 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut st = store(&dir);
+            let now = chrono::Utc::now();
+            let mut first = new_connection(taken);
+            first.conn.id = Uuid::new_v4();
+            st.write(|tx, kr| insert(tx, kr, &first, now)).unwrap();
+            let news: Vec<NewConnection> = (0..2 * BULK_ROWS + 5).map(new_connection).collect();
+            let err = st
+                .write(|tx, kr| insert_many(tx, kr, &news, now))
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::DuplicateName(n) if *n == format!("c{taken:04}")),
+                "{err}"
+            );
+            assert_eq!(st.count().unwrap(), 1);
+            // The store is still writable: the failed transaction is gone.
+            st.write(|tx, kr| insert(tx, kr, &new_connection(9999), now))
+                .unwrap();
+            assert_eq!(st.count().unwrap(), 2);
+        }
     }
 }

@@ -38,6 +38,23 @@ pub fn record(
     Ok(())
 }
 
+/// Records `event` for every connection written under change sequence `seq`
+/// (one bulk insert), with `detail_prefix` followed by its state.
+pub fn record_for_change(
+    tx: &Transaction<'_>,
+    seq: i64,
+    at: Timestamp,
+    event: &str,
+    detail_prefix: &str,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO events (connection_id, at, event, detail)
+         SELECT id, ?1, ?2, ?3 || state FROM connections WHERE change_seq = ?4 ORDER BY id",
+    )?
+    .execute(params![to_ms(at), event, detail_prefix, seq])?;
+    Ok(())
+}
+
 impl Store {
     /// A connection's history, oldest first.
     pub fn history(&self, connection: Uuid) -> Result<Vec<Event>, StoreError> {

@@ -225,6 +225,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Prepares this connection for one large write transaction of about
+    /// `bytes` of new pages (`connection import`). SQLite keeps up to that
+    /// much in its page cache (the default is 2 MB), so nothing spills to the
+    /// WAL and is read back before the commit, and keeps its statement
+    /// journals in memory instead of a temporary file that every multi-row
+    /// INSERT would write through.
+    pub fn prepare_bulk_write(&self, bytes: usize) -> Result<(), StoreError> {
+        let kib = (bytes / 1024).max(2048) as i64;
+        self.db.pragma_update(None, "cache_size", -kib)?;
+        self.db.pragma_update(None, "temp_store", "MEMORY")?;
+        Ok(())
+    }
+
     /// Read access for queries that need no transaction.
     pub fn db(&self) -> &Db {
         &self.db
