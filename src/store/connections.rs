@@ -746,7 +746,7 @@ mod tests {
                 state: State::PendingAuthorization,
             },
             client_secret: Some(Secret::new(format!("secret-{i}"))),
-            refresh_token: (i % 2 == 0).then(|| Secret::new(format!("token-{i}"))),
+            refresh_token: i.is_multiple_of(2).then(|| Secret::new(format!("token-{i}"))),
         }
     }
 
