@@ -237,11 +237,22 @@ pub fn seed(
     Ok(())
 }
 
-/// A seeded store of `n` idle connections, made once per size and copied per run.
+/// How long a seeded store stays idle enough to be copied: the earliest
+/// planned refresh is an hour after seeding.
+const SEED_FRESH_FOR: Duration = Duration::from_secs(30 * 60);
+
+/// A seeded store of `n` idle connections, made at most [`SEED_FRESH_FOR`]
+/// ago and copied per run.
 pub fn idle_store(n: usize) -> anyhow::Result<Dir> {
     let path = work_root().join(format!("seed-{n}"));
     let dir = Dir { path: path.clone() };
-    if dir.store().exists() && path.join("complete").exists() {
+    // The seeded plans start from the seeding time: hours later, part of the
+    // store is due and the daemon is no longer idle (it tries, and fails, to
+    // refresh against example.com). A seed is reused for 30 minutes only.
+    let fresh = std::fs::metadata(path.join("complete"))
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < SEED_FRESH_FOR));
+    if dir.store().exists() && fresh {
         return Ok(dir);
     }
     let dir = Dir::fresh(&format!("seed-{n}"))?;
