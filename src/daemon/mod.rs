@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pages;
 pub mod serve;
+pub mod watch;
 
 use crate::config::Config;
 

@@ -26,8 +26,12 @@ use crate::secret::Secret;
 use crate::store::claims::Owner;
 use crate::store::{self, Create, Store};
 
-/// How often CLI writes are looked for (DESIGN §5: acted on within a second).
-const WATCH_EVERY: Duration = Duration::from_millis(400);
+/// CLI writes are acted on within a second (DESIGN §5). The store watcher
+/// looks at the store after every write to its WAL file (see `watch`), and
+/// at least this often in case an event was missed...
+const WATCH_FALLBACK: Duration = Duration::from_secs(5);
+/// ...and at most once per this long, so a burst of commits costs one look.
+const WATCH_GAP: Duration = Duration::from_millis(100);
 
 /// How `serve` was started.
 pub struct ServeOptions {
@@ -240,12 +244,13 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         let mut seq = st.change_seq()?;
         let mut version = st.data_version()?;
         let clock = clock.clone();
+        let mut watch = super::watch::StoreWatch::new(st.path());
         tasks.spawn(async move {
             let mut last_prune = clock.now();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(WATCH_EVERY) => {}
+                    _ = watch.wait(WATCH_FALLBACK) => {}
                 }
                 let now = clock.now();
                 let prune = now - last_prune > chrono::Duration::hours(6);
@@ -284,6 +289,10 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                         version = seen;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read changes from the store"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(WATCH_GAP) => {}
                 }
             }
         });

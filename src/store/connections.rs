@@ -746,7 +746,9 @@ mod tests {
                 state: State::PendingAuthorization,
             },
             client_secret: Some(Secret::new(format!("secret-{i}"))),
-            refresh_token: i.is_multiple_of(2).then(|| Secret::new(format!("token-{i}"))),
+            refresh_token: i
+                .is_multiple_of(2)
+                .then(|| Secret::new(format!("token-{i}"))),
         }
     }
 
