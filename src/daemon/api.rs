@@ -149,18 +149,29 @@ async fn show(State(api): State<Api>, Path(name): Path<String>) -> Response {
     }
 }
 
+/// The answer to a token request, serialised straight from the cached token
+/// (no intermediate JSON value on the hot path).
+#[derive(serde::Serialize)]
+struct TokenBody<'a> {
+    access_token: &'a str,
+    base_url: &'a str,
+    expires_at: String,
+    instance: &'a str,
+    token_type: &'a str,
+}
+
 async fn token(State(api): State<Api>, Path(name): Path<String>) -> Response {
     metrics::counter!("acutoken_token_requests_total").increment(1);
     match api.engine.token(&name).await {
         Ok(TokenAnswer::Token(t)) => {
             metrics::counter!("acutoken_token_requests_served_total").increment(1);
-            let body = json!({
-                "access_token": t.access_token.expose(),
-                "token_type": t.token_type,
-                "expires_at": crate::model::fmt_time(t.expires_at),
-                "instance": t.instance,
-                "base_url": t.base_url,
-            });
+            let body = TokenBody {
+                access_token: t.access_token.expose(),
+                base_url: &t.base_url,
+                expires_at: crate::model::fmt_time(t.expires_at),
+                instance: &t.instance,
+                token_type: &t.token_type,
+            };
             let mut r = axum::Json(body).into_response();
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -192,8 +192,9 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 if firing.contains(&row.conn.id) || !alerts::desired(row, &policy, now).is_empty() {
                     to_sync.push(row.conn.id);
                 }
-                scheduler.upsert(row, now);
+                scheduler.load(row, now);
             })?;
+            scheduler.finish_load();
             Ok((scheduler, to_sync, n))
         })
         .await

@@ -86,6 +86,9 @@ pub struct Scheduler {
     free: Vec<u32>,
     index: HashMap<Uuid, u32>,
     timers: BTreeSet<(i64, u32)>,
+    /// Timers of connections read at start-up ([`Scheduler::load`]), built
+    /// into `timers` in one go by [`Scheduler::finish_load`].
+    loaded: Vec<(i64, u32)>,
     ready: BTreeSet<(i64, u32)>,
     running: usize,
     instances: Vec<Arc<str>>,
@@ -116,6 +119,7 @@ impl Scheduler {
                 free: Vec::new(),
                 index: HashMap::new(),
                 timers: BTreeSet::new(),
+                loaded: Vec::new(),
                 ready: BTreeSet::new(),
                 running: 0,
                 instances: Vec::new(),
@@ -228,6 +232,43 @@ impl Scheduler {
         self.place(s, wake);
     }
 
+    /// Plans a connection read at start-up, as [`Scheduler::upsert`] does,
+    /// but keeps its timer aside until [`Scheduler::finish_load`]: inserting
+    /// 1M timers one at a time into the B-tree was half of READY at 1M, and
+    /// building it from the sorted list is a fraction of that.
+    pub fn load(&mut self, row: &ConnectionRow, now: Timestamp) {
+        let s = self.slot(row.conn.id);
+        if self.entries[s as usize].phase != Phase::Idle {
+            // Seen before (never from one pass over the table): the ordinary path.
+            self.finish_load();
+            self.upsert(row, now);
+            return;
+        }
+        let instance = self.intern(&row.conn.instance);
+        let wake = self.wake_at(row, now);
+        let e = &mut self.entries[s as usize];
+        e.instance = instance;
+        e.deadline = row.conn.deadline.map_or(i64::MAX, ms);
+        if let Some(due) = wake {
+            e.due = ms(due);
+            e.phase = Phase::Timed;
+            self.loaded.push((e.due, s));
+        }
+    }
+
+    /// Moves the timers of [`Scheduler::load`] into the timer set. Call it
+    /// before the scheduler runs.
+    pub fn finish_load(&mut self) {
+        if self.loaded.is_empty() {
+            return;
+        }
+        let mut all = std::mem::take(&mut self.loaded);
+        all.extend(std::mem::take(&mut self.timers));
+        all.sort_unstable();
+        // From a sorted list the B-tree is built in one pass.
+        self.timers = all.into_iter().collect();
+    }
+
     /// Sets the timer of an entry that is neither ready nor running.
     fn place(&mut self, s: u32, wake: Option<Timestamp>) {
         self.unqueue(s);
@@ -293,6 +334,7 @@ impl Scheduler {
         drain: Duration,
         watchdog: impl Fn() + Send,
     ) {
+        self.finish_load();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Uuid, Option<ConnectionRow>)>();
         let mut tasks = tokio::task::JoinSet::new();
         loop {

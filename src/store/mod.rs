@@ -245,7 +245,11 @@ impl Store {
 
     /// SQLite's `data_version`: changes when another connection commits.
     pub fn data_version(&self) -> Result<i64, StoreError> {
-        Ok(self.db.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+        // Asked on every token request: the prepared statement is kept.
+        Ok(self
+            .db
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?)
     }
 
     /// Writes a consistent online copy to `dest` (mode 0600), refusing to overwrite.
