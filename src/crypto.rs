@@ -137,6 +137,12 @@ impl Key {
         Key::from_base64(&text, source)
     }
 
+    /// The same key, said to come from `source` (in messages).
+    pub fn with_source(mut self, source: KeySource) -> Key {
+        self.source = source;
+        self
+    }
+
     /// A fresh random key.
     pub fn generate() -> Key {
         let raw = Aes256Gcm::generate_key(OsRng);

@@ -812,6 +812,103 @@ fn import_with_bad_records_writes_nothing_and_names_every_one() {
     assert_eq!(fresh.snapshot(), None);
 }
 
+/// `n` good records named `bulk-00000`, `bulk-00001`, ...
+fn bulk(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            record(
+                &format!("bulk-{i:05}"),
+                &format!("site{}.example.com", i % 50),
+            )
+        })
+        .collect()
+}
+
+/// The import writes records as they are checked: bad ones found after
+/// thousands were written (more than three chunks) still leave an existing
+/// store byte for byte as it was, and no store at all where there was none.
+#[test]
+fn bad_records_found_after_thousands_were_written_leave_nothing() {
+    let mut records = bulk(3500);
+    records.push(record("late", "ftp://not-https.example.com"));
+    records.push(record("acme", "acme2.example.com"));
+    let text = Value::Array(records).to_string();
+
+    let w = world_with_acme();
+    let before = w.snapshot();
+    let file = w.write_file("import.json", &text, 0o600);
+    let out = w.run(
+        &["connection", "import", file.to_str().unwrap()],
+        Input::Null,
+    );
+    let line = out.error_with_lines(2);
+    assert!(line.contains("2 of the records"), "{out:#?}");
+    assert!(out.stderr.contains("record 3501 (`late`)"), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("record 3502 (`acme`): a connection by that name already exists"),
+        "{out:#?}"
+    );
+    assert_eq!(w.snapshot(), before);
+    assert_eq!(w.list().len(), 1);
+
+    let fresh = World::new();
+    let file = fresh.write_file("import.json", &text, 0o600);
+    let out = fresh.run(
+        &["connection", "import", file.to_str().unwrap()],
+        Input::Null,
+    );
+    // Into a new store, `acme` is only a problem of the old store.
+    out.error_with_lines(1);
+    assert!(out.stderr.contains("record 3501 (`late`)"), "{out:#?}");
+    assert_eq!(fresh.snapshot(), None);
+    assert!(!fresh.key_path().exists());
+}
+
+/// SIGINT while an import builds a new store: the hidden build, the key that
+/// was still to be written and the directory the import made are all gone.
+#[test]
+fn an_interrupted_import_into_a_new_store_leaves_nothing() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let w = World::new();
+    // Large enough that a debug build takes seconds to write it.
+    let file = w.write_file("bulk.json", &Value::Array(bulk(100_000)).to_string(), 0o600);
+    let mut child = w
+        .command(&["connection", "import", file.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = w.store.parent().unwrap().to_path_buf();
+    let building = || {
+        fs::read_dir(&dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".acutoken.db.import-")
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !building() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the import ended before its build was seen"
+        );
+        assert!(Instant::now() < deadline, "no build file within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("error: interrupted: nothing imported"),
+        "{stderr}"
+    );
+    assert_eq!(w.snapshot(), None, "{stderr}");
+}
+
 #[test]
 fn import_of_a_file_readable_by_others_warns() {
     let w = World::new();

@@ -4,7 +4,7 @@
 //! parsing again with every secret replaced and comparing the messages.
 #![no_main]
 
-use acutoken::cli::connection::parse_import;
+use acutoken::cli::import::parse_import;
 use acutoken::config::Config;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;

@@ -1,13 +1,9 @@
 //! `acutoken connection ...`: add, import, inspect and edit connections.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
-
-use anyhow::Context as _;
-use serde::Deserialize;
 
 use super::Ctx;
 use super::args::{ConnectionCommand, PlanArgs};
@@ -19,9 +15,8 @@ use crate::model::{
     self, Connection, Mode, State, Timestamp, fmt_time, parse_date, parse_duration, parse_time,
 };
 use crate::renewal::{self, planning};
-use crate::secret::Secret;
-use crate::store::connections::{self, ConnectionRow, NewConnection, Sealed, SecretColumn};
-use crate::store::{Create, Store, StoreError, authorizations, events};
+use crate::store::connections::{self, ConnectionRow, NewConnection, SecretColumn};
+use crate::store::{Create, Store, authorizations, events};
 
 pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Result<i32> {
     let ctx = Ctx::load(explicit)?;
@@ -112,7 +107,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
             }
             Ok(0)
         }
-        ConnectionCommand::Import { file } => import(&ctx, &file, now),
+        ConnectionCommand::Import { file } => super::import::import(&ctx, &file, now),
         ConnectionCommand::List { json } => {
             let st = ctx.open_store(Create::No)?;
             let rows = st.list()?;
@@ -389,17 +384,17 @@ fn show(st: &Store, row: &ConnectionRow, now: Timestamp) -> anyhow::Result<()> {
 }
 
 /// What `add` and `import` are told about one connection.
-struct Spec {
-    name: String,
-    instance: String,
-    client_id: String,
-    labels: BTreeMap<String, String>,
-    mode: Option<String>,
-    lifetime: Option<String>,
-    absolute_lifetime: Option<String>,
-    secret_expires_at: Option<String>,
-    grant_issued_at: Option<String>,
-    refresh_token_issued_at: Option<String>,
+pub(super) struct Spec {
+    pub(super) name: String,
+    pub(super) instance: String,
+    pub(super) client_id: String,
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) mode: Option<String>,
+    pub(super) lifetime: Option<String>,
+    pub(super) absolute_lifetime: Option<String>,
+    pub(super) secret_expires_at: Option<String>,
+    pub(super) grant_issued_at: Option<String>,
+    pub(super) refresh_token_issued_at: Option<String>,
 }
 
 fn parse_absolute(s: &str) -> Result<Option<Duration>, String> {
@@ -413,7 +408,7 @@ fn parse_absolute(s: &str) -> Result<Option<Duration>, String> {
 impl Spec {
     /// Checks every field and builds the connection with its first plan.
     /// The connection this spec describes, with id `id`.
-    fn build(
+    pub(super) fn build(
         &self,
         id: uuid::Uuid,
         config: &Config,
@@ -485,331 +480,6 @@ impl Spec {
         );
         Ok(conn)
     }
-}
-
-/// One record of `connection import`. The secrets are read as any JSON value
-/// so that a mistyped one (a number, an object) is refused without serde
-/// quoting it in the error.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Record {
-    name: String,
-    instance: String,
-    client_id: String,
-    client_secret: Option<serde_json::Value>,
-    refresh_token: Option<serde_json::Value>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    secret_expires_at: Option<String>,
-    grant_issued_at: Option<String>,
-    refresh_token_issued_at: Option<String>,
-    mode: Option<String>,
-    lifetime: Option<String>,
-    absolute_lifetime: Option<String>,
-}
-
-/// The records of an import file that passed every check, and what is wrong
-/// with the others.
-pub struct ParsedImport {
-    /// Valid records with their 1-based position in the file, in file order.
-    pub records: Vec<(usize, NewConnection)>,
-    /// `(position, message)` for each invalid record; messages are one line,
-    /// free of control characters, and never quote a secret.
-    pub problems: Vec<(usize, String)>,
-}
-
-/// The file is not a JSON array of objects at all: nothing can be imported.
-/// The caller shows the position and asks for a fixed file.
-#[derive(Debug, thiserror::Error)]
-#[error("not a JSON array of connection objects (line {line}, column {column})")]
-pub struct ImportSyntax {
-    /// 1-based line of the first syntax error.
-    pub line: usize,
-    /// 1-based column of the first syntax error.
-    pub column: usize,
-}
-
-/// Parses and checks the text of a `connection import` file against `config`'s
-/// defaults at `now`, without touching a store. Duplicate names within the file
-/// are problems; names already in a store are the caller's to check.
-pub fn parse_import(
-    text: &str,
-    config: &Config,
-    now: Timestamp,
-) -> Result<ParsedImport, ImportSyntax> {
-    // Each record stays a slice of `text` until it is checked, so a large file
-    // is never held as a tree of JSON values, and the records are checked on
-    // every core: 1M records is a 360 MB file.
-    let raws: Vec<&serde_json::value::RawValue> =
-        serde_json::from_str(text).map_err(|e| ImportSyntax {
-            line: e.line(),
-            column: e.column(),
-        })?;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
-    let per = raws.len().div_ceil(threads).max(1024);
-    let checked: Vec<Vec<(usize, Result<NewConnection, String>)>> = std::thread::scope(|s| {
-        let parts: Vec<_> = raws
-            .chunks(per)
-            .enumerate()
-            .map(|(k, part)| {
-                s.spawn(move || {
-                    part.iter()
-                        .enumerate()
-                        .map(|(i, raw)| {
-                            let pos = k * per + i + 1;
-                            (pos, check_record(raw.get(), pos, config, now))
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    // Fresh random ids, handed out in ascending order: a bulk insert in file
-    // order then appends to the indexes keyed by id instead of touching a
-    // random page of each for every record.
-    let mut ids: Vec<uuid::Uuid> = {
-        let mut rng = rand::thread_rng();
-        (0..raws.len())
-            .map(|_| uuid::Builder::from_random_bytes(rand::Rng::r#gen(&mut rng)).into_uuid())
-            .collect()
-    };
-    ids.sort_unstable();
-    let mut ids = ids.into_iter();
-    let mut problems: Vec<(usize, String)> = Vec::new();
-    let mut records = Vec::with_capacity(raws.len());
-    let mut seen = HashSet::with_capacity(raws.len());
-    for (pos, checked) in checked.into_iter().flatten() {
-        match checked {
-            Ok(mut new) => {
-                if seen.insert(new.conn.name.clone()) {
-                    new.conn.id = ids.next().expect("one id per record");
-                    records.push((pos, new));
-                } else {
-                    let label = format!("record {pos} (`{}`)", new.conn.name);
-                    problems.push((pos, format!("{label}: the name appears twice in the file")));
-                }
-            }
-            Err(p) => problems.push((pos, p)),
-        }
-    }
-    Ok(ParsedImport { records, problems })
-}
-
-/// Checks one record, given as its JSON text; the error is the problem line.
-fn check_record(
-    raw: &str,
-    pos: usize,
-    config: &Config,
-    now: Timestamp,
-) -> Result<NewConnection, String> {
-    let label = || {
-        serde_json::from_str::<serde_json::Value>(raw)
-            .ok()
-            .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_owned))
-            .map(|n| format!("record {pos} (`{}`)", printable(&n)))
-            .unwrap_or_else(|| format!("record {pos}"))
-    };
-    let rec: Record = match serde_json::from_str(raw) {
-        Ok(r) => r,
-        // The message comes from the parsed value, so it carries no position
-        // inside the record (which would move with a secret's length), and
-        // a repeated key counts as its last value, as it always has.
-        Err(_) => {
-            let v: serde_json::Value =
-                serde_json::from_str(raw).map_err(|e| format!("{}: {e}", label()))?;
-            serde_json::from_value(v)
-                .map_err(|e| format!("{}: {}", label(), printable(&scrub(&e.to_string()))))?
-        }
-    };
-    let spec = Spec {
-        name: rec.name,
-        instance: rec.instance,
-        client_id: rec.client_id,
-        labels: rec.labels,
-        mode: rec.mode,
-        lifetime: rec.lifetime,
-        absolute_lifetime: rec.absolute_lifetime,
-        secret_expires_at: rec.secret_expires_at,
-        grant_issued_at: rec.grant_issued_at,
-        refresh_token_issued_at: rec.refresh_token_issued_at,
-    };
-    let secret = secret_field(rec.client_secret, "client_secret")
-        .map_err(|e| format!("{}: {e}", label()))?
-        .ok_or_else(|| format!("{}: client_secret is missing", label()))?;
-    let rt = secret_field(rec.refresh_token, "refresh_token")
-        .map_err(|e| format!("{}: {e}", label()))?;
-    let conn = spec
-        .build(uuid::Uuid::nil(), config, now, rt.is_some())
-        .map_err(|e| format!("{}: {}", label(), printable(&format!("{e:#}"))))?;
-    Ok(NewConnection {
-        conn,
-        client_secret: Some(secret),
-        refresh_token: rt,
-    })
-}
-
-/// A secret field: a non-blank string, or absent (`null` and blank count as
-/// absent). Any other JSON type is refused without showing the value.
-fn secret_field(v: Option<serde_json::Value>, field: &str) -> Result<Option<Secret>, String> {
-    match v {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(Secret::new(s))),
-        Some(_) => Err(format!("{field} must be a string")),
-    }
-}
-
-/// Escapes control characters so one record's text cannot break the listing
-/// into lines or send escape sequences to the terminal.
-fn printable(s: &str) -> String {
-    if s.chars().any(char::is_control) {
-        s.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect()
-    } else {
-        s.to_string()
-    }
-}
-
-fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
-    let meta =
-        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        eprintln!(
-            "warning: {} holds secrets and is readable by group or others: `chmod 600` it, or delete it after the import",
-            file.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let parsed = parse_import(&text, &ctx.config, now)
-        .map_err(|e| anyhow::anyhow!("{} is {e}: nothing imported", file.display()))?;
-    let mut problems = parsed.problems;
-    let (positions, news): (Vec<usize>, Vec<NewConnection>) = parsed.records.into_iter().unzip();
-    let path = ctx.config.store_path();
-    if path.exists() {
-        // Names already in the store are named with the other problems, before
-        // anything is written, so one run lists every record to fix.
-        let st = ctx.open_store(Create::No)?;
-        let existing: HashSet<String> = st.names()?.into_iter().collect();
-        for (pos, n) in positions.iter().zip(&news) {
-            if existing.contains(&n.conn.name) {
-                problems.push((
-                    *pos,
-                    format!(
-                        "record {pos} (`{}`): a connection by that name already exists",
-                        n.conn.name
-                    ),
-                ));
-            }
-        }
-    }
-    if !problems.is_empty() {
-        problems.sort_by_key(|(pos, _)| *pos);
-        for (_, p) in &problems {
-            eprintln!("  {p}");
-        }
-        anyhow::bail!(
-            "{} of the records in {} are invalid (listed above): nothing imported",
-            problems.len(),
-            file.display()
-        );
-    }
-    drop(text);
-    let total = news.len();
-    let pending = news
-        .iter()
-        .filter(|n| n.conn.state == State::PendingAuthorization)
-        .count();
-    let mut st = ctx.open_store(Create::Yes)?;
-    // The records' ids ascend in file order (see `parse_import`), so the rows
-    // append to the id and event indexes; the cache holds the rest (about
-    // 1 KiB per connection, at most 256 MiB) so nothing spills before the
-    // commit.
-    st.prepare_bulk_write((total * 1024).min(256 << 20))?;
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(total as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    // One transaction: all or nothing, and one fsync for the whole file.
-    // Another thread seals the secrets of the next chunks while this one
-    // writes, so the two cores share the work; the records are freed on
-    // another thread while SQLite commits (1M records take 1.6 s to free).
-    const CHUNK: usize = 1000;
-    let freeing = st.write(|tx, kr| {
-        std::thread::scope(|s| {
-            let (sealed_tx, sealed_rx) = std::sync::mpsc::sync_channel::<Vec<Sealed>>(4);
-            let to_seal = &news;
-            let sealer = s.spawn(move || {
-                for chunk in to_seal.chunks(CHUNK) {
-                    let sealed = chunk.iter().map(|n| Sealed::new(kr, n)).collect();
-                    if sealed_tx.send(sealed).is_err() {
-                        break; // the writer failed and rolls back
-                    }
-                }
-            });
-            let mut written = 0;
-            for (chunk, sealed) in news.chunks(CHUNK).zip(sealed_rx.iter()) {
-                let seq = connections::insert_sealed(tx, chunk, &sealed, now)?;
-                events::record_for_change(tx, seq, now, "added", "imported; state ")?;
-                written += chunk.len();
-                bar.set_position(written as u64);
-            }
-            sealer
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            // Fewer rows than records only if the sealer stopped early.
-            if written != total {
-                return Err(StoreError::Unwritable(format!(
-                    "only {written} of {total} records were sealed: nothing imported"
-                )));
-            }
-            Ok(())
-        })?;
-        Ok(std::thread::spawn(move || drop(news)))
-    })?;
-    bar.finish_and_clear();
-    println!(
-        "imported {total} connections from {} ({pending} waiting for authorization)",
-        file.display(),
-    );
-    drop(st);
-    freeing
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p));
-    Ok(0)
-}
-
-/// Removes quoted values from serde messages so a mistyped secret is never echoed.
-fn scrub(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len());
-    let mut quoted = false;
-    for ch in msg.chars() {
-        match ch {
-            '"' => {
-                quoted = !quoted;
-                if quoted {
-                    out.push_str("\"…\"");
-                }
-            }
-            _ if quoted => {}
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn set(
@@ -935,103 +605,4 @@ fn set(
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn now() -> Timestamp {
-        chrono::DateTime::from_timestamp(1_780_000_000, 0).unwrap()
-    }
-
-    #[test]
-    fn a_secret_of_the_wrong_type_is_refused_without_being_shown() {
-        let text = r#"[{"name":"a","instance":"a.com","client_id":"X@T","client_secret":987654321},
-                       {"name":"b","instance":"b.com","client_id":"X@T","client_secret":"s","refresh_token":[4242424242]}]"#;
-        let p = parse_import(text, &Config::default(), now()).unwrap();
-        assert!(p.records.is_empty());
-        assert_eq!(
-            p.problems,
-            vec![
-                (
-                    1,
-                    "record 1 (`a`): client_secret must be a string".to_string()
-                ),
-                (
-                    2,
-                    "record 2 (`b`): refresh_token must be a string".to_string()
-                ),
-            ]
-        );
-    }
-
-    #[test]
-    fn problems_are_one_line_without_control_characters() {
-        let text = r#"[{"name":"x\u001b[2J\ny","instance":"a\tb.com","client_id":"X@T","client_secret":"s"},
-                       {"name":"ok","instance":"c\u0007.com","client_id":"X@T","client_secret":"s"}]"#;
-        let p = parse_import(text, &Config::default(), now()).unwrap();
-        assert_eq!(p.problems.len(), 2);
-        for (_, m) in &p.problems {
-            assert!(!m.chars().any(char::is_control), "{m:?}");
-        }
-        assert!(
-            p.problems[0].1.starts_with("record 1 (`x\\u{1b}[2J\\ny`)"),
-            "{:?}",
-            p.problems[0].1
-        );
-    }
-
-    #[test]
-    fn good_records_keep_their_positions_and_blank_tokens_count_as_absent() {
-        let text = r#"[{"name":"a","instance":"https://a.com/Main","client_id":"X@T","client_secret":"s","refresh_token":"  "},
-                       {"name":"a","instance":"b.com","client_id":"X@T","client_secret":"s"},
-                       {"name":"c","instance":"c.com","client_id":"X@T","client_secret":"s","refresh_token":"rt"}]"#;
-        let p = parse_import(text, &Config::default(), now()).unwrap();
-        let pos: Vec<usize> = p.records.iter().map(|(i, _)| *i).collect();
-        assert_eq!(pos, [1, 3]);
-        assert!(p.records[0].1.refresh_token.is_none());
-        assert_eq!(p.records[0].1.conn.instance, "a.com");
-        assert_eq!(
-            p.problems,
-            vec![(
-                2,
-                "record 2 (`a`): the name appears twice in the file".to_string()
-            )]
-        );
-        assert!(parse_import("{}", &Config::default(), now()).is_err());
-    }
-
-    /// More records than one checking thread takes, some invalid: positions
-    /// and problems stay in file order, and the fresh ids are distinct, random
-    /// (version 4) and ascend in file order.
-    #[test]
-    fn records_checked_in_parallel_keep_file_order_and_get_ascending_ids() {
-        let n = 5000;
-        let records: Vec<String> = (0..n)
-            .map(|i| {
-                let instance = if i % 997 == 0 { "ftp://x" } else { "erp.example.com" };
-                format!(
-                    r#"{{"name":"c{i}","instance":"{instance}","client_id":"X@T","client_secret":"s{i}"}}"#
-                )
-            })
-            .collect();
-        let text = format!("[{}]", records.join(",\n"));
-        let p = parse_import(&text, &Config::default(), now()).unwrap();
-        let bad: Vec<usize> = p.problems.iter().map(|(pos, _)| *pos).collect();
-        let want_bad: Vec<usize> = (0..n).filter(|i| i % 997 == 0).map(|i| i + 1).collect();
-        assert_eq!(bad, want_bad);
-        let pos: Vec<usize> = p.records.iter().map(|(pos, _)| *pos).collect();
-        let want: Vec<usize> = (0..n).filter(|i| i % 997 != 0).map(|i| i + 1).collect();
-        assert_eq!(pos, want);
-        for (pos, rec) in &p.records {
-            assert_eq!(rec.conn.name, format!("c{}", pos - 1));
-            assert_eq!(rec.conn.id.get_version_num(), 4);
-        }
-        assert!(
-            p.records
-                .windows(2)
-                .all(|w| w[0].1.conn.id < w[1].1.conn.id)
-        );
-    }
 }

@@ -3,6 +3,7 @@
 mod args;
 pub mod connection;
 mod demo;
+pub mod import;
 mod io;
 mod keys;
 mod ops;

@@ -33,6 +33,85 @@ pub fn resolve_keyring(
     store_path: &Path,
     may_create: bool,
 ) -> Result<KeyResolution, StoreError> {
+    let (found, pending) = resolve(config, store_path, may_create)?;
+    if let Some(res) = found {
+        return Ok(res);
+    }
+    let pending = pending.expect("a new key when none was found");
+    let path = pending.write()?;
+    let key = Key::from_file(&path, KeySource::BesideStore(path.clone()))?;
+    Ok(KeyResolution {
+        keyring: Keyring::new(key, pending.previous),
+        created: Some(path),
+        explicit: false,
+    })
+}
+
+/// A key made for a store that is built apart ([`Store::build`]); its file
+/// beside the store is written by [`PendingKey::write`] when the store is
+/// published, so a build that fails leaves no key behind either.
+pub struct PendingKey {
+    path: PathBuf,
+    key: Key,
+    previous: Vec<Key>,
+}
+
+impl PendingKey {
+    /// Where its file goes: `acutoken.key` beside the store.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The keyring that seals the new store's secrets.
+    pub fn keyring(&self) -> Keyring {
+        Keyring::new(self.key.clone(), self.previous.clone())
+    }
+
+    /// Writes the key file (0600, fsynced) and returns its path. Refuses
+    /// when a key file appeared there meanwhile (another process made a
+    /// store): the new store would not open with it.
+    pub fn write(&self) -> Result<PathBuf, StoreError> {
+        if let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|error| StoreError::Io {
+                    what: "cannot create the directory",
+                    path: dir.to_path_buf(),
+                    error,
+                })?;
+        }
+        crypto::write_key_file(&self.path, &self.key).map_err(|error| StoreError::Io {
+            what: if error.kind() == std::io::ErrorKind::AlreadyExists {
+                "another acutoken process created a store key meanwhile at"
+            } else {
+                "cannot write the new key file"
+            },
+            path: self.path.clone(),
+            error,
+        })?;
+        Ok(self.path.clone())
+    }
+}
+
+/// [`resolve_keyring`] for a store about to be built apart: when no key is
+/// found and no store exists, the new key is returned unwritten.
+pub fn resolve_keyring_deferred(
+    config: &Config,
+    store_path: &Path,
+) -> Result<(Option<KeyResolution>, Option<PendingKey>), StoreError> {
+    resolve(config, store_path, true)
+}
+
+/// The key found for `store_path`, or (with `may_create`, no key anywhere
+/// and no store yet) a new one whose file is still to be written.
+fn resolve(
+    config: &Config,
+    store_path: &Path,
+    may_create: bool,
+) -> Result<(Option<KeyResolution>, Option<PendingKey>), StoreError> {
     let previous = config
         .store
         .previous_key_files
@@ -41,11 +120,12 @@ pub fn resolve_keyring(
         .collect::<Result<Vec<_>, _>>()?;
     let found = find_primary(config, store_path)?;
     if let Some((key, explicit)) = found {
-        return Ok(KeyResolution {
+        let res = KeyResolution {
             keyring: Keyring::new(key, previous),
             created: None,
             explicit,
-        });
+        };
+        return Ok((Some(res), None));
     }
     let path = beside(store_path);
     if store_path.exists() || !may_create {
@@ -54,30 +134,15 @@ pub fn resolve_keyring(
             beside: path,
         });
     }
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|error| StoreError::Io {
-                what: "cannot create the directory",
-                path: dir.to_path_buf(),
-                error,
-            })?;
-    }
-    let key = Key::generate();
-    crypto::write_key_file(&path, &key).map_err(|error| StoreError::Io {
-        what: "cannot write the new key file",
-        path: path.clone(),
-        error,
-    })?;
-    let key = Key::from_file(&path, KeySource::BesideStore(path.clone()))?;
-    Ok(KeyResolution {
-        keyring: Keyring::new(key, previous),
-        created: Some(path),
-        explicit: false,
-    })
+    let key = Key::generate().with_source(KeySource::BesideStore(path.clone()));
+    Ok((
+        None,
+        Some(PendingKey {
+            path,
+            key,
+            previous,
+        }),
+    ))
 }
 
 fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)>, StoreError> {

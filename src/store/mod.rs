@@ -11,6 +11,7 @@ pub mod authorizations;
 pub mod claims;
 pub mod connections;
 pub mod events;
+mod fresh;
 pub mod keys;
 mod migrations;
 
@@ -29,7 +30,8 @@ pub use authorizations::{Authorization, CallbackLookup};
 pub use claims::{Claim, ClaimOutcome, Owner, RefreshSave};
 pub use connections::{ConnectionPatch, ConnectionRow, NewConnection, SecretColumn};
 pub use events::Event;
-pub use keys::{KeyResolution, resolve_keyring};
+pub use fresh::{Fresh, Leftovers};
+pub use keys::{KeyResolution, PendingKey, resolve_keyring, resolve_keyring_deferred};
 
 /// How long a writer waits for another process's lock before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,6 +85,9 @@ pub enum StoreError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// The caller abandoned the write (it found its input bad): nothing was written.
+    #[error("the write was abandoned: nothing was written")]
+    Cancelled,
     /// Any other SQLite failure.
     #[error("store error: {0}")]
     Sql(rusqlite::Error),

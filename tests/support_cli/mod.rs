@@ -116,8 +116,9 @@ impl World {
         self.run_with(args, stdin, &[])
     }
 
-    /// Like [`World::run`], with extra variables for this run only.
-    pub fn run_with(&self, args: &[&str], stdin: Input<'_>, extra: &[(&str, &str)]) -> Out {
+    /// `acutoken ARGS` ready to run or spawn: in the temp dir, output piped,
+    /// the store path set and foreign variables removed.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_acutoken"));
         cmd.args(args)
             .current_dir(self.path())
@@ -133,6 +134,12 @@ impl World {
             cmd.env_remove(name);
         }
         cmd.env("ACUTOKEN__STORE__PATH", &self.store);
+        cmd
+    }
+
+    /// Like [`World::run`], with extra variables for this run only.
+    pub fn run_with(&self, args: &[&str], stdin: Input<'_>, extra: &[(&str, &str)]) -> Out {
+        let mut cmd = self.command(args);
         for (k, v) in extra {
             cmd.env(k, v);
         }
