@@ -565,20 +565,55 @@ impl Store {
         &self,
         seq: i64,
     ) -> Result<(Vec<ConnectionRow>, Vec<Uuid>, i64), StoreError> {
-        let mut stmt = self.db.prepare(&format!(
-            "SELECT {COLUMNS} FROM connections WHERE change_seq > ?1"
-        ))?;
-        let rows = stmt
+        // One read transaction: the rows, the removals and the newest
+        // sequence come from the same snapshot. Read one statement at a
+        // time, a change committed between the rows and the sequence would
+        // be skipped by the next call and never seen.
+        let snapshot = self.db.unchecked_transaction()?;
+        let rows = self
+            .db
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM connections WHERE change_seq > ?1"
+            ))?
             .query_map([seq], from_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        let mut stmt = self
+        let removed = self
             .db
-            .prepare("SELECT id FROM tombstones WHERE change_seq > ?1")?;
-        let removed = stmt
+            .prepare_cached("SELECT id FROM tombstones WHERE change_seq > ?1")?
             .query_map([seq], |r| r.get::<_, String>(0))?
             .filter_map(|r| r.ok().and_then(|s| Uuid::parse_str(&s).ok()))
             .collect();
-        Ok((rows, removed, self.change_seq()?))
+        let newest = self.change_seq()?;
+        snapshot.commit()?;
+        Ok((rows, removed, newest))
+    }
+
+    /// Calls `f` with the id, state and deadline of every connection, streamed,
+    /// and returns the change sequence they were read at (one snapshot).
+    pub fn each_state_and_deadline(
+        &self,
+        mut f: impl FnMut(Uuid, State, Option<Timestamp>),
+    ) -> Result<i64, StoreError> {
+        let snapshot = self.db.unchecked_transaction()?;
+        let seq = self.change_seq()?;
+        let mut stmt = self
+            .db
+            .prepare("SELECT id, state, deadline FROM connections")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let state: String = r.get(1)?;
+            let id = Uuid::parse_str(&id)
+                .map_err(|_| StoreError::Corrupt(format!("connection id {id}")))?;
+            let state = state
+                .parse::<State>()
+                .map_err(|_| StoreError::Corrupt(format!("state {state}")))?;
+            f(id, state, r.get::<_, Option<i64>>(2)?.map(from_ms));
+        }
+        drop(rows);
+        drop(stmt);
+        snapshot.commit()?;
+        Ok(seq)
     }
 
     /// The store-wide change sequence now.
