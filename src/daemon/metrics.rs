@@ -3,7 +3,7 @@
 //! No series per connection: counts per state, the nearest deadline, and a
 //! histogram of time-to-deadline describe a million connections in a few lines.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -173,24 +173,47 @@ impl Metrics {
 
 /// The state and deadline of every connection, as the gauges need them,
 /// kept up to date from the store's change sequence.
+///
+/// 24 bytes per connection in one vector sorted by id (24 MB at 1M; a hash
+/// map of the same took 90 MB), looked up by binary search.
 #[derive(Debug, Default)]
 struct Tally {
     /// The change sequence read up to.
     seq: i64,
     /// `PRAGMA data_version` when last read: unchanged means nobody wrote.
     version: i64,
-    /// State and deadline (Unix ms) of each connection.
-    conns: HashMap<Uuid, (State, Option<i64>)>,
+    /// Sorted by id, no id twice.
+    conns: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    id: [u8; 16],
+    /// Unix seconds; 0 when there is none. The gauges need no finer grain.
+    deadline_s: u32,
+    state: State,
+}
+
+impl Entry {
+    fn new(id: Uuid, state: State, deadline: Option<Timestamp>) -> Entry {
+        Entry {
+            id: id.into_bytes(),
+            deadline_s: deadline.map_or(0, |d| d.timestamp().clamp(1, u32::MAX.into()) as u32),
+            state,
+        }
+    }
 }
 
 impl Tally {
     /// Reads every connection once.
     fn load(st: &Store) -> Result<Tally, StoreError> {
         let version = st.data_version()?;
-        let mut conns = HashMap::new();
+        let mut conns = Vec::new();
         let seq = st.each_state_and_deadline(|id, state, deadline| {
-            conns.insert(id, (state, deadline.map(|d| d.timestamp_millis())));
+            conns.push(Entry::new(id, state, deadline));
         })?;
+        conns.sort_unstable_by_key(|e| e.id);
+        conns.shrink_to_fit();
         Ok(Tally {
             seq,
             version,
@@ -206,13 +229,24 @@ impl Tally {
             return Ok(false);
         }
         let (rows, removed, newest) = st.changed_since(self.seq)?;
+        let mut added = Vec::new();
         for row in rows {
             let c = row.conn;
-            self.conns
-                .insert(c.id, (c.state, c.deadline.map(|d| d.timestamp_millis())));
+            let e = Entry::new(c.id, c.state, c.deadline);
+            match self.conns.binary_search_by_key(&e.id, |e| e.id) {
+                Ok(i) => self.conns[i] = e,
+                Err(_) => added.push(e),
+            }
         }
-        for id in removed {
-            self.conns.remove(&id);
+        if !added.is_empty() {
+            self.conns.reserve_exact(added.len());
+            self.conns.extend(added);
+            self.conns.sort_unstable_by_key(|e| e.id);
+        }
+        if !removed.is_empty() {
+            let removed: std::collections::HashSet<[u8; 16]> =
+                removed.into_iter().map(Uuid::into_bytes).collect();
+            self.conns.retain(|e| !removed.contains(&e.id));
         }
         self.seq = newest;
         self.version = version;
@@ -221,8 +255,8 @@ impl Tally {
 
     fn state_counts(&self) -> BTreeMap<State, u64> {
         let mut counts = BTreeMap::new();
-        for (state, _) in self.conns.values() {
-            *counts.entry(*state).or_default() += 1;
+        for e in &self.conns {
+            *counts.entry(e.state).or_default() += 1;
         }
         counts
     }
@@ -231,26 +265,24 @@ impl Tally {
     /// within each of [`DEADLINE_BUCKETS`], and how many there are, among
     /// the connections refreshed automatically (active or retrying).
     fn deadline_summary(&self, now: Timestamp) -> (Option<f64>, [u64; 9], u64) {
-        let now = now.timestamp_millis();
+        let now = now.timestamp();
         let mut nearest = None::<i64>;
         let mut buckets = [0u64; DEADLINE_BUCKETS.len()];
         let mut all = 0u64;
-        for (state, deadline) in self.conns.values() {
-            let Some(d) = deadline else { continue };
-            if !matches!(state, State::Active | State::Retrying) {
+        for e in &self.conns {
+            if e.deadline_s == 0 || !matches!(e.state, State::Active | State::Retrying) {
                 continue;
             }
+            let secs = i64::from(e.deadline_s) - now;
             all += 1;
-            nearest = Some(nearest.map_or(*d, |n| n.min(*d)));
-            let secs = (d - now) as f64 / 1000.0;
+            nearest = Some(nearest.map_or(secs, |n| n.min(secs)));
             for (n, le) in buckets.iter_mut().zip(DEADLINE_BUCKETS) {
-                if secs <= le {
+                if secs as f64 <= le {
                     *n += 1;
                 }
             }
         }
-        let nearest = nearest.map(|d| (d - now) as f64 / 1000.0);
-        (nearest, buckets, all)
+        (nearest.map(|s| s as f64), buckets, all)
     }
 
     /// Sets the gauges that move with the clock: the nearest deadline and
@@ -367,12 +399,14 @@ mod tests {
         let mut writer =
             Store::open(&path, Keyring::new(key.clone(), vec![]), Create::Yes).unwrap();
         let reader = Store::open(&path, Keyring::new(key, vec![]), Create::No).unwrap();
-        let now = chrono::Utc::now();
+        // Whole seconds: the tally keeps deadlines to the second.
+        let now = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
         let news: Vec<NewConnection> = (0..60).map(|i| new_connection(i, now)).collect();
         writer
             .write(|tx, kr| connections::insert_many(tx, kr, &news, now))
             .unwrap();
         let mut t = Tally::load(&reader).unwrap();
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
         assert_eq!(t.conns.len(), 60);
         assert_agrees(&t, &reader, now);
         assert!(!t.catch_up(&reader).unwrap(), "nothing was written");
