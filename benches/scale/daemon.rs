@@ -19,7 +19,14 @@ pub fn serve(n: usize, runs: usize, idle: Duration, report: &mut Report) -> anyh
     for run in 0..runs {
         let dir = Dir::fresh(&format!("serve-{n}"))?;
         dir.copy_store_from(&seed)?;
-        dir.write_config("")?;
+        // SERVE_METRICS=1: with the Prometheus listener, whose gauges are
+        // kept up to date in the background.
+        let (bench, metrics) = if std::env::var_os("SERVE_METRICS").is_some_and(|v| v == "1") {
+            ("serve+metrics", "[metrics]\nlisten = \"127.0.0.1:0\"\n")
+        } else {
+            ("serve", "")
+        };
+        dir.write_config("", metrics)?;
         let notify = Notify::bind(&dir)?;
         let d = Daemon::start(&dir, &notify)?;
         let ready = notify.wait_for("READY=1", START_LIMIT)?;
@@ -69,7 +76,7 @@ pub fn serve(n: usize, runs: usize, idle: Duration, report: &mut Report) -> anyh
         d.stop()?;
 
         report.row(
-            "serve",
+            bench,
             n,
             run,
             &[

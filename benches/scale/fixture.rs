@@ -94,8 +94,9 @@ impl Dir {
         self.path.join("acutoken.sock")
     }
 
-    /// Writes the benchmark config (`extra` is appended to `[renewal]`).
-    pub fn write_config(&self, renewal_extra: &str) -> anyhow::Result<()> {
+    /// Writes the benchmark config (`renewal_extra` is appended to
+    /// `[renewal]`, `sections` to the end).
+    pub fn write_config(&self, renewal_extra: &str, sections: &str) -> anyhow::Result<()> {
         let text = format!(
             r#"[store]
 path = "{store}"
@@ -112,6 +113,7 @@ socket = "{socket}"
 
 [log]
 level = "info"
+{sections}
 "#,
             store = self.store().display(),
             socket = self.socket().display(),

@@ -140,7 +140,7 @@ pub fn token(n: usize, runs: usize, secs: u64, report: &mut Report) -> anyhow::R
     let seed = idle_store(n)?;
     let dir = Dir::fresh(&format!("token-{n}"))?;
     dir.copy_store_from(&seed)?;
-    dir.write_config("")?;
+    dir.write_config("", "")?;
     let who = name(n / 2);
     give_access_token(&dir, &who)?;
     let notify = Notify::bind(&dir)?;

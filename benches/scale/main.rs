@@ -29,7 +29,7 @@ const USAGE: &str = "usage: scale <command> [args]
   lateness N [DUE] [WINDOW_SECS] [RUNS]
   cost N [REFRESHES] [RUNS]
 env: ACUTOKEN_BIN (default target/release/acutoken), BENCH_DIR (default target/bench),
-     OHA, NGINX";
+     OHA, NGINX, SERVE_METRICS=1 (serve with the metrics listener on)";
 
 /// Milliseconds of `d`, as figures are reported.
 pub fn ms(d: Duration) -> f64 {

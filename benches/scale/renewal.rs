@@ -80,7 +80,7 @@ pub fn run(rt: &tokio::runtime::Runtime, name: &str, sc: &Scenario) -> anyhow::R
     if sc.idle > 0 {
         dir.copy_store_from(&idle_store(sc.idle)?)?;
     }
-    dir.write_config("")?;
+    dir.write_config("", "")?;
     let planned: HashMap<String, Timestamp> = sc
         .due
         .iter()
