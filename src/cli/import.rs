@@ -382,10 +382,11 @@ fn write_checked(
         let checked = check_records(text, config, now, existing, |good, problems| {
             if problems > 0 {
                 // Nothing will be written: the writer rolls back now, and
-                // the checking goes on to name every bad record.
-                if chunk_tx.take().is_some() {
-                    rejected.store(true, Ordering::SeqCst);
-                }
+                // the checking goes on to name every bad record. `rejected`
+                // is set before the channel closes, so the writer, which
+                // looks at it once the channel is closed, never commits.
+                rejected.store(true, Ordering::SeqCst);
+                drop(chunk_tx.take());
                 return true;
             }
             let Some(to_writer) = &chunk_tx else {
@@ -431,11 +432,20 @@ fn write_chunks(
     bar: &indicatif::ProgressBar,
     now: Timestamp,
 ) -> Result<(usize, usize), StoreError> {
+    // The write lock is taken only once there is something to write: a
+    // running daemon's writes wait for it until the commit.
+    let Ok(first) = chunks.recv() else {
+        return if rejected.load(Ordering::SeqCst) {
+            Err(StoreError::Cancelled)
+        } else {
+            Ok((0, 0))
+        };
+    };
     st.write(|tx, kr| {
         std::thread::scope(|s| {
             let (sealed_tx, sealed_rx) = mpsc::sync_channel::<(Vec<NewConnection>, Vec<Sealed>)>(4);
             s.spawn(move || {
-                for chunk in chunks {
+                for chunk in std::iter::once(first).chain(chunks) {
                     let sealed = chunk.iter().map(|n| Sealed::new(kr, n)).collect();
                     if sealed_tx.send((chunk, sealed)).is_err() {
                         break; // the writer failed and rolls back
