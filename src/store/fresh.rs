@@ -177,7 +177,9 @@ impl Fresh {
             what: if error.kind() == std::io::ErrorKind::AlreadyExists {
                 "another acutoken process created a store meanwhile at"
             } else {
-                "cannot create"
+                // A filesystem without hard links: nothing was created, and
+                // an import into an existing store needs no link.
+                "cannot link the new store into place (create the store first, with `connection add`, to import without a link)"
             },
             path: self.dest.clone(),
             error,
