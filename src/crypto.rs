@@ -82,6 +82,25 @@ pub enum CryptoError {
     },
 }
 
+/// Seals values of one connection; see [`Keyring::sealer`].
+pub struct ConnectionSealer<'a> {
+    key: &'a Key,
+    connection: Uuid,
+    cipher: Aes256Gcm,
+}
+
+impl ConnectionSealer<'_> {
+    /// Seals a secret string for `column`, as [`Keyring::seal_secret`] would.
+    pub fn seal_secret(&self, column: &str, secret: &Secret) -> Vec<u8> {
+        self.key.seal_with(
+            &self.cipher,
+            self.connection,
+            column,
+            secret.expose().as_bytes(),
+        )
+    }
+}
+
 /// One 256-bit store key. Its bytes are zeroed on drop and never printed.
 #[derive(Clone)]
 pub struct Key {
@@ -183,7 +202,17 @@ impl Key {
 
     /// Seals `plaintext` for one connection's column.
     pub fn seal(&self, connection: Uuid, column: &str, plaintext: &[u8]) -> Vec<u8> {
-        let cipher = self.cipher_for(connection);
+        self.seal_with(&self.cipher_for(connection), connection, column, plaintext)
+    }
+
+    /// [`Key::seal`] with the connection's cipher already derived.
+    fn seal_with(
+        &self,
+        cipher: &Aes256Gcm,
+        connection: Uuid,
+        column: &str,
+        plaintext: &[u8],
+    ) -> Vec<u8> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = associated_data(&self.id, connection, column);
         let ct = cipher
@@ -291,6 +320,17 @@ impl Keyring {
         self.seal(connection, column, secret.expose().as_bytes())
     }
 
+    /// Seals several values of one connection under the primary key,
+    /// deriving the connection's subkey once instead of once per value
+    /// (`connection import` seals two per connection).
+    pub fn sealer(&self, connection: Uuid) -> ConnectionSealer<'_> {
+        ConnectionSealer {
+            key: &self.primary,
+            connection,
+            cipher: self.primary.cipher_for(connection),
+        }
+    }
+
     /// Opens with whichever key of the ring sealed the value.
     pub fn open(
         &self,
@@ -364,6 +404,31 @@ pub fn write_key_file(path: &Path, key: &Key) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One subkey for several columns: each value opens with the keyring
+    /// as if sealed alone, and only for its own connection and column.
+    #[test]
+    fn a_connection_sealer_seals_what_the_keyring_opens() {
+        let ring = Keyring::new(Key::generate(), vec![]);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let sealer = ring.sealer(a);
+        let cs = sealer.seal_secret("client_secret", &Secret::new("cs-1"));
+        let rt = sealer.seal_secret("refresh_token", &Secret::new("rt-1"));
+        assert_eq!(
+            ring.open(a, "client_secret", &cs).unwrap().as_slice(),
+            b"cs-1"
+        );
+        assert_eq!(
+            ring.open(a, "refresh_token", &rt).unwrap().as_slice(),
+            b"rt-1"
+        );
+        assert!(ring.open(a, "refresh_token", &cs).is_err());
+        assert!(ring.open(b, "client_secret", &cs).is_err());
+        assert_ne!(
+            cs,
+            sealer.seal_secret("client_secret", &Secret::new("cs-1"))
+        );
+    }
 
     #[test]
     fn seal_open_round_trip_and_binding() {

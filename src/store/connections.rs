@@ -249,8 +249,9 @@ pub struct Sealed {
 impl Sealed {
     pub fn new(keyring: &Keyring, new: &NewConnection) -> Sealed {
         let id = new.conn.id;
+        let sealer = keyring.sealer(id);
         let seal = |col: SecretColumn, s: &Option<Secret>| {
-            s.as_ref().map(|s| keyring.seal_secret(id, col.as_str(), s))
+            s.as_ref().map(|s| sealer.seal_secret(col.as_str(), s))
         };
         Sealed {
             id: id.to_string(),
