@@ -737,20 +737,6 @@ impl Store {
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
-
-    /// Seconds from `now` to every scheduled connection's deadline (metrics histogram).
-    pub fn deadline_spread(&self, now: Timestamp) -> Result<Vec<f64>, StoreError> {
-        let mut stmt = self.db.prepare(
-            "SELECT deadline FROM connections WHERE state IN ('active', 'retrying') AND deadline IS NOT NULL",
-        )?;
-        let now = to_ms(now);
-        let v = stmt
-            .query_map([], |r| r.get::<_, i64>(0))?
-            .filter_map(|r| r.ok())
-            .map(|d| (d - now) as f64 / 1000.0)
-            .collect();
-        Ok(v)
-    }
 }
 
 #[cfg(test)]
