@@ -119,6 +119,7 @@ async fn the_callback_pages_render_in_a_browser_and_echo_nothing() {
         owner: Owner::current("serve"),
         http_timeout: Duration::from_secs(10),
         spill_dir: None,
+        limits: acutoken::renewal::limits::Limits::new(16, 2),
         hooks: Arc::new(NoHooks),
     }));
     let router = acutoken::daemon::callback::router(

@@ -11,7 +11,7 @@ use acutoken::clock::{self, Clock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring, write_key_file};
 use acutoken::model::{Connection, Mode, State};
-use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore};
+use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
@@ -258,11 +258,12 @@ async fn a_rotated_token_the_store_will_not_take_is_held_spilled_and_saved_later
         owner: Owner::current("serve"),
         http_timeout: Duration::from_secs(30),
         spill_dir: Some(spill.clone()),
+        limits: acutoken::renewal::limits::Limits::new(16, 2),
         hooks: Arc::new(NoHooks),
     }));
     sim.inject(&site, Fault::Delay(Duration::from_millis(800)), Some(1));
     let e = engine.clone();
-    let refresh = tokio::spawn(async move { e.refresh(id).await });
+    let refresh = tokio::spawn(async move { e.refresh(id, Trigger::OnDemand).await });
     // While the request is in flight, another process takes the store's write lock and keeps it.
     wait_for("the request to reach the server", 10, || {
         sim.in_flight(&site) == 1
@@ -294,7 +295,7 @@ async fn a_rotated_token_the_store_will_not_take_is_held_spilled_and_saved_later
     );
     // Another refresh is refused while blocked: nothing is sent.
     let sent = sim.total_token_requests();
-    assert!(engine.refresh(other).await.is_err());
+    assert!(engine.refresh(other, Trigger::OnDemand).await.is_err());
     assert_eq!(sim.total_token_requests(), sent);
     // The lock goes away; the retry saves the held token.
     blocker.execute_batch("ROLLBACK").unwrap();
@@ -361,13 +362,14 @@ async fn a_spilled_token_is_imported_at_the_next_start() {
             owner: Owner::current("serve"),
             http_timeout: Duration::from_secs(30),
             spill_dir: Some(spill.clone()),
+            limits: acutoken::renewal::limits::Limits::new(16, 2),
             hooks: Arc::new(NoHooks),
         }))
     };
     let engine = make();
     sim.inject(&site, Fault::Delay(Duration::from_millis(800)), Some(1));
     let e = engine.clone();
-    let refresh = tokio::spawn(async move { e.refresh(id).await });
+    let refresh = tokio::spawn(async move { e.refresh(id, Trigger::OnDemand).await });
     wait_for("the request to reach the server", 10, || {
         sim.in_flight(&site) == 1
     })
@@ -396,6 +398,6 @@ async fn a_spilled_token_is_imported_at_the_next_start() {
     assert_eq!(row.conn.state, State::Active);
     // And the next refresh uses it: no replay.
     drop(st);
-    assert_eq!(make().refresh(id).await.unwrap().outcome, "refreshed");
+    assert_eq!(make().refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
     assert_eq!(sim.total_replays(), 0);
 }

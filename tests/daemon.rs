@@ -11,17 +11,9 @@ use acutoken::model::State;
 use acutoken::sim::Fault;
 use nix::sys::signal::Signal;
 use support_daemon::{
-    CLIENT, NotifySocket, Opts, Rig, SECRET, SITE, Sink, WAIT, api, api_full, eventually,
-    free_port, json,
+    CLIENT, NotifySocket, Opts, Rig, SECRET, SITE, Sink, WAIT, api, api_full, authorize,
+    eventually, free_port, http, json, query,
 };
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
 
 fn is_line(m: &str, line: &str) -> bool {
     m.lines().any(|l| l == line)
@@ -398,37 +390,6 @@ async fn the_api_lists_shows_hands_out_tokens_and_says_why_not() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.exit().await.code(), Some(0));
     assert_eq!(rig.sim.total_replays(), 0);
-}
-
-/// Splits a URL's query into a map.
-fn query(url: &str) -> BTreeMap<String, String> {
-    url::Url::parse(url)
-        .unwrap()
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
-
-/// `connection authorize NAME`, then the customer approving at the simulator:
-/// returns the URL the browser is redirected to.
-async fn authorize(rig: &Rig, name: &str) -> String {
-    let out = rig.cli(&["connection", "authorize", name], None).await.ok();
-    let link = out.stdout.trim();
-    assert!(
-        link.starts_with(&rig.sim.authorize_url(SITE)),
-        "the authorization URL: {link}"
-    );
-    let q = query(link);
-    assert_eq!(q["redirect_uri"], rig.redirect_uri());
-    assert_eq!(q["client_id"], CLIENT);
-    assert_eq!(q["code_challenge_method"], "S256");
-    let r = http().get(link).send().await.unwrap();
-    assert_eq!(r.status(), 302);
-    let to = r.headers()["location"].to_str().unwrap().to_string();
-    assert!(to.starts_with(&rig.redirect_uri()), "{to}");
-    let q = query(&to);
-    assert!(q.contains_key("code") && q.contains_key("state"), "{to}");
-    to
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

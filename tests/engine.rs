@@ -10,7 +10,7 @@ use acutoken::clock::{self, SharedClock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring};
 use acutoken::model::{Connection, DeadlineSource, Mode, State, Timestamp};
-use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, TokenAnswer};
+use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, TokenAnswer, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Lifetime, Simulator};
@@ -115,6 +115,7 @@ impl World {
             owner: Owner::current(role),
             http_timeout: self.config.renewal.http_timeout,
             spill_dir: Some(self._dir.path().join("pending")),
+            limits: acutoken::renewal::limits::Limits::new(16, 2),
             hooks: Arc::new(NoHooks),
         }))
     }
@@ -151,7 +152,7 @@ async fn a_refresh_sends_one_client_secret_post_and_saves_the_rotated_token() {
     );
     let before = w.stored_refresh_token(id);
     let engine = w.engine("test");
-    let rep = engine.refresh(id).await.unwrap();
+    let rep = engine.refresh(id, Trigger::OnDemand).await.unwrap();
     assert_eq!(rep.outcome, "refreshed", "{rep:?}");
     let reqs = w.sim.requests("AcumaticaERP");
     assert_eq!(reqs.len(), 1);
@@ -190,7 +191,7 @@ async fn the_rotated_token_is_the_one_sent_next() {
     let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
     let engine = w.engine("test");
     for _ in 0..5 {
-        assert_eq!(engine.refresh(id).await.unwrap().outcome, "refreshed");
+        assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
     }
     assert_eq!(w.sim.token_requests("s1"), 5);
     assert_eq!(
@@ -210,7 +211,7 @@ async fn invalid_client_means_needs_secret_and_no_retry() {
         .replace_secret("s1", &client, "someone-else-s-secret", None)
         .unwrap();
     let engine = w.engine("test");
-    let rep = engine.refresh(id).await.unwrap();
+    let rep = engine.refresh(id, Trigger::OnDemand).await.unwrap();
     assert_eq!(rep.outcome, "failed");
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsSecret);
@@ -220,7 +221,7 @@ async fn invalid_client_means_needs_secret_and_no_retry() {
     );
     assert!(row.conn.last_error.unwrap().contains("invalid_client"));
     // Asking again sends nothing: a human must act.
-    let rep = engine.refresh(id).await.unwrap();
+    let rep = engine.refresh(id, Trigger::OnDemand).await.unwrap();
     assert_eq!(rep.outcome, "refused");
     assert_eq!(w.sim.token_requests("s1"), 1);
     // The refresh token was not consumed by the refused request.
@@ -234,11 +235,11 @@ async fn invalid_grant_means_needs_reauthorization_and_no_retry() {
     let client = w.row(id).conn.client_id;
     assert_eq!(w.sim.revoke("s1", &client).unwrap(), 1);
     let engine = w.engine("test");
-    engine.refresh(id).await.unwrap();
+    engine.refresh(id, Trigger::OnDemand).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsReauthorization);
     assert_eq!(row.conn.next_refresh_at, None);
-    assert_eq!(engine.refresh(id).await.unwrap().outcome, "refused");
+    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refused");
     assert_eq!(w.sim.token_requests("s1"), 1);
     match engine.token("acme").await.unwrap() {
         TokenAnswer::NeedsHuman(r) => assert_eq!(r.conn.state, State::NeedsReauthorization),
@@ -262,7 +263,7 @@ async fn transient_failures_back_off_and_recover() {
         Some(1),
     );
     let t0 = w.clock.now();
-    engine.refresh(id).await.unwrap();
+    engine.refresh(id, Trigger::OnDemand).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Retrying);
     assert_eq!(row.failures, 1);
@@ -275,7 +276,7 @@ async fn transient_failures_back_off_and_recover() {
         first <= t0 + chrono::Duration::seconds(3601),
         "at most retry_max"
     );
-    engine.refresh(id).await.unwrap();
+    engine.refresh(id, Trigger::OnDemand).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.failures, 2);
     assert!(
@@ -286,7 +287,7 @@ async fn transient_failures_back_off_and_recover() {
         w.sim.refresh_token_alive("s1", &w.stored_refresh_token(id)),
         "faults never consume the token"
     );
-    assert_eq!(engine.refresh(id).await.unwrap().outcome, "refreshed");
+    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Active);
     assert_eq!(row.failures, 0);
@@ -311,8 +312,8 @@ async fn absolute_mode_keeps_its_deadline_and_sliding_mode_moves_it() {
         w.row(sli).conn.deadline.unwrap(),
     );
     let engine = w.engine("test");
-    engine.refresh(abs).await.unwrap();
-    engine.refresh(sli).await.unwrap();
+    engine.refresh(abs, Trigger::OnDemand).await.unwrap();
+    engine.refresh(sli, Trigger::OnDemand).await.unwrap();
     let a = w.row(abs).conn;
     let s = w.row(sli).conn;
     assert_eq!(
@@ -336,7 +337,7 @@ async fn two_processes_refreshing_at_once_send_one_request() {
     // Two engines on two store connections with different owners: a daemon and a CLI.
     let daemon = w.engine("serve");
     let cli = w.engine("cli");
-    let (a, b) = tokio::join!(daemon.refresh(id), cli.refresh(id));
+    let (a, b) = tokio::join!(daemon.refresh(id, Trigger::OnDemand), cli.refresh(id, Trigger::OnDemand));
     let outcomes = [a.unwrap().outcome, b.unwrap().outcome];
     assert!(outcomes.contains(&"refreshed".to_string()), "{outcomes:?}");
     assert!(
@@ -372,7 +373,7 @@ async fn an_orphaned_claim_whose_request_never_arrived_recovers() {
     let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
     orphan_claim(&w, id);
     let engine = w.engine("serve");
-    assert_eq!(engine.refresh(id).await.unwrap().outcome, "refreshed");
+    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Active);
     assert!(
@@ -409,7 +410,7 @@ async fn an_orphaned_claim_whose_token_was_consumed_is_flagged_not_hidden() {
     assert_eq!(resp.status(), 200);
     orphan_claim(&w, id);
     let engine = w.engine("serve");
-    engine.refresh(id).await.unwrap();
+    engine.refresh(id, Trigger::OnDemand).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsReauthorization);
     assert!(
@@ -422,7 +423,7 @@ async fn an_orphaned_claim_whose_token_was_consumed_is_flagged_not_hidden() {
         row.conn.last_error
     );
     // The old token went out once more (the one allowed resend), never again.
-    assert_eq!(engine.refresh(id).await.unwrap().outcome, "refused");
+    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refused");
     assert_eq!(w.sim.total_replays(), 1);
 }
 
@@ -442,6 +443,7 @@ async fn a_second_orphan_on_the_same_token_stops_without_sending() {
                 id,
                 &Owner::current("serve"),
                 Duration::from_secs(60),
+                claims::Trigger::OnDemand,
                 chrono::Utc::now(),
             )?;
             assert!(matches!(out, claims::ClaimOutcome::Claimed(_)));
@@ -451,7 +453,7 @@ async fn a_second_orphan_on_the_same_token_stops_without_sending() {
     }
     orphan_claim(&w, id);
     let engine = w.engine("serve");
-    engine.refresh(id).await.unwrap();
+    engine.refresh(id, Trigger::OnDemand).await.unwrap();
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsReauthorization);
     assert_eq!(

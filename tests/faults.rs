@@ -22,7 +22,7 @@ use acutoken::clock::{self, Clock};
 use acutoken::config::{ChannelKind, Config, WebhookConfig};
 use acutoken::crypto::{Key, KeySource, Keyring, write_key_file};
 use acutoken::model::{Connection, Mode, Severity, State};
-use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore};
+use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
@@ -173,6 +173,7 @@ fn engine(path: &Path, keyring: &Keyring, config: &Config, spill: PathBuf) -> Ar
         owner: Owner::current("serve"),
         http_timeout: config.renewal.http_timeout,
         spill_dir: Some(spill),
+        limits: acutoken::renewal::limits::Limits::new(16, 2),
         hooks: Arc::new(NoHooks),
     }))
 }
@@ -212,7 +213,7 @@ async fn an_instance_that_hangs_drips_or_floods_fails_transiently_and_keeps_the_
         let peak = peak_rss_kib();
         // The bound only ends the test if the request never ends; the client's own
         // timeout (2 s) is what must end it.
-        let rep = tokio::time::timeout(Duration::from_secs(60), eng.refresh(id))
+        let rep = tokio::time::timeout(Duration::from_secs(60), eng.refresh(id, Trigger::OnDemand))
             .await
             .unwrap_or_else(|_| panic!("{name}: the request outlived the http timeout"))
             .unwrap();
@@ -248,7 +249,7 @@ async fn an_instance_that_hangs_drips_or_floods_fails_transiently_and_keeps_the_
             );
         }
         // The next try uses the same token, once, and succeeds.
-        let rep = eng.refresh(id).await.unwrap();
+        let rep = eng.refresh(id, Trigger::OnDemand).await.unwrap();
         assert_eq!(rep.outcome, "refreshed", "{name}: {rep:?}");
         let now_stored = stored_refresh_token(&path, &keyring, id);
         assert_eq!(
@@ -280,7 +281,7 @@ async fn a_full_filesystem_when_a_rotated_token_arrives_holds_spills_and_saves_i
 
     sim.inject(SITE, Fault::Delay(Duration::from_millis(800)), Some(1));
     let e = eng.clone();
-    let refresh = tokio::spawn(async move { e.refresh(id).await });
+    let refresh = tokio::spawn(async move { e.refresh(id, Trigger::OnDemand).await });
     wait_for("the request to reach the server", 10, || {
         sim.in_flight(SITE) == 1
     })
@@ -305,7 +306,7 @@ async fn a_full_filesystem_when_a_rotated_token_arrives_holds_spills_and_saves_i
 
     // No other refresh starts; the retry fails while the disk is full.
     let sent = sim.total_token_requests();
-    assert!(eng.refresh(other).await.is_err());
+    assert!(eng.refresh(other, Trigger::OnDemand).await.is_err());
     assert!(!eng.retry_unsaved().await, "still full");
     assert_eq!(
         sim.total_token_requests(),
@@ -323,9 +324,9 @@ async fn a_full_filesystem_when_a_rotated_token_arrives_holds_spills_and_saves_i
     );
     let st = Store::open(&path, keyring.clone(), Create::No).unwrap();
     st.integrity_check().unwrap();
-    assert_eq!(eng.refresh(other).await.unwrap().outcome, "refreshed");
+    assert_eq!(eng.refresh(other, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
     assert_eq!(
-        eng.refresh(id).await.unwrap().outcome,
+        eng.refresh(id, Trigger::OnDemand).await.unwrap().outcome,
         "refreshed",
         "the saved token works"
     );

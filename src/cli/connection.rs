@@ -296,10 +296,40 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                     return Ok(1);
                 }
             }
-            st.write(|tx, _| {
-                crate::store::alerts::remove_connection(tx, row.conn.id, now)?;
-                connections::remove(tx, row.conn.id)
-            })?;
+            // A refresh in flight finishes within the request timeout: wait
+            // that long for it rather than remove the row under it. (Were
+            // it removed anyway, the token it obtains is simply discarded.)
+            let patience = ctx.config.renewal.http_timeout + Duration::from_secs(5);
+            let give_up = tokio::time::Instant::now() + patience;
+            let mut told = false;
+            loop {
+                let now = SystemClock.now();
+                let busy = st.write(|tx, _| {
+                    let row = connections::get_tx(tx, &name)?;
+                    if let Some(claim) = crate::store::claims::live_claim(&row, now) {
+                        return Ok(Some(claim));
+                    }
+                    crate::store::alerts::remove_connection(tx, row.conn.id, now)?;
+                    connections::remove(tx, row.conn.id)?;
+                    Ok(None)
+                })?;
+                let Some((holder, until)) = busy else { break };
+                if tokio::time::Instant::now() >= give_up {
+                    anyhow::bail!(
+                        "`{name}` is being refreshed by {} (claim until {}); nothing was removed: run the command again in a minute",
+                        crate::store::claims::Owner::describe(&holder),
+                        fmt_time(until)
+                    );
+                }
+                if !told {
+                    eprintln!(
+                        "waiting for the refresh of `{name}` in flight ({}) to finish",
+                        crate::store::claims::Owner::describe(&holder)
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             println!("removed connection {name}");
             Ok(0)
         }

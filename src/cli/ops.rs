@@ -14,7 +14,7 @@ use crate::clock::{self, Clock};
 use crate::daemon::client::{Answer, ClientError, call};
 use crate::daemon::{self, serve};
 use crate::model::fmt_time;
-use crate::renewal::engine::{Engine, EngineParts, NoHooks, RefreshReport, TokenAnswer};
+use crate::renewal::engine::{Engine, EngineParts, NoHooks, RefreshReport, TokenAnswer, Trigger};
 use crate::renewal::{self, authorize};
 use crate::status::{self, DaemonInfo};
 use crate::store::claims::Owner;
@@ -66,6 +66,7 @@ fn local_engine(ctx: &Ctx) -> anyhow::Result<Arc<Engine>> {
         owner: Owner::current("cli"),
         http_timeout: ctx.config.renewal.http_timeout,
         spill_dir: Some(serve::spill_dir(&ctx.config, &path)),
+        limits: renewal::limits_from(&ctx.config),
         hooks: Arc::new(NoHooks),
     })))
 }
@@ -107,7 +108,7 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
             api_timeout(ctx),
         )
         .await?;
-        if a.status == 404 || a.status >= 500 {
+        if a.status == 404 || a.status == 429 || a.status >= 500 {
             anyhow::bail!("{}", api_error(&a));
         }
         let r: RefreshReport = parse(&a)?;
@@ -119,7 +120,7 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     // Another process holds the claim: wait for its outcome rather than send.
     let deadline = tokio::time::Instant::now() + api_timeout(ctx);
     loop {
-        let mut r = match engine.refresh(row.conn.id).await {
+        let mut r = match engine.refresh(row.conn.id, Trigger::OnDemand).await {
             Ok(r) => r,
             Err(e) => {
                 settle(&engine).await?;

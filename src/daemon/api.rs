@@ -61,6 +61,17 @@ fn from_engine(e: EngineError) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
             r
         }
+        EngineError::RateLimited(wait) => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                EngineError::RateLimited(wait).to_string(),
+            );
+            let secs = wait.as_secs().max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
     }
 }
 
@@ -216,7 +227,7 @@ async fn refresh(State(api): State<Api>, Path(name): Path<String>) -> Response {
         Ok(r) => r,
         Err(e) => return from_store(e),
     };
-    match api.engine.refresh(row.conn.id).await {
+    match api.engine.refresh_manual(row.conn.id).await {
         Ok(mut rep) => {
             if rep.connection.is_empty() {
                 rep.connection = name;

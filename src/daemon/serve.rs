@@ -152,6 +152,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         owner: Owner::current("serve"),
         http_timeout: config.renewal.http_timeout,
         spill_dir: Some(spill_dir.clone()),
+        limits: renewal::limits_from(&config),
         hooks: Arc::new(DaemonHooks {
             wake: wake.clone(),
             config: config_rx.clone(),
@@ -426,6 +427,10 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 match reload(&opts.explicit_config, &current) {
                     Ok((new, client)) => {
                         engine.set_policy(policy_from(&new));
+                        engine.limits().set(
+                            new.renewal.max_concurrent,
+                            new.renewal.per_instance_concurrent,
+                        );
                         engine.set_client(client);
                         let _ = sched_tx.send(Input::Limits {
                             global: new.renewal.max_concurrent,

@@ -22,8 +22,10 @@ use crate::acumatica::{TokenClient, TokenError, TokenGrant};
 use crate::clock::SharedClock;
 use crate::model::{FailureKind, State, Timestamp, fmt_time};
 use crate::secret::Secret;
-use crate::store::claims::{self, ClaimOutcome, Owner, RefreshSave};
-use crate::store::connections::{self, ConnectionRow, SecretColumn};
+use super::limits::Limits;
+use crate::store::claims::{self, ClaimOutcome, Found, Owner, RefreshSave};
+pub use crate::store::claims::Trigger;
+use crate::store::connections::{ConnectionRow, SecretColumn};
 use crate::store::{Store, StoreError};
 
 /// A store shared by the engine's tasks; SQLite calls are short and blocking.
@@ -75,15 +77,138 @@ pub enum EngineError {
     /// The daemon is stopping and makes no new claims: ask again after it restarts.
     #[error("acutoken is stopping and starts no new refresh")]
     Stopping,
+    /// An operator's refresh of this connection ran moments ago: ask again after the wait.
+    #[error(
+        "this connection was refreshed on request less than a minute ago; try again in {}s",
+        .0.as_secs().max(1)
+    )]
+    RateLimited(Duration),
 }
+
+/// At most one operator refresh per connection this often (API and CLI through the daemon).
+pub const MANUAL_REFRESH_EVERY: Duration = Duration::from_secs(60);
 
 /// An outcome the store has not accepted yet (invariant 2).
 struct PendingSave {
-    attempt: Uuid,
+    basis: claims::Basis,
+    /// The outcome applied to the row as claimed: what is spilled and
+    /// reported while the store will not take it. The save itself applies
+    /// `facts` again to the row as it is then.
     row: ConnectionRow,
+    facts: GrantFacts,
     refresh_token: Option<Secret>,
     access_token: Secret,
     detail: String,
+}
+
+/// What a successful answer says, enough to apply it to any version of the row.
+#[derive(Debug, Clone)]
+struct GrantFacts {
+    rotated: bool,
+    expires_in: Option<Duration>,
+    token_type: String,
+    received_at: Timestamp,
+    jitter: f64,
+}
+
+impl GrantFacts {
+    /// Applies the success to `row`. A connection an operator turned off (or
+    /// otherwise took out of the schedule) while the request was in flight
+    /// stays as the operator left it: it keeps the new tokens, and gets no
+    /// plan and no served token until it is enabled. Returns the computed
+    /// deadline the token outlived, if any.
+    fn apply(&self, row: &mut ConnectionRow, policy: &Policy) -> Option<Timestamp> {
+        let kept = (!row.conn.state.is_scheduled()).then(|| {
+            (
+                row.conn.state,
+                row.conn.next_refresh_at,
+                row.conn.last_error.clone(),
+            )
+        });
+        let update = policy::after_success(
+            &row.conn,
+            self.rotated,
+            self.expires_in,
+            self.received_at,
+            policy,
+            self.jitter,
+        );
+        update.apply(&mut row.conn);
+        row.failures = 0;
+        row.failing_since = None;
+        row.outcome_unknown = false;
+        row.has_access_token = true;
+        row.access_lifetime = self.expires_in;
+        row.token_type = Some(self.token_type.clone());
+        if let Some((state, next, error)) = kept {
+            row.conn.state = state;
+            row.conn.next_refresh_at = next;
+            row.conn.last_error = error;
+        }
+        update.outlived_deadline
+    }
+}
+
+/// Applies a failed request to `row` (failure count, backoff, next state);
+/// returns the reason recorded.
+fn apply_failure(
+    row: &mut ConnectionRow,
+    err: &TokenError,
+    after_unknown: bool,
+    policy: &Policy,
+    now: Timestamp,
+    jitter: f64,
+) -> String {
+    row.failures = if err.kind == FailureKind::Transient {
+        row.failures.saturating_add(1)
+    } else {
+        0
+    };
+    if err.kind == FailureKind::Transient && row.failing_since.is_none() {
+        row.failing_since = Some(now);
+    }
+    if !row.conn.state.is_scheduled() {
+        // Disabled while the request was in flight: the operator's word stands.
+        return format!("{} (the connection was {} meanwhile)", err.reason, row.conn.state);
+    }
+    let decision = policy::after_failure(
+        &row.conn,
+        &Failure {
+            kind: err.kind,
+            failures: row.failures.max(1),
+            retry_after: err.retry_after,
+            unknown_outcome: after_unknown,
+        },
+        now,
+        policy,
+        jitter,
+    );
+    decision.apply(&mut row.conn);
+    let reason = if err.kind == FailureKind::Transient {
+        format!("{}; {}", err.reason, decision.last_error)
+    } else {
+        format!("{} ({})", decision.last_error, err.reason)
+    };
+    row.conn.last_error = Some(reason.clone());
+    if err.kind != FailureKind::Transient {
+        row.failing_since = None;
+    }
+    if err.sent && err.kind != FailureKind::Transient {
+        // A definite answer: the token's fate is known. (Nothing that left the
+        // process unanswered clears an unknown outcome.)
+        row.outcome_unknown = false;
+    }
+    reason
+}
+
+/// Where a finished request's outcome landed.
+enum Landed {
+    Saved(Box<ConnectionRow>),
+    Failed(Box<ConnectionRow>, String, Option<Duration>),
+    /// Overtaken by a newer grant or an edit: not applied, said in the history.
+    Discarded(Box<ConnectionRow>, String),
+    /// The connection is gone.
+    Removed,
 }
 
 /// Hooks the daemon gives the engine: raised alerts wake the delivery worker,
@@ -117,6 +242,8 @@ pub struct EngineParts {
     /// Where unsaved tokens are spilled (`$RUNTIME_DIRECTORY/pending`).
     pub spill_dir: Option<PathBuf>,
     pub hooks: Arc<dyn Hooks>,
+    /// `renewal.max_concurrent` and `renewal.per_instance_concurrent`.
+    pub limits: Arc<Limits>,
 }
 
 /// The renewal engine.
@@ -133,6 +260,9 @@ pub struct Engine {
     stopping: AtomicBool,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Option<Timestamp>>>>>,
     hooks: Arc<dyn Hooks>,
+    limits: Arc<Limits>,
+    /// When each connection was last refreshed on an operator's request.
+    manual: Mutex<HashMap<Uuid, Timestamp>>,
     /// Opened access tokens, when the daemon turned the cache on.
     tokens: std::sync::OnceLock<TokenCache>,
 }
@@ -186,6 +316,7 @@ impl Engine {
             http_timeout,
             spill_dir,
             hooks,
+            limits,
         } = parts;
         Engine {
             store,
@@ -201,6 +332,8 @@ impl Engine {
             stopping: AtomicBool::new(false),
             locks: Mutex::new(HashMap::new()),
             hooks,
+            limits,
+            manual: Mutex::new(HashMap::new()),
             tokens: std::sync::OnceLock::new(),
         }
     }
@@ -382,6 +515,11 @@ impl Engine {
         locks.entry(id).or_default().clone()
     }
 
+    /// The concurrency limits every request of this engine holds.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
     /// Forgets a removed connection's lock.
     pub fn forget(&self, id: Uuid) {
         self.locks
@@ -391,13 +529,39 @@ impl Engine {
     }
 
     /// Refreshes connection `id` now, under a claim. One at a time per connection.
-    pub async fn refresh(&self, id: Uuid) -> Result<RefreshReport, EngineError> {
+    pub async fn refresh(&self, id: Uuid, trigger: Trigger) -> Result<RefreshReport, EngineError> {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
-        self.refresh_locked(id).await
+        self.refresh_locked(id, trigger).await
     }
 
-    async fn refresh_locked(&self, id: Uuid) -> Result<RefreshReport, EngineError> {
+    /// An operator's refresh (the API's `POST .../refresh`, `connection
+    /// refresh` through the daemon): at most one per connection per
+    /// [`MANUAL_REFRESH_EVERY`], so a script in a loop cannot log in to a
+    /// customer's instance past its API login limits.
+    pub async fn refresh_manual(&self, id: Uuid) -> Result<RefreshReport, EngineError> {
+        let now = self.clock.now();
+        {
+            let mut last = self.manual.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(prev) = last.get(&id) {
+                let wait = *prev + chrono::Duration::from_std(MANUAL_REFRESH_EVERY).unwrap_or_default()
+                    - now;
+                if wait > chrono::Duration::zero() {
+                    return Err(EngineError::RateLimited(
+                        wait.to_std().unwrap_or(MANUAL_REFRESH_EVERY),
+                    ));
+                }
+            }
+            if last.len() >= LOCK_SWEEP_AT {
+                let every = chrono::Duration::from_std(MANUAL_REFRESH_EVERY).unwrap_or_default();
+                last.retain(|_, t| now - *t < every);
+            }
+            last.insert(id, now);
+        }
+        self.refresh(id, Trigger::OnDemand).await
+    }
+
+    async fn refresh_locked(&self, id: Uuid, trigger: Trigger) -> Result<RefreshReport, EngineError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(EngineError::Stopping);
         }
@@ -406,6 +570,16 @@ impl Engine {
                 "another connection's rotated token is not saved yet".into(),
             ));
         }
+        // The place within the limits is taken before the claim: a claim must
+        // never wait in a queue while its expiry runs.
+        let instance = with_store(&self.store, move |st| st.get_by_id(id)).await?;
+        let Some(instance) = instance.map(|r| r.conn.instance) else {
+            return Err(StoreError::UnknownConnection(id.to_string()).into());
+        };
+        let _permit = self.limits.acquire(&instance).await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(EngineError::Stopping);
+        }
         let now = self.clock.now();
         let owner = self.owner.clone();
         let ttl = self.claim_ttl;
@@ -413,7 +587,7 @@ impl Engine {
         let claim_policy = policy.clone();
         let outcome = with_store(&self.store, move |st| {
             st.write(|tx, kr| {
-                let out = claims::claim(tx, kr, id, &owner, ttl, now)?;
+                let out = claims::claim(tx, kr, id, &owner, ttl, trigger, now)?;
                 if let ClaimOutcome::Lost(row) = &out {
                     let desired = crate::alerts::desired(row, &claim_policy, now);
                     crate::store::alerts::sync_connection(tx, row, &desired, now)?;
@@ -448,6 +622,14 @@ impl Engine {
                     s => s.action().unwrap_or("").replace("NAME", &c.name),
                 };
                 return Ok(report(&row, "refused", detail, None));
+            }
+            ClaimOutcome::NotDue(row) => {
+                return Ok(report(
+                    &row,
+                    "skipped",
+                    "refreshed from elsewhere since it fell due; the plan moved".into(),
+                    None,
+                ));
             }
             ClaimOutcome::Lost(row) => {
                 self.hooks.alerts_raised();
@@ -491,30 +673,21 @@ impl Engine {
         grant: TokenGrant,
         policy: &Policy,
     ) -> Result<RefreshReport, EngineError> {
-        let now = self.clock.now();
+        let facts = GrantFacts {
+            rotated: grant.refresh_token.is_some(),
+            expires_in: grant.expires_in,
+            token_type: grant.token_type.clone(),
+            received_at: self.clock.now(),
+            jitter: rand::random(),
+        };
         let mut row = claim.row;
-        let rotated = grant.refresh_token.is_some();
-        let update = policy::after_success(
-            &row.conn,
-            rotated,
-            grant.expires_in,
-            now,
-            policy,
-            rand::random(),
-        );
-        update.apply(&mut row.conn);
-        row.failures = 0;
-        row.failing_since = None;
-        row.outcome_unknown = false;
-        row.has_access_token = true;
-        row.access_lifetime = grant.expires_in;
-        row.token_type = Some(grant.token_type.clone());
-        let mut detail = if rotated {
+        let outlived = facts.apply(&mut row, policy);
+        let mut detail = if facts.rotated {
             "refreshed; the refresh token was rotated".to_string()
         } else {
             "refreshed; the server kept the refresh token".to_string()
         };
-        if let Some(d) = update.outlived_deadline {
+        if let Some(d) = outlived {
             detail = format!(
                 "{detail}; the token outlived its computed deadline {} (the lifetime is longer than configured): deadline now observed",
                 fmt_time(d)
@@ -522,8 +695,9 @@ impl Engine {
             tracing::warn!(connection = %row.conn.name, "refresh token outlived its computed deadline; check the connection's lifetime");
         }
         let pending = PendingSave {
-            attempt: claim.attempt,
+            basis: claim.basis,
             row,
+            facts,
             refresh_token: grant.refresh_token,
             access_token: grant.access_token,
             detail,
@@ -531,82 +705,72 @@ impl Engine {
         self.save(pending, policy.clone()).await
     }
 
-    /// Saves a successful outcome; on a write failure, holds and spills it (invariant 2).
+    /// Saves a successful outcome into the row as it is now; on a write
+    /// failure, holds and spills it (invariant 2).
     async fn save(&self, p: PendingSave, policy: Policy) -> Result<RefreshReport, EngineError> {
         let now = self.clock.now();
-        let attempt = p.attempt;
-        let row = p.row.clone();
+        let basis = p.basis.clone();
+        let facts = p.facts.clone();
         let rt = p.refresh_token.clone();
         let at = p.access_token.clone();
         let detail = p.detail.clone();
         let res = with_store(&self.store, move |st| {
-            st.write(|tx, kr| {
-                let save = RefreshSave {
-                    row: &row,
-                    refresh_token: rt.as_ref(),
-                    access_token: Some(&at),
-                    event: "refreshed",
-                    detail: &detail,
-                };
-                let ours = claims::finish(tx, kr, attempt, &save, now)?;
-                if ours {
+            st.write(|tx, kr| match claims::reread(tx, &basis)? {
+                Found::Removed => Ok(Landed::Removed),
+                Found::Overtaken { row, reason, .. } => {
+                    let why = format!("{reason}: the token it obtained is discarded");
+                    claims::discard(tx, &basis, &why, now)?;
+                    Ok(Landed::Discarded(Box::new(row), why))
+                }
+                Found::Current { mut row, ours, .. } => {
+                    facts.apply(&mut row, &policy);
+                    let taken_over;
+                    let detail = if ours {
+                        detail.as_str()
+                    } else {
+                        // Only possible when this process stalled past the claim's
+                        // expiry. The token is still the newest one: keep it.
+                        taken_over = format!("{detail}; saved after the claim was taken over");
+                        taken_over.as_str()
+                    };
+                    let save = RefreshSave {
+                        row: &row,
+                        refresh_token: rt.as_ref(),
+                        access_token: Some(&at),
+                        event: "refreshed",
+                        detail,
+                    };
+                    claims::finish(tx, kr, &basis, &save, ours, now)?;
                     let desired = crate::alerts::desired(&row, &policy, now);
                     crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+                    if !ours {
+                        tracing::error!(connection = %row.conn.name, "claim lost before the save; saved the rotated token anyway");
+                    }
+                    Ok(Landed::Saved(Box::new(row)))
                 }
-                Ok(ours)
             })
         })
         .await;
         match res {
-            Ok(true) => {
+            Ok(Landed::Saved(row)) => {
                 self.hooks.alerts_raised();
-                Ok(report(&p.row, "refreshed", p.detail.clone(), None))
+                Ok(report(&row, "refreshed", p.detail.clone(), None))
             }
-            Ok(false) => {
-                // Our claim was taken over: only possible if this process stalled past
-                // the claim's expiry. The new token is still the only live one.
-                tracing::error!(connection = %p.row.conn.name, "claim lost before the save; saving the rotated token anyway");
-                self.force_save(p).await
+            Ok(Landed::Discarded(row, why)) => {
+                tracing::warn!(connection = %row.conn.name, reason = %why, "refresh outcome discarded");
+                Ok(report(&row, "discarded", why, None))
             }
-            Err(e) => {
-                let msg = e.to_string();
-                self.hold(p, &msg);
-                Err(EngineError::Unsaved(msg))
+            Ok(Landed::Removed | Landed::Failed(..)) => {
+                tracing::info!(connection = %p.row.conn.name, "the connection was removed while its refresh was in flight; the token it obtained is discarded");
+                let mut r = report(
+                    &p.row,
+                    "discarded",
+                    "the connection was removed while the request was in flight; the token it obtained is discarded".into(),
+                    None,
+                );
+                r.next_refresh_at = None;
+                Ok(r)
             }
-        }
-    }
-
-    /// Saves a rotated token whose claim is gone: the token is newer than anything stored.
-    async fn force_save(&self, p: PendingSave) -> Result<RefreshReport, EngineError> {
-        let row = p.row.clone();
-        let rt = p.refresh_token.clone();
-        let at = p.access_token.clone();
-        let now = self.clock.now();
-        let res = with_store(&self.store, move |st| {
-            st.write(|tx, kr| {
-                connections::put(tx, &row)?;
-                if let Some(rt) = &rt {
-                    connections::set_secret(
-                        tx,
-                        kr,
-                        row.conn.id,
-                        SecretColumn::RefreshToken,
-                        Some(rt),
-                    )?;
-                }
-                connections::set_secret(tx, kr, row.conn.id, SecretColumn::AccessToken, Some(&at))?;
-                crate::store::events::record(
-                    tx,
-                    row.conn.id,
-                    now,
-                    "refreshed",
-                    "saved after the claim was taken over",
-                )
-            })
-        })
-        .await;
-        match res {
-            Ok(()) => Ok(report(&p.row, "refreshed", p.detail.clone(), None)),
             Err(e) => {
                 let msg = e.to_string();
                 self.hold(p, &msg);
@@ -628,7 +792,7 @@ impl Engine {
                 .clone();
             let s = Spilled::new(
                 &keyring,
-                p.attempt,
+                p.basis.attempt,
                 &p.row,
                 p.refresh_token.as_ref(),
                 &p.access_token,
@@ -662,9 +826,12 @@ impl Engine {
         for p in held {
             let id = p.row.conn.id;
             let name = p.row.conn.name.clone();
-            // `save` re-holds it on failure.
-            if self.save(p, (*policy).clone()).await.is_ok() {
-                tracing::info!(connection = %name, "the held refresh token is saved");
+            // `save` re-holds it on failure; a removed or overtaken connection
+            // needs it no more.
+            if let Ok(r) = self.save(p, (*policy).clone()).await {
+                if r.outcome == "refreshed" {
+                    tracing::info!(connection = %name, "the held refresh token is saved");
+                }
                 if let Some(dir) = &self.spill_dir {
                     spill::remove(dir, id);
                 }
@@ -684,79 +851,91 @@ impl Engine {
         policy: &Policy,
     ) -> Result<RefreshReport, EngineError> {
         let now = self.clock.now();
-        let mut row = claim.row;
-        let attempt = claim.attempt;
-        row.failures = if err.kind == FailureKind::Transient {
-            row.failures.saturating_add(1)
-        } else {
-            0
-        };
-        if err.kind == FailureKind::Transient && row.failing_since.is_none() {
-            row.failing_since = Some(now);
-        }
-        let decision = policy::after_failure(
-            &row.conn,
-            &Failure {
-                kind: err.kind,
-                failures: row.failures.max(1),
-                retry_after: err.retry_after,
-                unknown_outcome: claim.after_unknown,
-            },
-            now,
-            policy,
-            rand::random(),
-        );
-        decision.apply(&mut row.conn);
-        let reason = if err.kind == FailureKind::Transient {
-            format!("{}; {}", err.reason, decision.last_error)
-        } else {
-            format!("{} ({})", decision.last_error, err.reason)
-        };
-        row.conn.last_error = Some(reason.clone());
-        if err.kind != FailureKind::Transient {
-            row.failing_since = None;
-        }
-        if !err.sent {
-            // Nothing left the process: the token was not consumed, the unknown stays as it was.
-        } else if err.kind != FailureKind::Transient {
-            row.outcome_unknown = false;
-        }
+        let basis = claim.basis;
+        let after_unknown = claim.after_unknown;
+        let claimed = claim.row;
         let policy = policy.clone();
-        let saved_row = row.clone();
-        let event = if err.kind == FailureKind::Transient {
-            "refresh_failed"
-        } else {
-            "refresh_refused"
-        };
-        let detail = reason.clone();
-        with_store(&self.store, move |st| {
-            st.write(|tx, kr| {
-                let save = RefreshSave {
-                    row: &saved_row,
-                    refresh_token: None,
-                    access_token: None,
-                    event,
-                    detail: &detail,
-                };
-                if claims::finish(tx, kr, attempt, &save, now)? {
-                    let desired = crate::alerts::desired(&saved_row, &policy, now);
-                    crate::store::alerts::sync_connection(tx, &saved_row, &desired, now)?;
-                    if saved_row.conn.state != State::Retrying {
+        let jitter: f64 = rand::random();
+        let name = claimed.conn.name.clone();
+        let landed = with_store(&self.store, move |st| {
+            st.write(|tx, kr| match claims::reread(tx, &basis)? {
+                Found::Removed => Ok(Landed::Removed),
+                Found::Overtaken { row, reason, .. } => {
+                    let why = format!("{reason}: its failure ({}) is not applied", err.reason);
+                    claims::discard(tx, &basis, &why, now)?;
+                    Ok(Landed::Discarded(Box::new(row), why))
+                }
+                Found::Current {
+                    row,
+                    secret_changed: true,
+                    ..
+                } if err.kind == FailureKind::InvalidClient => {
+                    // The refusal was of the old secret; the new one is proven by the next try.
+                    let why = format!(
+                        "the instance refused the client secret the request was sent with ({}), but a new secret was entered meanwhile; it is tried next",
+                        err.reason
+                    );
+                    let mut row = row;
+                    if row.conn.state.is_scheduled() {
+                        row.conn.next_refresh_at = Some(now);
+                        crate::store::connections::put_refresh(tx, &row)?;
+                    }
+                    claims::discard(tx, &basis, &why, now)?;
+                    Ok(Landed::Discarded(Box::new(row), why))
+                }
+                Found::Current { mut row, ours, .. } => {
+                    let reason = apply_failure(&mut row, &err, after_unknown, &policy, now, jitter);
+                    let event = if err.kind == FailureKind::Transient {
+                        "refresh_failed"
+                    } else {
+                        "refresh_refused"
+                    };
+                    let save = RefreshSave {
+                        row: &row,
+                        refresh_token: None,
+                        access_token: None,
+                        event,
+                        detail: &reason,
+                    };
+                    claims::finish(tx, kr, &basis, &save, ours, now)?;
+                    let desired = crate::alerts::desired(&row, &policy, now);
+                    crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+                    if row.conn.state != State::Retrying {
                         crate::store::events::record(
                             tx,
-                            saved_row.conn.id,
+                            row.conn.id,
                             now,
                             "state",
-                            saved_row.conn.state.as_str(),
+                            row.conn.state.as_str(),
                         )?;
                     }
+                    let retry = err.retry_after;
+                    Ok(Landed::Failed(Box::new(row), reason, retry))
                 }
-                Ok(())
             })
         })
         .await?;
-        self.hooks.alerts_raised();
-        Ok(report(&row, "failed", reason, err.retry_after))
+        match landed {
+            Landed::Failed(row, reason, retry_after) => {
+                self.hooks.alerts_raised();
+                Ok(report(&row, "failed", reason, retry_after))
+            }
+            Landed::Discarded(row, why) => {
+                tracing::warn!(connection = %row.conn.name, reason = %why, "refresh outcome discarded");
+                Ok(report(&row, "discarded", why, None))
+            }
+            Landed::Removed | Landed::Saved(_) => {
+                tracing::info!(connection = %name, "the connection was removed while its refresh was in flight");
+                let mut r = report(
+                    &claimed,
+                    "discarded",
+                    "the connection was removed while the request was in flight".into(),
+                    None,
+                );
+                r.next_refresh_at = None;
+                Ok(r)
+            }
+        }
     }
 
     /// Hands out a valid access token, refreshing first when less than the margin
@@ -801,7 +980,7 @@ impl Engine {
             }
         }
         *last = Some(now);
-        let rep = self.refresh_locked(id).await?;
+        let rep = self.refresh_locked(id, Trigger::OnDemand).await?;
         let row = with_store(&self.store, move |st| st.get_by_id(id)).await?;
         let Some(row) = row else {
             return Err(StoreError::UnknownConnection(name.to_string()).into());
@@ -892,6 +1071,8 @@ fn outcome_label(outcome: &str) -> &'static str {
         "refreshed" => "refreshed",
         "failed" => "failed",
         "busy" => "busy",
+        "skipped" => "skipped",
+        "discarded" => "discarded",
         _ => "refused",
     }
 }
@@ -1025,6 +1206,7 @@ mod tests {
             owner: Owner::current("test"),
             http_timeout: Duration::from_secs(5),
             spill_dir: None,
+            limits: crate::renewal::limits::Limits::new(16, 2),
             hooks: Arc::new(NoHooks),
         });
         let reads = Store::open(&path, keyring.clone(), Create::No).unwrap();

@@ -2,6 +2,7 @@
 
 pub mod authorize;
 pub mod engine;
+pub mod limits;
 pub mod planning;
 pub mod policy;
 pub mod scheduler;
@@ -36,4 +37,12 @@ pub fn client_settings(config: &Config) -> ClientSettings {
         scopes: config.acumatica.scopes.clone(),
         ..ClientSettings::default()
     }
+}
+
+/// The concurrency limits the configuration asks for.
+pub fn limits_from(config: &Config) -> std::sync::Arc<limits::Limits> {
+    limits::Limits::new(
+        config.renewal.max_concurrent,
+        config.renewal.per_instance_concurrent,
+    )
 }

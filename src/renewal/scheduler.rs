@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::engine::{Engine, with_store};
+use super::engine::{Engine, Trigger, with_store};
 use super::policy;
 use crate::model::{State, Timestamp};
 use crate::store::connections::ConnectionRow;
@@ -514,7 +514,7 @@ impl Scheduler {
             let engine = self.engine.clone();
             let done = done.clone();
             tasks.spawn(async move {
-                if let Err(e) = engine.refresh(id).await {
+                if let Err(e) = engine.refresh(id, Trigger::Scheduled).await {
                     tracing::error!(error = %e, "refresh could not run");
                 }
                 let row = with_store(engine.store(), move |st| st.get_by_id(id))

@@ -90,14 +90,32 @@ impl Spilled {
             .as_deref()
             .map(|t| open(SecretColumn::RefreshToken, t))
             .transpose()?;
-        row.conn = self.conn.clone();
+        if row.conn.instance != self.conn.instance || row.conn.client_id != self.conn.client_id {
+            // Pointed at another instance or application since: the token belongs to a grant that is gone.
+            return Ok(false);
+        }
+        // Only what a refresh owns: an operator's edits made while the daemon
+        // was down stand, and a connection disabled meanwhile stays disabled
+        // (keeping the token, so enabling it works).
+        let s = &self.conn;
+        let c = &mut row.conn;
+        c.refresh_token_issued_at = s.refresh_token_issued_at;
+        c.access_expires_at = s.access_expires_at;
+        c.deadline = s.deadline;
+        c.deadline_source = s.deadline_source;
+        c.last_refresh_at = s.last_refresh_at;
+        if c.state.is_scheduled() {
+            c.state = s.state;
+            c.next_refresh_at = s.next_refresh_at;
+            c.last_error = s.last_error.clone();
+        }
         row.failures = 0;
         row.failing_since = None;
         row.outcome_unknown = false;
         row.has_access_token = true;
         row.token_type = self.token_type.clone();
         row.access_lifetime = self.access_lifetime_s.map(std::time::Duration::from_secs);
-        connections::put(tx, &row)?;
+        connections::put_refresh(tx, &row)?;
         if let Some(rt) = &refresh {
             connections::set_secret(tx, keyring, id, SecretColumn::RefreshToken, Some(rt))?;
         }

@@ -325,6 +325,18 @@ impl Simulator {
         self.with_site(site, |s| s.settings.latency = latency);
     }
 
+    /// Holds every refresh request (`grant_type=refresh_token`) that arrives
+    /// from now on, after counting it in flight, until
+    /// [`Self::release_token_requests`]. Code exchanges go through.
+    pub fn hold_token_requests(&self) {
+        self.shared.held.send_replace(true);
+    }
+
+    /// Lets held token requests (and later ones) be answered.
+    pub fn release_token_requests(&self) {
+        self.shared.held.send_replace(false);
+    }
+
     /// Queues a fault for the next `times` token requests (`None`: until [`Self::clear_faults`]).
     pub fn inject(&self, site: &str, fault: Fault, times: Option<u32>) {
         self.with_site(site, |s| s.inject(fault, times));

@@ -60,6 +60,10 @@ pub(crate) struct Shared {
     pub(crate) max_in_flight: AtomicU64,
     pub(crate) token_requests: AtomicU64,
     pub(crate) shutdown: CancellationToken,
+    /// While true, refresh requests are held after they arrive (counted in
+    /// flight) until a test releases them: a race with a request in flight
+    /// is then made on purpose, not by timing.
+    pub(crate) held: tokio::sync::watch::Sender<bool>,
     /// Signs access and id tokens so they can be checked without storing them.
     signing_key: [u8; 32],
 }
@@ -81,6 +85,7 @@ impl Shared {
             max_in_flight: AtomicU64::new(0),
             token_requests: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
+            held: tokio::sync::watch::Sender::new(false),
             signing_key,
         };
         // The root site always answers, as an instance installed at `/` does.
@@ -284,6 +289,13 @@ async fn token(shared: Arc<Shared>, site_name: &str, headers: HeaderMap, body: B
         return html(StatusCode::SERVICE_UNAVAILABLE, "stopping");
     }
     let form = Form::parse(&body);
+    if form.get("grant_type") == Some("refresh_token") {
+        let mut held = shared.held.subscribe();
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return html(StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+            _ = held.wait_for(|h| !*h) => {}
+        }
+    }
     let basic_auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Transaction, params};
 use uuid::Uuid;
 
 use super::connections::{self, COLUMNS, ConnectionRow, SecretColumn};
@@ -96,6 +96,58 @@ pub struct Claim {
     pub refresh_token: Secret,
     /// This send follows an orphaned claim: `invalid_grant` now means the token was lost.
     pub after_unknown: bool,
+    /// What the request is based on, for the save to compare with the row as it is then.
+    pub basis: Basis,
+}
+
+/// What a token request was made with. While it is in flight an operator
+/// may edit, disable or remove the connection, or the customer may
+/// re-authorize it; the save compares this with the row as it stands then,
+/// so an outcome is only ever applied to the grant it belongs to.
+#[derive(Debug, Clone)]
+pub struct Basis {
+    pub id: Uuid,
+    pub attempt: Uuid,
+    instance: String,
+    client_id: String,
+    grant_issued_at: Option<Timestamp>,
+    /// The sealed bytes, not the secrets: every seal has a fresh nonce, so
+    /// equal bytes mean nobody stored a new value since the claim.
+    sealed_refresh_token: Vec<u8>,
+    sealed_client_secret: Vec<u8>,
+}
+
+/// Why a refresh is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The scheduler found it due: skipped when a refresh from elsewhere (the
+    /// CLI, the API, another process) already moved the plan.
+    Scheduled,
+    /// An operator, an application's token request, or a proof of a new secret.
+    OnDemand,
+}
+
+/// The row as a finished request finds it when it comes to save.
+#[derive(Debug)]
+pub enum Found {
+    /// The outcome applies to this row. `ours`: the claim is still this
+    /// attempt's (else it expired and was taken over). `secret_changed`: a new
+    /// client secret was entered meanwhile, so a refusal of the old one says
+    /// nothing about the new.
+    Current {
+        row: ConnectionRow,
+        ours: bool,
+        secret_changed: bool,
+    },
+    /// A newer grant, another instance or another client ID was stored while
+    /// the request was in flight: the outcome belongs to a grant that is gone.
+    Overtaken {
+        row: ConnectionRow,
+        ours: bool,
+        reason: &'static str,
+    },
+    /// The connection was removed meanwhile.
+    Removed,
 }
 
 /// What trying to claim gave.
@@ -109,12 +161,16 @@ pub enum ClaimOutcome {
     NotRefreshable(ConnectionRow),
     /// A second orphan: the token may have been used twice; marked needs_reauthorization.
     Lost(ConnectionRow),
+    /// A scheduled refresh whose plan moved since it fell due (refreshed from
+    /// elsewhere meanwhile): nothing sent, the row tells when it is due now.
+    NotDue(ConnectionRow),
 }
 
 /// The outcome to save when the request finished.
 #[derive(Debug)]
 pub struct RefreshSave<'a> {
-    /// The row with every planned field updated by the policy.
+    /// The row as [`reread`] found it, with the outcome applied by the
+    /// policy. Only the columns a refresh owns are written from it.
     pub row: &'a ConnectionRow,
     /// The new refresh token, when the server rotated it.
     pub refresh_token: Option<&'a Secret>,
@@ -131,6 +187,7 @@ pub fn claim(
     id: Uuid,
     owner: &Owner,
     ttl: Duration,
+    trigger: Trigger,
     now: Timestamp,
 ) -> Result<ClaimOutcome, StoreError> {
     let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
@@ -138,6 +195,12 @@ pub fn claim(
     };
     if !matches!(row.conn.state, State::Active | State::Retrying) {
         return Ok(ClaimOutcome::NotRefreshable(row));
+    }
+    if trigger == Trigger::Scheduled
+        && row.claim.is_none()
+        && row.conn.next_refresh_at.is_some_and(|t| t > now)
+    {
+        return Ok(ClaimOutcome::NotDue(row));
     }
     let mut after_unknown = row.outcome_unknown;
     if let Some((holder, until)) = row.claim.clone() {
@@ -197,6 +260,15 @@ pub fn claim(
     let client_secret = keyring.open_secret(id, SecretColumn::ClientSecret.as_str(), &cs)?;
     let refresh_token = keyring.open_secret(id, SecretColumn::RefreshToken.as_str(), &rt)?;
     let attempt = Uuid::new_v4();
+    let basis = Basis {
+        id,
+        attempt,
+        instance: row.conn.instance.clone(),
+        client_id: row.conn.client_id.clone(),
+        grant_issued_at: row.conn.grant_issued_at,
+        sealed_refresh_token: rt,
+        sealed_client_secret: cs,
+    };
     let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
     tx.execute(
         "UPDATE connections SET claim_id = ?2, claim_owner = ?3, claim_expires_at = ?4,
@@ -215,6 +287,7 @@ pub fn claim(
         client_secret,
         refresh_token,
         after_unknown,
+        basis,
     })))
 }
 
@@ -227,37 +300,88 @@ fn clear_claim(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Saves the outcome of a claimed request and releases the claim, but only if
-/// the claim is still ours (compare-and-swap on the attempt id).
+/// The live claim on `row`, if any: who holds it and until when. A claim
+/// past its expiry or left by a dead process is not live.
+pub fn live_claim(row: &ConnectionRow, now: Timestamp) -> Option<(String, Timestamp)> {
+    row.claim
+        .clone()
+        .filter(|(holder, until)| *until > now && !Owner::is_dead(holder))
+}
+
+/// Reads the row a finished request is to be saved into, and judges whether
+/// its outcome still applies (see [`Found`]).
+pub fn reread(tx: &Transaction<'_>, basis: &Basis) -> Result<Found, StoreError> {
+    let Some(row) = connections::get_by_id_tx(tx, basis.id)? else {
+        return Ok(Found::Removed);
+    };
+    type Now = (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>);
+    let (claim_id, rt, cs): Now = tx.query_row(
+        "SELECT claim_id, refresh_token, client_secret FROM connections WHERE id = ?1",
+        [basis.id.to_string()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let ours = claim_id.as_deref() == Some(basis.attempt.to_string().as_str());
+    let reason = if row.conn.instance != basis.instance {
+        Some("the instance was changed while the request was in flight")
+    } else if row.conn.client_id != basis.client_id {
+        Some("the client ID was changed while the request was in flight")
+    } else if row.conn.grant_issued_at != basis.grant_issued_at
+        || rt.as_deref() != Some(basis.sealed_refresh_token.as_slice())
+    {
+        Some("a newer grant was stored while the request was in flight")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Ok(Found::Overtaken { row, ours, reason });
+    }
+    let secret_changed = cs.as_deref() != Some(basis.sealed_client_secret.as_slice());
+    Ok(Found::Current {
+        row,
+        ours,
+        secret_changed,
+    })
+}
+
+/// Saves the outcome of a request into the row [`reread`] found current: the
+/// columns a refresh owns, the new tokens, one history event; and releases
+/// the claim when it is still this attempt's (a claim taken over after ours
+/// expired belongs to its new holder). Nothing an operator or the customer
+/// sets (labels, instance, client ID, mode, lifetimes, the secret's Expires
+/// On, the grant) is written.
 pub fn finish(
     tx: &Transaction<'_>,
     keyring: &Keyring,
-    attempt: Uuid,
+    basis: &Basis,
     save: &RefreshSave<'_>,
+    ours: bool,
     now: Timestamp,
-) -> Result<bool, StoreError> {
-    let id = save.row.conn.id;
-    let ours: Option<String> = tx
-        .query_row(
-            "SELECT claim_id FROM connections WHERE id = ?1",
-            [id.to_string()],
-            |r| r.get(0),
-        )
-        .optional()?
-        .flatten();
-    if ours.as_deref() != Some(attempt.to_string().as_str()) {
-        return Ok(false);
-    }
-    connections::put(tx, save.row)?;
+) -> Result<(), StoreError> {
+    let id = basis.id;
+    connections::put_refresh(tx, save.row)?;
     if let Some(rt) = save.refresh_token {
         connections::set_secret(tx, keyring, id, SecretColumn::RefreshToken, Some(rt))?;
     }
     if let Some(at) = save.access_token {
         connections::set_secret(tx, keyring, id, SecretColumn::AccessToken, Some(at))?;
     }
-    clear_claim(tx, id)?;
+    if ours {
+        clear_claim(tx, id)?;
+    }
     events::record(tx, id, now, save.event, save.detail)?;
-    Ok(true)
+    Ok(())
+}
+
+/// Ends an attempt whose outcome is not applied: releases its claim if it is
+/// still ours and says why in the history.
+pub fn discard(
+    tx: &Transaction<'_>,
+    basis: &Basis,
+    detail: &str,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    release(tx, basis.id, basis.attempt)?;
+    events::record(tx, basis.id, now, "refresh_discarded", detail)
 }
 
 /// Gives a claim back without sending anything (the request never left).

@@ -438,6 +438,45 @@ pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Writes back only the columns a refresh owns (times, plan, state, failure
+/// bookkeeping, token type), bumping version and change sequence. What an
+/// operator or the customer sets is never written from a refresh: a save
+/// cannot undo an edit that landed while its request was in flight.
+pub fn put_refresh(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> {
+    let c = &row.conn;
+    let seq = next_seq(tx)?;
+    let n = tx
+        .prepare_cached(
+            "UPDATE connections SET refresh_token_issued_at = ?2, access_expires_at = ?3,
+            deadline = ?4, deadline_source = ?5, next_refresh_at = ?6, last_refresh_at = ?7,
+            last_error = ?8, state = ?9, failures = ?10, failing_since = ?11,
+            outcome_unknown = ?12, token_type = ?13, access_lifetime_s = ?14,
+            version = version + 1, change_seq = ?15
+         WHERE id = ?1",
+        )?
+        .execute(params![
+            c.id.to_string(),
+            c.refresh_token_issued_at.map(to_ms),
+            c.access_expires_at.map(to_ms),
+            c.deadline.map(to_ms),
+            c.deadline_source.map(|s| s.as_str()),
+            c.next_refresh_at.map(to_ms),
+            c.last_refresh_at.map(to_ms),
+            c.last_error,
+            c.state.as_str(),
+            row.failures as i64,
+            row.failing_since.map(to_ms),
+            row.outcome_unknown as i64,
+            row.token_type,
+            row.access_lifetime.map(|d| d.as_secs() as i64),
+            seq,
+        ])?;
+    if n == 0 {
+        return Err(StoreError::UnknownConnection(c.name.clone()));
+    }
+    Ok(())
+}
+
 /// Seals `value` into `column` (or clears it with `None`).
 pub fn set_secret(
     tx: &Transaction<'_>,

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -268,6 +269,16 @@ level = "info"
         )
         .await
         .ok();
+    }
+
+    /// Starts one CLI command with its output piped, to read while it runs.
+    pub fn spawn_cli(&self, args: &[&str]) -> tokio::process::Child {
+        let mut c = self.command();
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
     }
 
     /// Starts `serve`; with `notify`, `NOTIFY_SOCKET` points at it.
@@ -609,4 +620,44 @@ pub async fn api_full(socket: &Path, path: &str) -> Full {
     tokio::time::timeout(Duration::from_secs(30), fut)
         .await
         .unwrap_or_else(|_| panic!("GET {path} did not answer in time"))
+}
+
+/// An HTTP client that shows redirects instead of following them.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Splits a URL's query into a map.
+pub fn query(url: &str) -> BTreeMap<String, String> {
+    url::Url::parse(url)
+        .unwrap()
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// `connection authorize NAME`, then the customer approving at the simulator:
+/// returns the URL the browser is redirected to.
+pub async fn authorize(rig: &Rig, name: &str) -> String {
+    let out = rig.cli(&["connection", "authorize", name], None).await.ok();
+    let link = out.stdout.trim();
+    assert!(
+        link.starts_with(&rig.sim.authorize_url(SITE)),
+        "the authorization URL: {link}"
+    );
+    let q = query(link);
+    assert_eq!(q["redirect_uri"], rig.redirect_uri());
+    assert_eq!(q["client_id"], CLIENT);
+    assert_eq!(q["code_challenge_method"], "S256");
+    let r = http().get(link).send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    let to = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(to.starts_with(&rig.redirect_uri()), "{to}");
+    let q = query(&to);
+    assert!(q.contains_key("code") && q.contains_key("state"), "{to}");
+    to
 }
