@@ -185,6 +185,31 @@ async fn a_refresh_sends_one_client_secret_post_and_saves_the_rotated_token() {
     assert!(row.conn.next_refresh_at.unwrap() > w.clock.now());
 }
 
+/// A refresh from elsewhere (the CLI, the API, another process) moves the
+/// plan; the scheduler's wake-up that fell due before it must not send a
+/// second login to the customer's instance (issue 12, item 17).
+#[tokio::test]
+async fn a_scheduled_refresh_whose_plan_moved_sends_nothing() {
+    let manual = clock::ManualClock::new(chrono::Utc::now());
+    let w = World::with_clock(Arc::new(manual.clone())).await;
+    let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
+    let engine = w.engine("test");
+    let rep = engine.refresh(id, Trigger::OnDemand).await.unwrap();
+    assert_eq!(rep.outcome, "refreshed", "{rep:?}");
+    let planned = w.row(id).conn.next_refresh_at.unwrap();
+    assert!(planned > w.clock.now());
+
+    let rep = engine.refresh(id, Trigger::Scheduled).await.unwrap();
+    assert_eq!(rep.outcome, "skipped", "{rep:?}");
+    assert_eq!(rep.next_refresh_at, Some(planned), "the report tells when it is due");
+    assert_eq!(w.sim.token_requests("s1"), 1, "nothing more was sent");
+    // Due, it is refreshed as usual.
+    manual.set(planned + chrono::Duration::seconds(1));
+    let rep = engine.refresh(id, Trigger::Scheduled).await.unwrap();
+    assert_eq!(rep.outcome, "refreshed", "{rep:?}");
+    assert_eq!(w.sim.token_requests("s1"), 2);
+}
+
 #[tokio::test]
 async fn the_rotated_token_is_the_one_sent_next() {
     let w = World::new().await;
