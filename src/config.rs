@@ -56,6 +56,10 @@ pub struct StoreConfig {
     pub key_file: Option<PathBuf>,
     /// Older keys that still open values sealed before a rotation; must be private.
     pub previous_key_files: Vec<PathBuf>,
+    /// Where a rotated token the store would not take is spilled (sealed),
+    /// for the daemon and the CLI alike. `None` = `$RUNTIME_DIRECTORY/pending`,
+    /// else `pending/` beside the store (see `Config::spill_dir`).
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// `[acumatica]`
@@ -1138,6 +1142,52 @@ impl Config {
             Some(dir) => dir.join("acutoken.db"),
             None => PathBuf::from("./acutoken.db"),
         }
+    }
+
+    /// `store.spill_dir`, else `$RUNTIME_DIRECTORY/pending` (a tmpfs under
+    /// systemd), else `pending` beside the store. The packaged config names
+    /// it, so that a CLI run without `$RUNTIME_DIRECTORY` spills where the
+    /// daemon looks.
+    pub fn spill_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.store.spill_dir {
+            return dir.clone();
+        }
+        if let Some(r) = self.runtime_dir() {
+            return r.join("pending");
+        }
+        let store = self.store_path();
+        store
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("pending")
+    }
+
+    /// Every place a spilled token may wait, the configured one first: the
+    /// daemon imports from all of them at start, so a token spilled by an
+    /// older version, or by a CLI run with another environment, is not left
+    /// behind.
+    pub fn spill_dirs(&self) -> Vec<PathBuf> {
+        let store = self.store_path();
+        let beside = store
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("pending");
+        let mut dirs = vec![self.spill_dir()];
+        dirs.extend(self.runtime_dir().map(|r| r.join("pending")));
+        dirs.extend(
+            first_dir(std::env::var_os("XDG_RUNTIME_DIR"))
+                .map(|x| x.join("acutoken").join("pending")),
+        );
+        dirs.push(beside);
+        let mut seen = Vec::new();
+        dirs.retain(|d| {
+            let new = !seen.contains(d);
+            seen.push(d.clone());
+            new
+        });
+        dirs
     }
 
     /// `api.socket`, else `$RUNTIME_DIRECTORY/acutoken.sock`, else

@@ -381,9 +381,14 @@ async fn a_spilled_token_is_imported_at_the_next_start() {
     drop(engine);
     blocker.execute_batch("ROLLBACK").unwrap();
     let mut st = Store::open(&path, keyring.clone(), Create::No).unwrap();
-    let n = acutoken::renewal::engine::import_spilled(&mut st, &spill, clock::SystemClock.now())
-        .unwrap();
-    assert_eq!(n, 1);
+    let n = acutoken::renewal::engine::import_spilled(
+        &mut st,
+        std::slice::from_ref(&spill),
+        clock::SystemClock.now(),
+    )
+    .unwrap();
+    assert_eq!(n.imported, 1);
+    assert!(n.rejected.is_empty());
     let client = st.get_by_id(id).unwrap().unwrap().conn.client_id;
     let current = sim.current_refresh_token(&site, &client).unwrap();
     assert_eq!(
@@ -398,6 +403,9 @@ async fn a_spilled_token_is_imported_at_the_next_start() {
     assert_eq!(row.conn.state, State::Active);
     // And the next refresh uses it: no replay.
     drop(st);
-    assert_eq!(make().refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
+    assert_eq!(
+        make().refresh(id, Trigger::OnDemand).await.unwrap().outcome,
+        "refreshed"
+    );
     assert_eq!(sim.total_replays(), 0);
 }

@@ -201,7 +201,11 @@ async fn a_scheduled_refresh_whose_plan_moved_sends_nothing() {
 
     let rep = engine.refresh(id, Trigger::Scheduled).await.unwrap();
     assert_eq!(rep.outcome, "skipped", "{rep:?}");
-    assert_eq!(rep.next_refresh_at, Some(planned), "the report tells when it is due");
+    assert_eq!(
+        rep.next_refresh_at,
+        Some(planned),
+        "the report tells when it is due"
+    );
     assert_eq!(w.sim.token_requests("s1"), 1, "nothing more was sent");
     // Due, it is refreshed as usual.
     manual.set(planned + chrono::Duration::seconds(1));
@@ -216,7 +220,10 @@ async fn the_rotated_token_is_the_one_sent_next() {
     let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
     let engine = w.engine("test");
     for _ in 0..5 {
-        assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
+        assert_eq!(
+            engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome,
+            "refreshed"
+        );
     }
     assert_eq!(w.sim.token_requests("s1"), 5);
     assert_eq!(
@@ -264,7 +271,10 @@ async fn invalid_grant_means_needs_reauthorization_and_no_retry() {
     let row = w.row(id);
     assert_eq!(row.conn.state, State::NeedsReauthorization);
     assert_eq!(row.conn.next_refresh_at, None);
-    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refused");
+    assert_eq!(
+        engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome,
+        "refused"
+    );
     assert_eq!(w.sim.token_requests("s1"), 1);
     match engine.token("acme").await.unwrap() {
         TokenAnswer::NeedsHuman(r) => assert_eq!(r.conn.state, State::NeedsReauthorization),
@@ -312,7 +322,10 @@ async fn transient_failures_back_off_and_recover() {
         w.sim.refresh_token_alive("s1", &w.stored_refresh_token(id)),
         "faults never consume the token"
     );
-    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
+    assert_eq!(
+        engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome,
+        "refreshed"
+    );
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Active);
     assert_eq!(row.failures, 0);
@@ -362,7 +375,10 @@ async fn two_processes_refreshing_at_once_send_one_request() {
     // Two engines on two store connections with different owners: a daemon and a CLI.
     let daemon = w.engine("serve");
     let cli = w.engine("cli");
-    let (a, b) = tokio::join!(daemon.refresh(id, Trigger::OnDemand), cli.refresh(id, Trigger::OnDemand));
+    let (a, b) = tokio::join!(
+        daemon.refresh(id, Trigger::OnDemand),
+        cli.refresh(id, Trigger::OnDemand)
+    );
     let outcomes = [a.unwrap().outcome, b.unwrap().outcome];
     assert!(outcomes.contains(&"refreshed".to_string()), "{outcomes:?}");
     assert!(
@@ -398,7 +414,10 @@ async fn an_orphaned_claim_whose_request_never_arrived_recovers() {
     let id = w.add("acme", "s1", Mode::Absolute, chrono::Duration::days(1));
     orphan_claim(&w, id);
     let engine = w.engine("serve");
-    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
+    assert_eq!(
+        engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome,
+        "refreshed"
+    );
     let row = w.row(id);
     assert_eq!(row.conn.state, State::Active);
     assert!(
@@ -448,7 +467,10 @@ async fn an_orphaned_claim_whose_token_was_consumed_is_flagged_not_hidden() {
         row.conn.last_error
     );
     // The old token went out once more (the one allowed resend), never again.
-    assert_eq!(engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome, "refused");
+    assert_eq!(
+        engine.refresh(id, Trigger::OnDemand).await.unwrap().outcome,
+        "refused"
+    );
     assert_eq!(w.sim.total_replays(), 1);
 }
 

@@ -324,7 +324,10 @@ async fn a_full_filesystem_when_a_rotated_token_arrives_holds_spills_and_saves_i
     );
     let st = Store::open(&path, keyring.clone(), Create::No).unwrap();
     st.integrity_check().unwrap();
-    assert_eq!(eng.refresh(other, Trigger::OnDemand).await.unwrap().outcome, "refreshed");
+    assert_eq!(
+        eng.refresh(other, Trigger::OnDemand).await.unwrap().outcome,
+        "refreshed"
+    );
     assert_eq!(
         eng.refresh(id, Trigger::OnDemand).await.unwrap().outcome,
         "refreshed",

@@ -100,7 +100,9 @@ async fn remove_refuses_while_a_live_claim_stays_and_changes_nothing() {
     // live past the request timeout. `remove` waits that long (10 s in the
     // test config, plus 5 s), then refuses.
     d.signal(Signal::SIGSTOP);
-    let out = rig.cli(&["connection", "remove", "acme", "--yes"], None).await;
+    let out = rig
+        .cli(&["connection", "remove", "acme", "--yes"], None)
+        .await;
     d.signal(Signal::SIGCONT);
     assert_eq!(out.code, Some(2), "{out:?}");
     let last = out.stderr.lines().last().unwrap_or_default();
@@ -140,7 +142,12 @@ async fn a_row_deleted_under_a_refresh_discards_its_token_and_blocks_nothing() {
         "no unsaved token, no alert: {logs}"
     );
     let status = api(&rig.socket(), "GET", "/v1/status").await;
-    assert_eq!(json(&status)["daemon"]["unsaved_tokens"], 0, "{:?}", json(&status));
+    assert_eq!(
+        json(&status)["daemon"]["unsaved_tokens"],
+        0,
+        "{:?}",
+        json(&status)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +160,11 @@ async fn disable_during_a_refresh_stays_disabled_keeps_the_token_and_serves_none
     refresh.await.unwrap();
 
     let row = rig.row("acme");
-    assert_eq!(row.conn.state, State::Disabled, "the operator's word stands");
+    assert_eq!(
+        row.conn.state,
+        State::Disabled,
+        "the operator's word stands"
+    );
     assert_eq!(row.conn.next_refresh_at, None);
     // The rotated token is the live one, and it is the one stored.
     let stored = rig.stored_refresh_token("acme").unwrap();
@@ -197,9 +208,15 @@ async fn edits_made_during_a_refresh_are_kept() {
     assert!(out.stdout.contains("refreshed"), "{out:?}");
 
     let row = rig.row("acme");
-    assert_eq!(row.conn.labels.get("tier").map(String::as_str), Some("gold"));
+    assert_eq!(
+        row.conn.labels.get("tier").map(String::as_str),
+        Some("gold")
+    );
     assert_eq!(row.conn.mode, Mode::Sliding);
-    assert_eq!(row.conn.lifetime, std::time::Duration::from_secs(10 * 86_400));
+    assert_eq!(
+        row.conn.lifetime,
+        std::time::Duration::from_secs(10 * 86_400)
+    );
     // The refresh's plan follows the new settings: a sliding deadline counted
     // from the rotation just saved.
     let issued = row.conn.refresh_token_issued_at.unwrap();
@@ -224,10 +241,14 @@ async fn a_new_instance_during_a_refresh_discards_the_token_and_says_so() {
     let row = rig.row("acme");
     assert_eq!(row.conn.state, State::PendingAuthorization);
     assert!(row.conn.instance.ends_with("/OtherSite"), "{row:?}");
-    assert!(!row.has_refresh_token, "the old grant's token is not stored");
+    assert!(
+        !row.has_refresh_token,
+        "the old grant's token is not stored"
+    );
     let h = history(&rig, "acme");
     assert!(
-        h.iter().any(|(e, d)| e == "refresh_discarded" && d.contains("instance")),
+        h.iter()
+            .any(|(e, d)| e == "refresh_discarded" && d.contains("instance")),
         "{h:?}"
     );
 }
@@ -298,19 +319,16 @@ async fn token_requests_hold_the_per_instance_limit() {
     for n in ["a1", "a2", "a3"] {
         rig.add(n, SITE, true).await;
     }
-    let mut d = rig.serve_with_env(
-        None,
-        &[("ACUTOKEN__RENEWAL__PER_INSTANCE_CONCURRENT", "1")],
-    );
+    let mut d = rig.serve_with_env(None, &[("ACUTOKEN__RENEWAL__PER_INSTANCE_CONCURRENT", "1")]);
     d.ready().await;
     rig.sim.hold_token_requests();
     let calls: Vec<_> = ["a1", "a2", "a3"]
         .into_iter()
         .map(|n| {
             let socket = rig.socket();
-            tokio::spawn(async move {
-                api(&socket, "GET", &format!("/v1/connections/{n}/token")).await
-            })
+            tokio::spawn(
+                async move { api(&socket, "GET", &format!("/v1/connections/{n}/token")).await },
+            )
         })
         .collect();
     eventually("a token-driven refresh in flight", || {

@@ -41,11 +41,13 @@ pub fn generate(out: Option<&Path>) -> anyhow::Result<i32> {
 pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
     let new = Key::from_file(new_key_file, KeySource::File(new_key_file.to_path_buf()))?;
     let mut st = ctx.open_store(Create::No)?;
-    if crate::daemon::running(&ctx.config) {
-        anyhow::bail!(
-            "the daemon is running on this store: stop it (`systemctl stop acutoken`), rotate, point store.key_file or the credential at the new key, then start it again"
-        );
-    }
+    // The daemon's own lock, held to the end: a daemon started meanwhile is
+    // refused (naming this process) instead of sealing under the retired key.
+    let _lock = crate::daemon::lock::StoreLock::acquire(st.path()).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; key rotation needs the daemon stopped: stop it (`systemctl stop acutoken`), rotate, point store.key_file or the credential at the new key, then start it again"
+        )
+    })?;
     let old = st.keyring().clone();
     if old.primary().id() == new.id() {
         anyhow::bail!(
@@ -88,6 +90,11 @@ pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
     if left != 0 {
         anyhow::bail!("{left} values are still sealed under an old key; run the rotation again");
     }
+    let spills = reseal_spills(
+        &ctx.config,
+        st.keyring(),
+        &Keyring::new(new.clone(), Vec::new()),
+    );
     // From now on only the new key opens the store: a command still using the
     // old one is refused instead of sealing values the new key cannot open.
     st.retire_keys_except(&new)?;
@@ -95,11 +102,55 @@ pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
         "re-sealed {done} values under key {}; nothing sealed under an old key remains.",
         new.id()
     );
+    if spills.resealed > 0 {
+        println!(
+            "re-sealed {} spilled token(s) waiting to be imported",
+            spills.resealed
+        );
+    }
+    for (path, why) in &spills.failed {
+        eprintln!(
+            "warning: the spill file {} was not re-sealed: it {why}; it will not open under the new key",
+            path.display()
+        );
+    }
     println!(
         "next: make {} the key acutoken finds (store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store); the old key no longer opens the store: keep it only to read backups made before now",
         new_key_file.display()
     );
     Ok(0)
+}
+
+/// What re-sealing the spill files came to.
+struct Resealed {
+    resealed: usize,
+    failed: Vec<(std::path::PathBuf, String)>,
+}
+
+/// Re-seals the tokens waiting in spill files (and in `rejected/`) from
+/// `from` to `to`, so the next start can import them once the old key is
+/// retired.
+fn reseal_spills(config: &crate::config::Config, from: &Keyring, to: &Keyring) -> Resealed {
+    use crate::renewal::spill;
+    let mut out = Resealed {
+        resealed: 0,
+        failed: Vec::new(),
+    };
+    for dir in config.spill_dirs() {
+        for d in [dir.clone(), dir.join("rejected")] {
+            for (path, read) in spill::read_all(&d) {
+                let done = read.and_then(|mut s| {
+                    s.reseal(from, to)?;
+                    spill::rewrite(&path, &s).map_err(|e| format!("cannot be rewritten: {e}"))
+                });
+                match done {
+                    Ok(()) => out.resealed += 1,
+                    Err(why) => out.failed.push((path, why)),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Writes shell completions and the man page (packaging).

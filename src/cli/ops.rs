@@ -57,7 +57,6 @@ fn api_error(a: &Answer) -> String {
 /// An engine working on the store directly (no daemon running).
 fn local_engine(ctx: &Ctx) -> anyhow::Result<Arc<Engine>> {
     let (store, client) = authorize::cli_parts(ctx)?;
-    let path = ctx.config.store_path();
     Ok(Arc::new(Engine::new(EngineParts {
         store,
         client,
@@ -65,7 +64,7 @@ fn local_engine(ctx: &Ctx) -> anyhow::Result<Arc<Engine>> {
         clock: clock::system(),
         owner: Owner::current("cli"),
         http_timeout: ctx.config.renewal.http_timeout,
-        spill_dir: Some(serve::spill_dir(&ctx.config, &path)),
+        spill_dir: Some(ctx.config.spill_dir()),
         limits: renewal::limits_from(&ctx.config),
         hooks: Arc::new(NoHooks),
     })))

@@ -130,14 +130,15 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     let alerts_store = open(Create::No)?;
 
     let clock = opts.clock.clone();
-    let spill_dir = spill_dir(&config, &path);
-    let imported = import_spilled(&mut engine_store, &spill_dir, clock.now())?;
-    if imported > 0 {
+    let spill_dir = config.spill_dir();
+    let spilled = import_spilled(&mut engine_store, &config.spill_dirs(), clock.now())?;
+    if spilled.imported > 0 {
         tracing::warn!(
-            imported,
+            imported = spilled.imported,
             "imported rotated tokens spilled by a previous run"
         );
     }
+    alert_rejected_spills(&mut engine_store, &config, &spilled.rejected, clock.now())?;
 
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     let wake = Wake::new();
@@ -552,15 +553,44 @@ fn read_api_tokens(config: &Config) -> anyhow::Result<Vec<Secret>> {
         .collect())
 }
 
-/// Where unsaved tokens go: `$RUNTIME_DIRECTORY/pending` (a tmpfs under systemd).
-pub fn spill_dir(config: &Config, store: &Path) -> PathBuf {
-    if let Some(r) = config.runtime_dir() {
-        return r.join("pending");
+/// Keeps `store_write_failed` firing while spilled tokens that could not be
+/// imported wait in a `rejected/` directory for a human; resolves it once
+/// they are dealt with (looked at each start).
+fn alert_rejected_spills(
+    store: &mut Store,
+    config: &Config,
+    now_rejected: &[(PathBuf, String)],
+    now: crate::model::Timestamp,
+) -> Result<(), store::StoreError> {
+    let mut waiting: Vec<PathBuf> = Vec::new();
+    for dir in config.spill_dirs() {
+        if let Ok(entries) = std::fs::read_dir(dir.join("rejected")) {
+            waiting.extend(entries.flatten().map(|e| e.path()));
+        }
     }
-    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(x).join("acutoken").join("pending");
+    if waiting.is_empty() {
+        return store
+            .write(|tx, _| store::alerts::resolve_global(tx, AlertKind::StoreWriteFailed, now));
     }
-    store.parent().unwrap_or(Path::new(".")).join("pending")
+    let why = now_rejected
+        .first()
+        .map(|(_, why)| format!(" ({why})"))
+        .unwrap_or_default();
+    let facts = AlertFacts::global(
+        AlertKind::StoreWriteFailed,
+        crate::model::Severity::Critical,
+        format!(
+            "{} spilled refresh token(s) could not be imported into the store{why}; kept in {}",
+            waiting.len(),
+            waiting
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        "if they were sealed with a key retired since, add that key to store.previous_key_files, move the files back into the spill directory and restart acutoken; otherwise check the connections named in the files with `acutoken connection show` (they may need re-authorization), then delete the files",
+    );
+    store.write(|tx, _| store::alerts::raise(tx, &facts, now))
 }
 
 fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<tokio::net::UnixListener> {

@@ -16,15 +16,15 @@ use std::time::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::limits::Limits;
 use super::policy::{self, Failure, Policy};
 use super::spill::{self, Spilled};
 use crate::acumatica::{TokenClient, TokenError, TokenGrant};
 use crate::clock::SharedClock;
 use crate::model::{FailureKind, State, Timestamp, fmt_time};
 use crate::secret::Secret;
-use super::limits::Limits;
-use crate::store::claims::{self, ClaimOutcome, Found, Owner, RefreshSave};
 pub use crate::store::claims::Trigger;
+use crate::store::claims::{self, ClaimOutcome, Found, Owner, RefreshSave};
 use crate::store::connections::{ConnectionRow, SecretColumn};
 use crate::store::{Store, StoreError};
 
@@ -169,7 +169,10 @@ fn apply_failure(
     }
     if !row.conn.state.is_scheduled() {
         // Disabled while the request was in flight: the operator's word stands.
-        return format!("{} (the connection was {} meanwhile)", err.reason, row.conn.state);
+        return format!(
+            "{} (the connection was {} meanwhile)",
+            err.reason, row.conn.state
+        );
     }
     let decision = policy::after_failure(
         &row.conn,
@@ -544,7 +547,8 @@ impl Engine {
         {
             let mut last = self.manual.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(prev) = last.get(&id) {
-                let wait = *prev + chrono::Duration::from_std(MANUAL_REFRESH_EVERY).unwrap_or_default()
+                let wait = *prev
+                    + chrono::Duration::from_std(MANUAL_REFRESH_EVERY).unwrap_or_default()
                     - now;
                 if wait > chrono::Duration::zero() {
                     return Err(EngineError::RateLimited(
@@ -561,7 +565,11 @@ impl Engine {
         self.refresh(id, Trigger::OnDemand).await
     }
 
-    async fn refresh_locked(&self, id: Uuid, trigger: Trigger) -> Result<RefreshReport, EngineError> {
+    async fn refresh_locked(
+        &self,
+        id: Uuid,
+        trigger: Trigger,
+    ) -> Result<RefreshReport, EngineError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(EngineError::Stopping);
         }
@@ -1094,24 +1102,57 @@ fn report(
     }
 }
 
-/// Imports tokens spilled by a previous run that could not save them (start-up).
+/// What importing spilled tokens at start came to.
+#[derive(Debug, Default)]
+pub struct SpillImport {
+    /// Tokens saved into the store.
+    pub imported: usize,
+    /// Files set aside in `rejected/`: (where they are now, why).
+    pub rejected: Vec<(PathBuf, String)>,
+}
+
+/// Imports tokens spilled by a previous run that could not save them
+/// (start-up), from every directory in `dirs`. A file that cannot be read or
+/// opened is set aside in `rejected/` beside it and reported, never a reason
+/// not to start; a store that cannot be written is (the file stays for the
+/// next start).
 pub fn import_spilled(
     store: &mut Store,
-    dir: &std::path::Path,
+    dirs: &[PathBuf],
     now: Timestamp,
-) -> Result<usize, StoreError> {
-    let mut n = 0;
-    for (path, s) in spill::read_all(dir) {
-        let applied = store.write(|tx, kr| s.apply(tx, kr, now))?;
-        if applied {
-            n += 1;
-            tracing::info!(path = %path.display(), "imported a spilled refresh token");
-        } else {
-            tracing::warn!(path = %path.display(), "a spilled token was already superseded; discarded");
+) -> Result<SpillImport, StoreError> {
+    let mut out = SpillImport::default();
+    for dir in dirs {
+        for (path, read) in spill::read_all(dir) {
+            let opened = read.and_then(|s| s.open(store.keyring()).map(|_| s));
+            let s = match opened {
+                Ok(s) => s,
+                Err(why) => {
+                    let why = format!("the spill file {why}");
+                    match spill::set_aside(&path) {
+                        Ok(to) => {
+                            tracing::error!(path = %path.display(), kept = %to.display(), reason = %why, "a spilled token cannot be imported; set aside");
+                            out.rejected.push((to, why));
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), reason = %why, error = %e, "a spilled token cannot be imported, nor moved aside; left in place");
+                            out.rejected.push((path, why));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let applied = store.write(|tx, kr| s.apply(tx, kr, now))?;
+            if applied {
+                out.imported += 1;
+                tracing::info!(path = %path.display(), "imported a spilled refresh token");
+            } else {
+                tracing::warn!(path = %path.display(), "a spilled token was already superseded; discarded");
+            }
+            let _ = std::fs::remove_file(&path);
         }
-        let _ = std::fs::remove_file(&path);
     }
-    Ok(n)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1121,7 +1162,7 @@ mod tests {
     use crate::config::Config;
     use crate::crypto::{Key, Keyring};
     use crate::model::{Connection, Mode};
-    use crate::store::connections::NewConnection;
+    use crate::store::connections::{self, NewConnection};
     use crate::store::{Create, Store};
 
     const TOKEN: &str = "access-token-value-1";

@@ -32,6 +32,43 @@ pub struct Spilled {
 }
 
 impl Spilled {
+    /// The connection the spilled token belongs to.
+    pub fn connection(&self) -> Uuid {
+        self.conn.id
+    }
+
+    /// Opens the spilled access and refresh tokens; the reason when they do
+    /// not open (another store's key, a retired key, a damaged file).
+    pub fn open(&self, keyring: &Keyring) -> Result<(Secret, Option<Secret>), String> {
+        let id = self.conn.id;
+        let open = |col: SecretColumn, b64: &str| -> Result<Secret, String> {
+            let sealed = B64
+                .decode(b64)
+                .map_err(|_| format!("its {} is not base64", col.as_str()))?;
+            keyring
+                .open_secret(id, col.as_str(), &sealed)
+                .map_err(|e| format!("its {} does not open: {e}", col.as_str()))
+        };
+        let access = open(SecretColumn::AccessToken, &self.access_token)?;
+        let refresh = self
+            .refresh_token
+            .as_deref()
+            .map(|t| open(SecretColumn::RefreshToken, t))
+            .transpose()?;
+        Ok((access, refresh))
+    }
+
+    /// Seals the spilled tokens again under `to`'s primary key (`key rotate`).
+    pub fn reseal(&mut self, from: &Keyring, to: &Keyring) -> Result<(), String> {
+        let (access, refresh) = self.open(from)?;
+        let id = self.conn.id;
+        self.access_token =
+            B64.encode(to.seal_secret(id, SecretColumn::AccessToken.as_str(), &access));
+        self.refresh_token = refresh
+            .map(|t| B64.encode(to.seal_secret(id, SecretColumn::RefreshToken.as_str(), &t)));
+        Ok(())
+    }
+
     pub fn new(
         keyring: &Keyring,
         attempt: Uuid,
@@ -78,18 +115,7 @@ impl Spilled {
         let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
             return Ok(false);
         };
-        let open = |col: SecretColumn, b64: &str| -> Result<Secret, StoreError> {
-            let sealed = B64
-                .decode(b64)
-                .map_err(|_| StoreError::Corrupt("a spilled token is not base64".into()))?;
-            Ok(keyring.open_secret(id, col.as_str(), &sealed)?)
-        };
-        let access = open(SecretColumn::AccessToken, &self.access_token)?;
-        let refresh = self
-            .refresh_token
-            .as_deref()
-            .map(|t| open(SecretColumn::RefreshToken, t))
-            .transpose()?;
+        let (access, refresh) = self.open(keyring).map_err(StoreError::Corrupt)?;
         if row.conn.instance != self.conn.instance || row.conn.client_id != self.conn.client_id {
             // Pointed at another instance or application since: the token belongs to a grant that is gone.
             return Ok(false);
@@ -148,19 +174,7 @@ pub fn write(dir: &Path, s: &Spilled) -> std::io::Result<PathBuf> {
             .create(dir)?;
     }
     let path = file_for(dir, s.conn.id);
-    let tmp = dir.join(format!(".{}.tmp", s.conn.id));
-    let body = serde_json::to_vec(s).map_err(std::io::Error::other)?;
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
+    rewrite(&path, s)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -172,25 +186,66 @@ pub fn remove(dir: &Path, id: Uuid) {
     let _ = std::fs::remove_file(file_for(dir, id));
 }
 
-/// Every readable spill file in `dir`.
-pub fn read_all(dir: &Path) -> Vec<(PathBuf, Spilled)> {
+/// Every spill file in `dir`, read, or the reason it could not be.
+pub fn read_all(dir: &Path) -> Vec<(PathBuf, Result<Spilled, String>)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
-        if p.extension().is_some_and(|x| x == "json") {
-            match std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Spilled>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(s) => out.push((p, s)),
-                Err(err) => {
-                    tracing::error!(path = %p.display(), error = %err, "cannot read a spilled token file; left in place")
-                }
-            }
+        if p.is_file() && p.extension().is_some_and(|x| x == "json") {
+            let read = std::fs::read(&p)
+                .map_err(|e| format!("cannot be read: {e}"))
+                .and_then(|b| {
+                    serde_json::from_slice::<Spilled>(&b)
+                        .map_err(|e| format!("is not a spilled token: {e}"))
+                });
+            out.push((p, read));
         }
     }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Moves a spill file that cannot be imported into `rejected/` beside it,
+/// so it stops every start from tripping over it, yet is kept for a human
+/// (it may hold the only live refresh token of its connection). Returns
+/// where it went.
+pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new(".")).join("rejected");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    let name = path.file_name().unwrap_or_default();
+    let to = dir.join(name);
+    std::fs::rename(path, &to)?;
+    Ok(to)
+}
+
+/// Replaces a spill file with `s` (same name), written like [`write`].
+pub fn rewrite(path: &Path, s: &Spilled) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", s.conn.id));
+    let body = serde_json::to_vec(s).map_err(std::io::Error::other)?;
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // Root running the CLI spills into the daemon's directory: the file
+        // goes to the directory's owner, or the daemon could not import it.
+        if nix::unistd::geteuid().is_root()
+            && let Ok(meta) = std::fs::metadata(dir)
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+        }
+        f.write_all(&body)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
 }
