@@ -346,3 +346,39 @@ async fn token_requests_hold_the_per_instance_limit() {
         "token requests hold per_instance_concurrent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_secret_proves_the_new_secret_at_once() {
+    let rig = Arc::new(Rig::new().await);
+    let _d = started(&rig, &["acme"]).await;
+    // The operator made a new secret on the instance; the old one is gone.
+    rig.sim
+        .replace_secret(SITE, support_daemon::CLIENT, "the-new-one", None)
+        .unwrap();
+    let sent = rig.sim.token_requests(SITE);
+
+    let out = rig
+        .cli(&["connection", "set-secret", "acme"], Some("mistyped\n"))
+        .await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .trim()
+            .starts_with("error: the instance refused the new client secret too"),
+        "{out:?}"
+    );
+    assert_eq!(
+        rig.sim.token_requests(SITE),
+        sent + 1,
+        "one refresh at once"
+    );
+    assert_eq!(rig.row("acme").conn.state, State::NeedsSecret);
+
+    let out = rig
+        .cli(&["connection", "set-secret", "acme"], Some("the-new-one\n"))
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("the new secret works"), "{out:?}");
+    assert_eq!(rig.row("acme").conn.state, State::Active);
+    assert_eq!(rig.sim.total_replays(), 0);
+}

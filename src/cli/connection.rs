@@ -199,6 +199,9 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 }
                 if row.conn.state == State::NeedsSecret {
                     planning::resume(&mut row, &policy, now);
+                } else if row.conn.state.is_scheduled() {
+                    // Proven at once, not at the next planned refresh.
+                    row.conn.next_refresh_at = Some(now);
                 }
                 connections::put(tx, &row)?;
                 events::record(
@@ -214,10 +217,10 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 "stored a new client secret for {} (state {})",
                 row.conn.name, row.conn.state
             );
-            if let Some(t) = row.conn.next_refresh_at {
-                println!("next refresh {}", fmt_time(t));
+            if !row.conn.state.is_scheduled() {
+                return Ok(0);
             }
-            Ok(0)
+            super::ops::prove_secret(&ctx, &row, now).await
         }
         ConnectionCommand::History { name, json } => {
             let st = ctx.open_store(Create::No)?;

@@ -138,6 +138,67 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     }
 }
 
+/// After `set-secret`: one refresh at once proves the new secret. With the
+/// daemon running, its scheduler does it (the secret's save made the
+/// connection due) and this waits for the outcome in the store; without
+/// it, the refresh runs here. A secret the instance refuses again is
+/// reported now, with exit 1, not later through the chat.
+pub async fn prove_secret(
+    ctx: &Ctx,
+    row: &crate::store::connections::ConnectionRow,
+    stored_at: crate::model::Timestamp,
+) -> anyhow::Result<i32> {
+    let name = row.conn.name.clone();
+    let report = if daemon::running(&ctx.config) {
+        let st = ctx.open_store(crate::store::Create::No)?;
+        let give_up = tokio::time::Instant::now() + api_timeout(ctx);
+        loop {
+            let now = st.get(&name)?;
+            // `row` is as read before the secret's save (+1); a claim (+1)
+            // and its outcome (+1) follow.
+            let tried = now.version >= row.version + 3
+                || now.conn.last_refresh_at.is_some_and(|t| t >= stored_at);
+            if tried && now.claim.is_none() {
+                break Some(now);
+            }
+            if tokio::time::Instant::now() >= give_up {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        let engine = local_engine(ctx)?;
+        let r = engine.refresh(row.conn.id, Trigger::OnDemand).await;
+        settle(&engine).await?;
+        r?;
+        let n = name.clone();
+        Some(crate::renewal::engine::with_store(engine.store(), move |st| st.get(&n)).await?)
+    };
+    let Some(now) = report else {
+        println!(
+            "the daemon has not tried the new secret yet; see `acutoken connection history {name}`"
+        );
+        return Ok(0);
+    };
+    match now.conn.state {
+        crate::model::State::NeedsSecret => anyhow::bail!(
+            "the instance refused the new client secret too ({}): check it on the Connected Applications screen (SM303010) and run set-secret again",
+            now.conn.last_error.as_deref().unwrap_or("invalid_client")
+        ),
+        crate::model::State::Active => {
+            println!("the new secret works: refreshed (state active)");
+            Ok(0)
+        }
+        s => {
+            println!(
+                "the refresh with the new secret did not succeed (state {s}): {}",
+                now.conn.last_error.as_deref().unwrap_or("")
+            );
+            Ok(1)
+        }
+    }
+}
+
 /// `token NAME`.
 pub async fn token(ctx: &Ctx, name: &str, json: bool) -> anyhow::Result<i32> {
     if daemon::running(&ctx.config) {
