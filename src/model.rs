@@ -329,6 +329,53 @@ pub fn fmt_time(t: Timestamp) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// The longest access-token lifetime acutoken believes: a longer `expires_in`
+/// from a token endpoint is taken as this (and logged).
+///
+/// 24 hours. Acumatica issues access tokens for an hour, so no honest
+/// instance comes near it, while an absurd value (`10000000000000`) cannot push
+/// `access_expires_at` out of representable time. Believing less than the
+/// server said is always safe: the token is handed out until a day has passed
+/// and a fresh one is fetched after that, one extra token request a day at
+/// most. Believing more is not: a token that died earlier would be handed out.
+pub const MAX_ACCESS_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+// Time arithmetic on values that came from a server, a file or the store.
+//
+// chrono's `+`/`-` on a `DateTime` and `TimeDelta::seconds` panic when the
+// result leaves the representable range (about ±262 000 years), and
+// `TimeDelta::from_std` fails for more than about 292 million years. A token
+// endpoint, a config file or a hand-edited row can supply any of those, and a
+// panic in the daemon (built with `panic = "abort"`) stops every customer's
+// renewal. So every such sum goes through these helpers, which saturate at the
+// ends of representable time instead: a plan "at the end of time" is harmless
+// (it is simply never due), a panic is not.
+
+/// `d` as a signed chrono delta, saturating at [`chrono::TimeDelta::MAX`].
+pub fn delta_saturating(d: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+/// `t + d`, saturating at the end of representable time.
+pub fn add_saturating(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add_signed(delta_saturating(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `t - d`, saturating at the start of representable time.
+pub fn sub_saturating(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_sub_signed(delta_saturating(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// `to - from` as a duration, or zero when `to` is not later. Cannot overflow:
+/// the span between any two representable times fits a `TimeDelta`.
+pub fn span(from: Timestamp, to: Timestamp) -> Duration {
+    to.signed_duration_since(from)
+        .to_std()
+        .unwrap_or(Duration::ZERO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +426,29 @@ mod tests {
             assert_eq!(fmt_duration(d), text);
             assert_eq!(humantime::parse_duration(text).unwrap(), d);
         }
+    }
+
+    #[test]
+    fn time_arithmetic_saturates_instead_of_panicking() {
+        let now = parse_time("2026-05-01T00:00:00Z").unwrap();
+        let max = DateTime::<Utc>::MAX_UTC;
+        let min = DateTime::<Utc>::MIN_UTC;
+        let huge = Duration::from_secs(10_000_000_000_000);
+        assert_eq!(add_saturating(now, huge), max);
+        assert_eq!(add_saturating(now, Duration::MAX), max);
+        assert_eq!(add_saturating(max, Duration::from_secs(1)), max);
+        assert_eq!(sub_saturating(now, Duration::MAX), min);
+        assert_eq!(sub_saturating(min, Duration::from_nanos(1)), min);
+        assert_eq!(
+            add_saturating(now, Duration::from_secs(60)),
+            parse_time("2026-05-01T00:01:00Z").unwrap()
+        );
+        assert!(span(now, max) > Duration::from_secs(1 << 40));
+        assert_eq!(span(max, min), Duration::ZERO);
+        assert!(span(min, max) > Duration::ZERO);
+        // The ends of time still print.
+        assert!(fmt_time(max).starts_with("+2621"), "{}", fmt_time(max));
+        assert!(!fmt_time(min).is_empty());
     }
 
     #[test]

@@ -326,18 +326,33 @@ fn redirect_reason(status: StatusCode, headers: &HeaderMap, request_url: &Url) -
     )
 }
 
+/// The longest Retry-After believed: a day. Retry-After may push a retry past
+/// `renewal.retry_max` (the server knows its own limits), but a server asking
+/// for years (`Retry-After: 99999999999`, or a date centuries ahead) would
+/// silently park the connection until its deadline rule cuts in, and with no
+/// deadline known, for ever. A day is longer than any real login-limit or
+/// maintenance window, and the next try after it asks the server again.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// Retry-After as seconds, or as an HTTP date measured against the response's own
 /// `Date` (the server's clock, so local clock skew does not distort it). A date
-/// without a `Date` header is ignored and the engine's backoff applies.
+/// without a `Date` header is ignored and the engine's backoff applies. Either
+/// form is bounded by [`MAX_RETRY_AFTER`]; seconds too large for a `u64` count
+/// as that bound too, and a date before `Date` as zero.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = v.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let now = headers.get(DATE)?.to_str().ok()?;
     let now = chrono::DateTime::parse_from_rfc2822(now.trim()).ok()?;
-    Some((at - now).to_std().unwrap_or(Duration::ZERO))
+    let asked = at
+        .signed_duration_since(now)
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    Some(asked.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -498,6 +513,31 @@ mod tests {
             None
         );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+    }
+
+    #[test]
+    fn retry_after_is_bounded() {
+        for v in [
+            "86401",
+            "10000000000000",
+            "18446744073709551615",
+            "99999999999999999999999999999999",
+        ] {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after", v)])),
+                Some(MAX_RETRY_AFTER),
+                "{v}"
+            );
+        }
+        assert_eq!(
+            retry_after(&headers(&[
+                ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+                ("date", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            ])),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "-5")])), None);
+        assert_eq!(retry_after(&headers(&[("retry-after", "1.5")])), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use super::classify::{
     Body, MAX_BODY, TokenError, classify_oauth_error, classify_response, describe,
 };
 use super::instance;
-use super::response::AcumaticaTokenResponse;
+use super::response::{AcumaticaTokenResponse, ExpiresIn, MAX_ACCESS_LIFETIME};
 use crate::secret::Secret;
 
 /// How the token client talks to instances; the `acumatica.*` and
@@ -224,7 +224,7 @@ impl TokenClient {
             .exchange_refresh_token(&token)
             .request_async(&http)
             .await;
-        finish(result, &http.seen)
+        finish(result, &http.seen, instance)
     }
 
     /// Exchanges an authorization code (with its PKCE verifier) for the first grant.
@@ -251,7 +251,7 @@ impl TokenClient {
             .set_redirect_uri(Cow::Owned(redirect))
             .request_async(&http)
             .await;
-        finish(result, &http.seen)
+        finish(result, &http.seen, instance)
     }
 
     fn oauth_client(
@@ -471,17 +471,13 @@ fn http_response(body: Vec<u8>) -> HttpResponse {
 fn finish(
     result: Result<AcumaticaTokenResponse, RequestTokenError<TokenError, BasicErrorResponse>>,
     seen: &Mutex<Option<String>>,
+    instance: &str,
 ) -> Result<TokenGrant, TokenError> {
     match result {
-        Ok(token) => Ok(TokenGrant {
-            access_token: Secret::new(token.access_token().secret().clone()),
-            token_type: token.token_type_str().to_string(),
-            expires_in: token.expires_in(),
-            refresh_token: token
-                .refresh_token()
-                .map(|r| Secret::new(r.secret().clone())),
-            scope: token.scope_str(),
-        }),
+        Ok(token) => {
+            warn_about_expires_in(token.expires_in_seen(), instance);
+            Ok(grant(token))
+        }
         Err(RequestTokenError::Request(e)) => Err(e),
         Err(RequestTokenError::ServerResponse(e)) => {
             let code = e.error().to_string();
@@ -504,6 +500,35 @@ fn finish(
                 true,
             ))
         }
+    }
+}
+
+fn grant(token: AcumaticaTokenResponse) -> TokenGrant {
+    TokenGrant {
+        access_token: Secret::new(token.access_token().secret().clone()),
+        token_type: token.token_type_str().to_string(),
+        expires_in: token.expires_in(),
+        refresh_token: token
+            .refresh_token()
+            .map(|r| Secret::new(r.secret().clone())),
+        scope: token.scope_str(),
+    }
+}
+
+/// Says when the answer's `expires_in` was not believed as sent. Names the
+/// instance only: the value itself came from the server and may be any text.
+fn warn_about_expires_in(seen: ExpiresIn, instance: &str) {
+    match seen {
+        ExpiresIn::Clamped => tracing::warn!(
+            instance,
+            bound = %crate::model::fmt_duration(MAX_ACCESS_LIFETIME),
+            "the token endpoint answered an expires_in beyond the bound; the access token is taken to expire after the bound (the grant is kept)"
+        ),
+        ExpiresIn::Unreadable => tracing::warn!(
+            instance,
+            "the token endpoint answered an expires_in that is not a number of seconds; the access token's expiry is unknown, so it is not handed out (the grant is kept)"
+        ),
+        ExpiresIn::Absent | ExpiresIn::Seconds(_) => {}
     }
 }
 

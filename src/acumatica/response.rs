@@ -5,13 +5,56 @@
 //! old one on the server, and refusing the whole answer over an odd `expires_in`
 //! (Acumatica sometimes sends `"3600"`) or a missing `token_type` would lose that
 //! token and force the customer to re-authorize.
+//!
+//! The same goes for a hostile or broken `expires_in`: whatever it says (see
+//! [`ExpiresIn`]), the answer is taken, and the lifetime acutoken believes is
+//! at most [`MAX_ACCESS_LIFETIME`], so no later time arithmetic can overflow.
+//! The known fields are read as raw JSON first, so even a number no `f64` can
+//! hold (`1e400`, which serde_json refuses outright) does not cost the answer.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use oauth2::basic::BasicTokenType;
 use oauth2::{AccessToken, RefreshToken, Scope, TokenResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
+
+pub use crate::model::MAX_ACCESS_LIFETIME;
+
+/// What an answer's `expires_in` said, after leniency. Whatever it is, the
+/// answer itself is accepted: it may carry a rotated refresh token that already
+/// replaced the old one at the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpiresIn {
+    /// Missing or `null`: the access token's expiry is unknown, so it is not
+    /// handed out (a token request refreshes instead).
+    #[default]
+    Absent,
+    /// Whole seconds, at most [`MAX_ACCESS_LIFETIME`]. `3600`, `"3600"`,
+    /// `3600.0` and `" 60 "` are all accepted; a fraction is rounded to the
+    /// nearest second. `0` means what it says: the access token is already
+    /// expired and is never handed out, while the grant is kept as usual.
+    Seconds(u64),
+    /// Longer than [`MAX_ACCESS_LIFETIME`] (`10000000000000`, 2^63,
+    /// `u64::MAX`, `1e400`, `"1e13"`): taken as that bound, and logged.
+    Clamped,
+    /// Present but not a non-negative number of seconds: negative, `"soon"`,
+    /// `"NaN"`, `"inf"`, `true`, an object. Treated as [`ExpiresIn::Absent`], and logged.
+    Unreadable,
+}
+
+impl ExpiresIn {
+    /// The lifetime acutoken believes, at most [`MAX_ACCESS_LIFETIME`].
+    pub fn lifetime(self) -> Option<Duration> {
+        match self {
+            ExpiresIn::Seconds(s) => Some(Duration::from_secs(s)),
+            ExpiresIn::Clamped => Some(MAX_ACCESS_LIFETIME),
+            ExpiresIn::Absent | ExpiresIn::Unreadable => None,
+        }
+    }
+}
 
 /// A token endpoint answer: `access_token` is required, everything else optional.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,6 +65,9 @@ pub struct AcumaticaTokenResponse {
     token_type: BasicTokenType,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_in: Option<u64>,
+    /// How `expires_in` was read, for the warning the client logs.
+    #[serde(skip)]
+    expires_in_seen: ExpiresIn,
     #[serde(skip_serializing_if = "Option::is_none")]
     refresh_token: Option<RefreshToken>,
     #[serde(rename = "scope", serialize_with = "serialize_scopes")]
@@ -36,6 +82,11 @@ impl AcumaticaTokenResponse {
             BasicTokenType::Mac => "mac",
             BasicTokenType::Extension(s) => s,
         }
+    }
+
+    /// How the answer's `expires_in` was read (see [`ExpiresIn`]).
+    pub fn expires_in_seen(&self) -> ExpiresIn {
+        self.expires_in_seen
     }
 
     /// `scope` as one space-separated string.
@@ -66,14 +117,22 @@ impl TokenResponse for AcumaticaTokenResponse {
     }
 }
 
-/// The wire shape, before leniency is applied.
+/// The wire shape, before leniency is applied. Every known field is kept as
+/// raw JSON: decoding it into a `Value` here would let one out-of-range number
+/// (`1e400`) fail the whole answer.
 #[derive(Deserialize)]
 struct RawTokenResponse {
-    access_token: Option<Value>,
-    token_type: Option<Value>,
-    expires_in: Option<Value>,
-    refresh_token: Option<Value>,
-    scope: Option<Value>,
+    access_token: Option<Box<RawValue>>,
+    token_type: Option<Box<RawValue>>,
+    expires_in: Option<Box<RawValue>>,
+    refresh_token: Option<Box<RawValue>>,
+    scope: Option<Box<RawValue>>,
+}
+
+/// A raw field as a string, when it is one.
+fn string(raw: &Option<Box<RawValue>>) -> Option<String> {
+    raw.as_ref()
+        .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
 }
 
 /// Why an answer is not a token response. Carries no part of the answer.
@@ -85,21 +144,25 @@ impl TryFrom<RawTokenResponse> for AcumaticaTokenResponse {
     type Error = NotAToken;
 
     fn try_from(raw: RawTokenResponse) -> Result<Self, NotAToken> {
-        let access_token = match raw.access_token {
-            Some(Value::String(s)) if !s.is_empty() => AccessToken::new(s),
+        let access_token = match string(&raw.access_token) {
+            Some(s) if !s.is_empty() => AccessToken::new(s),
             _ => return Err(NotAToken),
         };
-        let token_type = match raw.token_type {
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("bearer") => BasicTokenType::Bearer,
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("mac") => BasicTokenType::Mac,
-            Some(Value::String(s)) if !s.is_empty() => BasicTokenType::Extension(s),
+        let token_type = match string(&raw.token_type) {
+            Some(s) if s.eq_ignore_ascii_case("bearer") => BasicTokenType::Bearer,
+            Some(s) if s.eq_ignore_ascii_case("mac") => BasicTokenType::Mac,
+            Some(s) if !s.is_empty() => BasicTokenType::Extension(s),
             _ => BasicTokenType::Bearer,
         };
-        let refresh_token = match raw.refresh_token {
-            Some(Value::String(s)) if !s.is_empty() => Some(RefreshToken::new(s)),
+        let refresh_token = match string(&raw.refresh_token) {
+            Some(s) if !s.is_empty() => Some(RefreshToken::new(s)),
             _ => None,
         };
-        let scopes = match raw.scope {
+        let scope = raw
+            .scope
+            .as_ref()
+            .and_then(|r| serde_json::from_str::<Value>(r.get()).ok());
+        let scopes = match scope {
             Some(Value::String(s)) => {
                 Some(s.split_whitespace().map(|x| Scope::new(x.into())).collect())
             }
@@ -114,26 +177,65 @@ impl TryFrom<RawTokenResponse> for AcumaticaTokenResponse {
             ),
             _ => None,
         };
+        let expires_in_seen = raw
+            .expires_in
+            .as_deref()
+            .map_or(ExpiresIn::Absent, lenient_seconds);
         Ok(AcumaticaTokenResponse {
             access_token,
             token_type,
-            expires_in: raw.expires_in.as_ref().and_then(lenient_seconds),
+            expires_in: expires_in_seen.lifetime().map(|d| d.as_secs()),
+            expires_in_seen,
             refresh_token,
             scopes,
         })
     }
 }
 
-/// `3600`, `3600.0` or `"3600"`; anything else (negative, garbage) counts as absent.
-fn lenient_seconds(v: &Value) -> Option<u64> {
-    match v {
-        Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e12)
-                .map(|f| f.round() as u64)
-        }),
-        Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
+/// Reads `expires_in` as [`ExpiresIn`] describes: a JSON number or a string
+/// holding one, never failing and never panicking.
+pub fn lenient_seconds(raw: &RawValue) -> ExpiresIn {
+    let text = raw.get().trim();
+    let number: Cow<'_, str> = if text.starts_with('"') {
+        match serde_json::from_str::<String>(text) {
+            Ok(s) => Cow::Owned(s),
+            Err(_) => return ExpiresIn::Unreadable,
+        }
+    } else if text == "null" {
+        return ExpiresIn::Absent;
+    } else {
+        Cow::Borrowed(text)
+    };
+    seconds(number.trim())
+}
+
+/// Seconds from number text. Only number syntax is considered, so Rust's
+/// `f64` parser never sees `inf` or `NaN`; a number too large for `u64` or
+/// even for `f64` (`1e400` parses as infinity) is simply above the bound.
+fn seconds(text: &str) -> ExpiresIn {
+    let numeric = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
+    if !numeric {
+        return ExpiresIn::Unreadable;
+    }
+    let bound = MAX_ACCESS_LIFETIME.as_secs();
+    let whole = match text.parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => match text.parse::<f64>() {
+            // `-0.4` rounds to zero and is harmless; a real negative is not a lifetime.
+            Ok(f) if f.is_nan() || f <= -0.5 => return ExpiresIn::Unreadable,
+            Ok(f) if f > bound as f64 => return ExpiresIn::Clamped,
+            // In [-0.5, bound]: the cast cannot saturate or wrap.
+            Ok(f) => f.round().max(0.0) as u64,
+            Err(_) => return ExpiresIn::Unreadable,
+        },
+    };
+    if whole > bound {
+        ExpiresIn::Clamped
+    } else {
+        ExpiresIn::Seconds(whole)
     }
 }
 
@@ -171,6 +273,62 @@ mod tests {
             let r = parse(json).unwrap();
             assert_eq!(r.expires_in(), want.map(Duration::from_secs), "{json}");
         }
+    }
+
+    #[test]
+    fn hostile_expires_in_is_bounded_and_never_costs_the_answer() {
+        let day = MAX_ACCESS_LIFETIME.as_secs();
+        for (value, want) in [
+            ("0", ExpiresIn::Seconds(0)),
+            ("1", ExpiresIn::Seconds(1)),
+            ("0.4", ExpiresIn::Seconds(0)),
+            ("-0.4", ExpiresIn::Seconds(0)),
+            ("1.5", ExpiresIn::Seconds(2)),
+            ("\"3600.0\"", ExpiresIn::Seconds(3600)),
+            ("86400", ExpiresIn::Seconds(day)),
+            ("86401", ExpiresIn::Clamped),
+            ("2147483648", ExpiresIn::Clamped),
+            ("10000000000000", ExpiresIn::Clamped),
+            ("9223372036854775807", ExpiresIn::Clamped),
+            ("9223372036854775808", ExpiresIn::Clamped),
+            ("18446744073709551615", ExpiresIn::Clamped),
+            ("18446744073709551616", ExpiresIn::Clamped),
+            ("1e13", ExpiresIn::Clamped),
+            ("1e400", ExpiresIn::Clamped),
+            ("\"1e400\"", ExpiresIn::Clamped),
+            ("\"10000000000000\"", ExpiresIn::Clamped),
+            ("-1", ExpiresIn::Unreadable),
+            ("-9223372036854775808", ExpiresIn::Unreadable),
+            ("-1e400", ExpiresIn::Unreadable),
+            ("\"NaN\"", ExpiresIn::Unreadable),
+            ("\"inf\"", ExpiresIn::Unreadable),
+            ("\"Infinity\"", ExpiresIn::Unreadable),
+            ("\"\"", ExpiresIn::Unreadable),
+            ("\"1-2\"", ExpiresIn::Unreadable),
+            ("true", ExpiresIn::Unreadable),
+            ("[3600]", ExpiresIn::Unreadable),
+            ("{\"s\":1}", ExpiresIn::Unreadable),
+            ("null", ExpiresIn::Absent),
+        ] {
+            let json =
+                format!(r#"{{"access_token":"AT","refresh_token":"RT2","expires_in":{value}}}"#);
+            let r = parse(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(r.expires_in_seen(), want, "{json}");
+            assert_eq!(r.expires_in(), want.lifetime(), "{json}");
+            assert!(r.expires_in().is_none_or(|d| d <= MAX_ACCESS_LIFETIME));
+            assert_eq!(r.refresh_token().unwrap().secret(), "RT2", "{json}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_numbers_elsewhere_do_not_cost_the_answer() {
+        let r = parse(
+            r#"{"access_token":"AT","refresh_token":"RT2","scope":1e400,"token_type":-1e999,"other":1e400}"#,
+        )
+        .unwrap();
+        assert_eq!(r.refresh_token().unwrap().secret(), "RT2");
+        assert!(r.scope_str().is_none());
+        assert_eq!(r.token_type_str(), "Bearer");
     }
 
     #[test]

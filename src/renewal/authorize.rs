@@ -72,7 +72,8 @@ pub async fn create_link(
         &state,
         &challenge,
     ));
-    let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(14));
+    // `callback.state_ttl` comes from a file: a huge one saturates, never panics.
+    let expires_at = crate::model::add_saturating(now, ttl);
     let hash = hash_state(&state);
     let id = row.conn.id;
     let u = url.clone();

@@ -1,7 +1,7 @@
 //! Applying the pure policy to stored connections: first plans, resumes after
 //! a human acted, re-plans after edits.
 
-use crate::model::{Connection, State, Timestamp};
+use crate::model::{Connection, MAX_ACCESS_LIFETIME, State, Timestamp, add_saturating};
 use crate::store::connections::ConnectionRow;
 
 use super::policy::{self, Policy};
@@ -106,9 +106,10 @@ pub fn granted(
     c.grant_issued_at = Some(now);
     c.refresh_token_issued_at = Some(now);
     c.last_refresh_at = Some(now);
-    c.access_expires_at = access_lifetime
-        .and_then(|d| chrono::Duration::from_std(d).ok())
-        .map(|d| now + d);
+    // The parser already bounds `expires_in`; bounding again here keeps a
+    // lifetime from any other source (a spill file, a caller) from planning past it.
+    let access_lifetime = access_lifetime.map(|d| d.min(MAX_ACCESS_LIFETIME));
+    c.access_expires_at = access_lifetime.map(|d| add_saturating(now, d));
     c.state = State::Active;
     set_deadline(c);
     c.next_refresh_at = policy::next_refresh(c, policy, now, rand_unit());

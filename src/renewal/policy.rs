@@ -26,9 +26,13 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
-
-use crate::model::{Connection, DeadlineSource, FailureKind, Mode, State, Timestamp};
+use crate::model::{
+    Connection, DeadlineSource, FailureKind, MAX_ACCESS_LIFETIME, Mode, State, Timestamp,
+};
+// The saturating time arithmetic of `crate::model`: lifetimes, intervals and
+// Retry-After come from config files, the store and servers, and must never
+// make a plan panic.
+use crate::model::{add_saturating as add, span, sub_saturating as sub};
 
 mod conditions;
 pub use conditions::{
@@ -164,27 +168,6 @@ impl Policy {
         let min = self.retry_min.max(Duration::from_millis(1));
         (min, self.retry_max.max(min))
     }
-}
-
-fn delta(d: Duration) -> TimeDelta {
-    TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX)
-}
-
-/// `t + d`, saturating at the end of representable time.
-fn add(t: Timestamp, d: Duration) -> Timestamp {
-    t.checked_add_signed(delta(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-/// `t - d`, saturating at the start of representable time.
-fn sub(t: Timestamp, d: Duration) -> Timestamp {
-    t.checked_sub_signed(delta(d))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-/// `to - from`, or zero when `to` is not later.
-fn span(from: Timestamp, to: Timestamp) -> Duration {
-    (to - from).to_std().unwrap_or(Duration::ZERO)
 }
 
 /// `rand_unit` forced into `[0, 1]`; NaN counts as 0.
@@ -514,7 +497,8 @@ pub struct SuccessUpdate {
     pub refresh_token_issued_at: Option<Timestamp>,
     /// `now`.
     pub last_refresh_at: Timestamp,
-    /// `now + expires_in`, or `None` when the response did not say.
+    /// `now + expires_in` (at most [`MAX_ACCESS_LIFETIME`]), or `None` when
+    /// the response did not say.
     pub access_expires_at: Option<Timestamp>,
     /// The deadline after this refresh.
     pub deadline: Option<Timestamp>,
@@ -563,7 +547,7 @@ pub fn after_success(
         next.refresh_token_issued_at = Some(now);
     }
     next.last_refresh_at = Some(now);
-    next.access_expires_at = access_expires_in.map(|d| add(now, d));
+    next.access_expires_at = access_expires_in.map(|d| add(now, d.min(MAX_ACCESS_LIFETIME)));
     next.state = State::Active;
     next.last_error = None;
     // Anchor on the deadline as it stood, so an absolute estimate is not moved by the rotation.
@@ -612,5 +596,7 @@ pub fn expired_secret_decision(conn: &Connection, now: Timestamp) -> Option<Deci
     })
 }
 
+#[cfg(test)]
+mod extremes;
 #[cfg(test)]
 mod tests;

@@ -318,11 +318,19 @@ fn create_file(path: &Path) -> Result<(), StoreError> {
         })
 }
 
-/// Times are stored as Unix milliseconds.
+/// Times are stored as Unix milliseconds. Every representable time fits an
+/// `i64` of milliseconds (chrono's range is about ±262 000 years), so this
+/// cannot overflow.
 pub(crate) fn to_ms(t: Timestamp) -> i64 {
     t.timestamp_millis()
 }
 
+/// A stored time. A value beyond chrono's range (only a hand-edited or
+/// corrupt row holds one, e.g. `i64::MAX`) reads as the start of representable
+/// time rather than failing the read or panicking. "Long ago" is the loud,
+/// self-healing reading: a refresh or deadline that long ago is due at once
+/// and re-planned from a real time, a claim that old is recovered; "the end of
+/// time" would silently mean "never", and a never-refreshed token dies.
 pub(crate) fn from_ms(ms: i64) -> Timestamp {
     Utc.timestamp_millis_opt(ms)
         .single()
