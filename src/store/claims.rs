@@ -269,7 +269,7 @@ pub fn claim(
         sealed_refresh_token: rt,
         sealed_client_secret: cs,
     };
-    let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
+    let expires = crate::model::add_saturating(now, ttl);
     tx.execute(
         "UPDATE connections SET claim_id = ?2, claim_owner = ?3, claim_expires_at = ?4,
             version = version + 1 WHERE id = ?1",

@@ -208,6 +208,12 @@ fn planning_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
     })
 }
 
+/// Seconds for an INTEGER column; a duration past `i64::MAX` seconds is
+/// stored as that (a cast would wrap it negative and read back as 0).
+fn secs_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
 fn labels_json(labels: &BTreeMap<String, String>) -> String {
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
 }
@@ -372,8 +378,8 @@ fn bind_new(
         &c.client_id,
         &sealed.labels,
         &c.mode.as_str(),
-        &(c.lifetime.as_secs() as i64),
-        &c.absolute_lifetime.map(|d| d.as_secs() as i64),
+        &(secs_i64(c.lifetime)),
+        &c.absolute_lifetime.map(secs_i64),
         &c.secret_expires_at.map(to_ms),
         &c.grant_issued_at.map(to_ms),
         &c.refresh_token_issued_at.map(to_ms),
@@ -413,8 +419,8 @@ pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> 
             c.client_id,
             labels_json(&c.labels),
             c.mode.as_str(),
-            c.lifetime.as_secs() as i64,
-            c.absolute_lifetime.map(|d| d.as_secs() as i64),
+            secs_i64(c.lifetime),
+            c.absolute_lifetime.map(secs_i64),
             c.secret_expires_at.map(to_ms),
             c.grant_issued_at.map(to_ms),
             c.refresh_token_issued_at.map(to_ms),
@@ -429,7 +435,7 @@ pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> 
             row.failing_since.map(to_ms),
             row.outcome_unknown as i64,
             row.token_type,
-            row.access_lifetime.map(|d| d.as_secs() as i64),
+            row.access_lifetime.map(secs_i64),
             seq,
         ])?;
     if n == 0 {
@@ -468,7 +474,7 @@ pub fn put_refresh(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), Stor
             row.failing_since.map(to_ms),
             row.outcome_unknown as i64,
             row.token_type,
-            row.access_lifetime.map(|d| d.as_secs() as i64),
+            row.access_lifetime.map(secs_i64),
             seq,
         ])?;
     if n == 0 {
