@@ -22,21 +22,41 @@ use crate::secret::Secret;
 /// The reason recorded when a rotated token was lost to a crash.
 pub const LOST_TOKEN: &str = "a rotated token was lost while the process stopped";
 
-/// Who holds a claim: host, pid and the process start time, so a claim left by
-/// a dead process on this host is recognised at once rather than at expiry.
+/// Who holds a claim: host, pid, the process start time, role, uid and boot
+/// id, so a claim left by a dead process on this host is recognised at once
+/// rather than at expiry.
+///
+/// A process this one cannot see (`ProtectProc=invisible` hides other
+/// users' processes from the daemon, so a CLI run as root is invisible to
+/// it) is never judged dead for being unseen: `kill(pid, 0)` still tells
+/// whether the pid exists, and an owner that exists but cannot be looked at
+/// is waited out until its claim expires.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner(String);
+
+/// What probing a pid found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Visible: its start time in clock ticks since boot.
+    Seen(u64),
+    /// It exists, but this process may not look at it.
+    Hidden,
+    /// No process has that pid.
+    Gone,
+}
 
 impl Owner {
     /// This process.
     pub fn current(role: &str) -> Owner {
         let pid = std::process::id();
         Owner(format!(
-            "{}/{}/{}/{}",
+            "{}/{}/{}/{}/{}/{}",
             hostname(),
             pid,
             start_ticks(pid).unwrap_or(0),
-            role
+            role,
+            nix::unistd::geteuid().as_raw(),
+            boot_id()
         ))
     }
 
@@ -46,30 +66,58 @@ impl Owner {
 
     /// True when `owner` names a process on this host that no longer runs.
     pub fn is_dead(owner: &str) -> bool {
-        let mut parts = owner.split('/');
-        let (Some(host), Some(pid), Some(ticks)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return false;
-        };
-        if host != hostname() {
-            return false;
-        }
-        let (Ok(pid), Ok(ticks)) = (pid.parse::<u32>(), ticks.parse::<u64>()) else {
-            return false;
-        };
-        match start_ticks(pid) {
-            None => true,
-            Some(t) => t != ticks,
-        }
+        judge_dead(owner, &hostname(), &boot_id(), probe)
     }
 
-    /// A human description for messages: "acutoken serve (pid 123)".
+    /// A human description for messages: "acutoken serve (pid 123 on host)".
     pub fn describe(owner: &str) -> String {
         let parts: Vec<&str> = owner.split('/').collect();
         match parts.as_slice() {
-            [host, pid, _, role] => format!("acutoken {role} (pid {pid} on {host})"),
+            [host, pid, _, role, ..] => format!("acutoken {role} (pid {pid} on {host})"),
             _ => owner.to_string(),
         }
+    }
+}
+
+/// The judgement behind [`Owner::is_dead`], with the host, the boot and the
+/// probe passed in. Owners written by older versions have no uid and boot id.
+fn judge_dead(owner: &str, host: &str, boot: &str, probe: impl Fn(u32) -> Probe) -> bool {
+    let parts: Vec<&str> = owner.split('/').collect();
+    let (Some(&o_host), Some(pid), Some(ticks)) = (parts.first(), parts.get(1), parts.get(2))
+    else {
+        return false;
+    };
+    if o_host != host {
+        return false;
+    }
+    if let Some(&o_boot) = parts.get(5)
+        && !o_boot.is_empty()
+        && !boot.is_empty()
+        && o_boot != boot
+    {
+        // The host rebooted since: every process of that boot is gone.
+        return true;
+    }
+    let (Ok(pid), Ok(ticks)) = (pid.parse::<u32>(), ticks.parse::<u64>()) else {
+        return false;
+    };
+    match probe(pid) {
+        Probe::Gone => true,
+        Probe::Seen(t) => t != ticks,
+        Probe::Hidden => false,
+    }
+}
+
+fn probe(pid: u32) -> Probe {
+    if let Some(t) = start_ticks(pid) {
+        return Probe::Seen(t);
+    }
+    let Ok(raw) = i32::try_from(pid) else {
+        return Probe::Gone;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => Probe::Hidden,
+        Err(_) => Probe::Gone,
     }
 }
 
@@ -79,11 +127,18 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// This boot's id (empty when the kernel does not say).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().replace('/', ""))
+        .unwrap_or_default()
+}
+
 /// Field 22 of /proc/PID/stat: the process start time in clock ticks since boot.
 fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     rest.split(' ').nth(19)?.parse().ok()
 }
 
@@ -402,5 +457,62 @@ impl Store {
         ))?;
         let rows = stmt.query_map([], connections::from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: &str = "vm";
+    const BOOT: &str = "4f1c0e2a-boot";
+
+    fn owner(host: &str, pid: u32, ticks: u64, boot: Option<&str>) -> String {
+        match boot {
+            Some(b) => format!("{host}/{pid}/{ticks}/serve/0/{b}"),
+            None => format!("{host}/{pid}/{ticks}/serve"),
+        }
+    }
+
+    #[test]
+    fn an_owner_that_cannot_be_seen_is_waited_out_not_judged_dead() {
+        // ProtectProc=invisible: root's CLI is hidden from the daemon.
+        let o = owner(ME, 4242, 99, Some(BOOT));
+        assert!(!judge_dead(&o, ME, BOOT, |_| Probe::Hidden));
+        // The same for an owner written by an older version.
+        assert!(!judge_dead(&owner(ME, 4242, 99, None), ME, BOOT, |_| {
+            Probe::Hidden
+        }));
+    }
+
+    #[test]
+    fn a_gone_or_reused_pid_or_a_reboot_means_dead() {
+        let o = owner(ME, 4242, 99, Some(BOOT));
+        assert!(judge_dead(&o, ME, BOOT, |_| Probe::Gone));
+        assert!(judge_dead(&o, ME, BOOT, |_| Probe::Seen(100)), "pid reused");
+        assert!(!judge_dead(&o, ME, BOOT, |_| Probe::Seen(99)), "alive");
+        assert!(
+            judge_dead(&o, ME, "another-boot", |_| Probe::Hidden),
+            "after a reboot nothing of the old boot runs"
+        );
+    }
+
+    #[test]
+    fn an_owner_on_another_host_or_unreadable_is_never_judged_from_here() {
+        assert!(!judge_dead(
+            &owner("db2", 1, 1, Some(BOOT)),
+            ME,
+            BOOT,
+            |_| Probe::Gone
+        ));
+        assert!(!judge_dead("garbage", ME, BOOT, |_| Probe::Gone));
+        assert!(!judge_dead("vm/notapid/1", ME, BOOT, |_| Probe::Gone));
+    }
+
+    #[test]
+    fn this_process_is_alive_and_described() {
+        let me = Owner::current("cli");
+        assert!(!Owner::is_dead(me.as_str()));
+        assert!(Owner::describe(me.as_str()).starts_with("acutoken cli (pid "));
     }
 }
