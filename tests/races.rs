@@ -382,3 +382,34 @@ async fn set_secret_proves_the_new_secret_at_once() {
     assert_eq!(rig.row("acme").conn.state, State::Active);
     assert_eq!(rig.sim.total_replays(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_of_the_old_secret_is_not_applied_to_a_new_one_entered_meanwhile() {
+    let rig = Arc::new(Rig::new().await);
+    let _d = started(&rig, &["acme"]).await;
+    let refresh = refresh_in_flight(&rig, "acme").await;
+    // The operator rotates the secret on the instance and in acutoken while
+    // the request made with the old one is in flight.
+    rig.sim
+        .replace_secret(SITE, support_daemon::CLIENT, "the-new-one", None)
+        .unwrap();
+    let r = rig.clone();
+    let set = tokio::spawn(async move {
+        r.cli(&["connection", "set-secret", "acme"], Some("the-new-one\n"))
+            .await
+    });
+    eventually("the new secret stored", || {
+        history(&rig, "acme").iter().any(|(e, _)| e == "secret_set")
+    })
+    .await;
+    rig.sim.release_token_requests();
+    let out = refresh.await.unwrap();
+    assert!(out.stdout.contains("discarded"), "{out:?}");
+    assert!(out.stdout.contains("a new secret was entered meanwhile"), "{out:?}");
+    let out = set.await.unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("the new secret works"), "{out:?}");
+    let row = rig.row("acme");
+    assert_eq!(row.conn.state, State::Active, "never needs_secret: {row:?}");
+    assert_eq!(rig.sim.total_replays(), 0);
+}
