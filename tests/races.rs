@@ -405,7 +405,10 @@ async fn a_refusal_of_the_old_secret_is_not_applied_to_a_new_one_entered_meanwhi
     rig.sim.release_token_requests();
     let out = refresh.await.unwrap();
     assert!(out.stdout.contains("discarded"), "{out:?}");
-    assert!(out.stdout.contains("a new secret was entered meanwhile"), "{out:?}");
+    assert!(
+        out.stdout.contains("a new secret was entered meanwhile"),
+        "{out:?}"
+    );
     let out = set.await.unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("the new secret works"), "{out:?}");

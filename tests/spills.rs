@@ -188,3 +188,49 @@ async fn key_rotate_reseals_waiting_spills_and_refuses_while_the_daemon_runs() {
     assert_eq!(rig.stored_refresh_token("acme").unwrap(), rotated);
     assert_eq!(rig.sim.total_replays(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotate_waits_for_a_refresh_in_flight_and_loses_nothing() {
+    let rig = Arc::new(Rig::new().await);
+    rig.add("acme", SITE, true).await;
+    let new_key = rig.path("new.key");
+    rig.cli(
+        &["key", "generate", "--out", new_key.to_str().unwrap()],
+        None,
+    )
+    .await
+    .ok();
+    rig.sim.hold_token_requests();
+    let r = rig.clone();
+    let refresh =
+        tokio::spawn(async move { r.cli(&["connection", "refresh", "acme"], None).await });
+    eventually("the CLI's request in flight", || {
+        rig.sim.in_flight(SITE) == 1
+    })
+    .await;
+    let r = rig.clone();
+    let key = new_key.clone();
+    let rotate = tokio::spawn(async move {
+        r.cli(
+            &["key", "rotate", "--new-key-file", key.to_str().unwrap()],
+            None,
+        )
+        .await
+    });
+    rig.sim.release_token_requests();
+    let out = refresh.await.unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = rotate.await.unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    std::fs::copy(&new_key, rig.path("acutoken.key")).unwrap();
+    let stored = rig.stored_refresh_token("acme").unwrap();
+    assert_eq!(
+        rig.sim.current_refresh_token(SITE, CLIENT).as_deref(),
+        Some(stored.as_str()),
+        "the rotated token is stored and opens under the new key"
+    );
+    let out = rig.cli(&["connection", "refresh", "acme"], None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(rig.sim.total_replays(), 0);
+}

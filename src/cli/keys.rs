@@ -55,6 +55,10 @@ pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
             new_key_file.display()
         );
     }
+    // A refresh in flight (a CLI's: the daemon is stopped) seals its rotated
+    // token under the key it started with: wait for it, before and after.
+    let patience = ctx.config.renewal.http_timeout + std::time::Duration::from_secs(5);
+    wait_for_refreshes(&st, patience)?;
     st.register_key(&new)?;
     let mut previous = vec![old.primary().clone()];
     previous.extend(old.previous().iter().cloned());
@@ -81,6 +85,9 @@ pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
         bar.set_position(done);
     }
     bar.finish_and_clear();
+    // A refresh that claimed before the new key was in place and saved since
+    // sealed under the old one: wait for any still in flight, then count.
+    wait_for_refreshes(&st, patience)?;
     let left: u64 = st
         .sealed_key_usage()?
         .iter()
@@ -119,6 +126,31 @@ pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
         new_key_file.display()
     );
     Ok(0)
+}
+
+/// Waits until no connection has a live claim (bounded), or refuses.
+fn wait_for_refreshes(
+    st: &crate::store::Store,
+    patience: std::time::Duration,
+) -> anyhow::Result<()> {
+    let give_up = std::time::Instant::now() + patience;
+    loop {
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        let live = st
+            .claimed()?
+            .into_iter()
+            .find_map(|r| crate::store::claims::live_claim(&r, now).map(|c| (r.conn.name, c)));
+        let Some((name, (holder, _))) = live else {
+            return Ok(());
+        };
+        if std::time::Instant::now() >= give_up {
+            anyhow::bail!(
+                "`{name}` is being refreshed by {}; nothing was rotated: run the command again in a minute",
+                crate::store::claims::Owner::describe(&holder)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// What re-sealing the spill files came to.

@@ -723,7 +723,7 @@ impl Engine {
         let at = p.access_token.clone();
         let detail = p.detail.clone();
         let res = with_store(&self.store, move |st| {
-            st.write(|tx, kr| match claims::reread(tx, &basis)? {
+            st.write(|tx, kr| match claims::reread(tx, kr, &basis)? {
                 Found::Removed => Ok(Landed::Removed),
                 Found::Overtaken { row, reason, .. } => {
                     let why = format!("{reason}: the token it obtained is discarded");
@@ -866,7 +866,7 @@ impl Engine {
         let jitter: f64 = rand::random();
         let name = claimed.conn.name.clone();
         let landed = with_store(&self.store, move |st| {
-            st.write(|tx, kr| match claims::reread(tx, &basis)? {
+            st.write(|tx, kr| match claims::reread(tx, kr, &basis)? {
                 Found::Removed => Ok(Landed::Removed),
                 Found::Overtaken { row, reason, .. } => {
                     let why = format!("{reason}: its failure ({}) is not applied", err.reason);

@@ -166,10 +166,11 @@ pub struct Basis {
     instance: String,
     client_id: String,
     grant_issued_at: Option<Timestamp>,
-    /// The sealed bytes, not the secrets: every seal has a fresh nonce, so
-    /// equal bytes mean nobody stored a new value since the claim.
-    sealed_refresh_token: Vec<u8>,
-    sealed_client_secret: Vec<u8>,
+    /// Digests of the values sent, not the sealed bytes: a key rotation
+    /// re-seals every value without changing it, and must not make a refresh
+    /// in flight look overtaken (its rotated token would be thrown away).
+    refresh_token_digest: [u8; 32],
+    client_secret_digest: [u8; 32],
 }
 
 /// Why a refresh is asked for.
@@ -321,8 +322,8 @@ pub fn claim(
         instance: row.conn.instance.clone(),
         client_id: row.conn.client_id.clone(),
         grant_issued_at: row.conn.grant_issued_at,
-        sealed_refresh_token: rt,
-        sealed_client_secret: cs,
+        refresh_token_digest: digest(&refresh_token),
+        client_secret_digest: digest(&client_secret),
     };
     let expires = crate::model::add_saturating(now, ttl);
     tx.execute(
@@ -365,7 +366,7 @@ pub fn live_claim(row: &ConnectionRow, now: Timestamp) -> Option<(String, Timest
 
 /// Reads the row a finished request is to be saved into, and judges whether
 /// its outcome still applies (see [`Found`]).
-pub fn reread(tx: &Transaction<'_>, basis: &Basis) -> Result<Found, StoreError> {
+pub fn reread(tx: &Transaction<'_>, keyring: &Keyring, basis: &Basis) -> Result<Found, StoreError> {
     let Some(row) = connections::get_by_id_tx(tx, basis.id)? else {
         return Ok(Found::Removed);
     };
@@ -376,12 +377,20 @@ pub fn reread(tx: &Transaction<'_>, basis: &Basis) -> Result<Found, StoreError> 
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     let ours = claim_id.as_deref() == Some(basis.attempt.to_string().as_str());
+    // A value that is gone differs; one that does not open cannot be told
+    // apart, and saving the new token then loses less than discarding it.
+    let differs = |col: SecretColumn, sealed: Option<Vec<u8>>, was: &[u8; 32]| match sealed {
+        None => true,
+        Some(b) => keyring
+            .open_secret(basis.id, col.as_str(), &b)
+            .is_ok_and(|v| digest(&v) != *was),
+    };
     let reason = if row.conn.instance != basis.instance {
         Some("the instance was changed while the request was in flight")
     } else if row.conn.client_id != basis.client_id {
         Some("the client ID was changed while the request was in flight")
     } else if row.conn.grant_issued_at != basis.grant_issued_at
-        || rt.as_deref() != Some(basis.sealed_refresh_token.as_slice())
+        || differs(SecretColumn::RefreshToken, rt, &basis.refresh_token_digest)
     {
         Some("a newer grant was stored while the request was in flight")
     } else {
@@ -390,12 +399,17 @@ pub fn reread(tx: &Transaction<'_>, basis: &Basis) -> Result<Found, StoreError> 
     if let Some(reason) = reason {
         return Ok(Found::Overtaken { row, ours, reason });
     }
-    let secret_changed = cs.as_deref() != Some(basis.sealed_client_secret.as_slice());
+    let secret_changed = differs(SecretColumn::ClientSecret, cs, &basis.client_secret_digest);
     Ok(Found::Current {
         row,
         ours,
         secret_changed,
     })
+}
+
+fn digest(s: &Secret) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.expose().as_bytes()).into()
 }
 
 /// Saves the outcome of a request into the row [`reread`] found current: the
