@@ -9,7 +9,7 @@ mod support_daemon;
 use std::time::{Duration, Instant};
 
 use acutoken::daemon::listen::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
-use support_daemon::{Rig, WAIT};
+use support_daemon::{Rig, SITE, WAIT};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -58,6 +58,7 @@ async fn closed_within(mut s: TcpStream, bound: Duration) -> Option<Duration> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_header_clients_do_not_stop_the_callback_and_are_closed_after_the_header_timeout() {
     let rig = Rig::new().await;
+    rig.add("acme", SITE, true).await;
     let mut d = rig.serve(None);
     d.ready().await;
     let port = rig.callback_port;
@@ -94,6 +95,7 @@ async fn slow_header_clients_do_not_stop_the_callback_and_are_closed_after_the_h
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_closed_at_once_and_the_service_recovers() {
     let rig = Rig::new().await;
+    rig.add("acme", SITE, true).await;
     let mut d = rig.serve(None);
     d.ready().await;
     let port = rig.callback_port;
