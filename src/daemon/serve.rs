@@ -364,7 +364,13 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     {
         let router = api::router(api.clone());
         let shutdown = shutdown.clone();
-        tasks.spawn(listen::serve("api.socket", listener, router, api_limits, shutdown));
+        tasks.spawn(listen::serve(
+            "api.socket",
+            listener,
+            router,
+            api_limits,
+            shutdown,
+        ));
     }
     if let Some(addr) = config.api.listen {
         if !addr.ip().is_loopback() {
@@ -386,7 +392,13 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         let router = callback::router(engine.clone(), wake.clone(), &config.callback_path());
         let shutdown = shutdown.clone();
         tracing::info!(%addr, path = %config.callback_path(), "authorization callback listening");
-        tasks.spawn(listen::serve("callback.listen", l, router, api_limits, shutdown));
+        tasks.spawn(listen::serve(
+            "callback.listen",
+            l,
+            router,
+            api_limits,
+            shutdown,
+        ));
     }
     if let Some(addr) = config.metrics.listen {
         let l = tokio::net::TcpListener::bind(addr)
