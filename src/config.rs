@@ -550,6 +550,27 @@ pub struct LoadedConfig {
     pub config: Config,
     /// The file read, or `None` when running on defaults and the environment.
     pub source: Option<PathBuf>,
+    /// The file itself holds a secret: a webhook `url` or `secret` written
+    /// inline rather than in a `url_file`/`secret_file`.
+    pub inline_secrets: bool,
+}
+
+impl LoadedConfig {
+    /// A warning when the file holds secrets inline and every user on the
+    /// machine can read it; `None` otherwise (also when it cannot be looked at).
+    pub fn exposure_warning(&self) -> Option<String> {
+        if !self.inline_secrets {
+            return None;
+        }
+        let path = self.source.as_ref()?;
+        let mode = fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+        (mode & 0o004 != 0).then(|| {
+            format!(
+                "{} holds webhook URLs or secrets inline and every user can read it (mode {mode:04o}): `chmod o-rwx` it (the package installs it 0640 root:acutoken), or move them to url_file/secret_file",
+                path.display()
+            )
+        })
+    }
 }
 
 /// Keys that take a list; in the environment their items are comma-separated.
@@ -687,10 +708,18 @@ impl Config {
         let mut config = parse(text.as_deref(), &origin, env)?;
         config.validate()?;
         config.check_files()?;
+        // Before the *_file values are read into the same fields.
+        let inline_secrets = text.is_some()
+            && config
+                .alerts
+                .webhooks
+                .iter()
+                .any(|w| w.url.is_some() || w.secret.is_some());
         config.resolve_secrets()?;
         Ok(LoadedConfig {
             config,
             source: source.path().map(Path::to_path_buf),
+            inline_secrets,
         })
     }
 
@@ -1281,6 +1310,10 @@ fn is_loopback(url: &url::Url) -> bool {
 /// A webhook URL is a secret: the reasons given never include any of it.
 fn check_webhook_url(key: &str, raw: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(raw.trim()).map_err(|_| invalid(key, "is not an absolute URL"))?;
+    // A metadata or link-local address (an IP literal no resolver would see):
+    // refused here, so the mistake shows at `config check` and at start.
+    crate::alerts::http::check_destination(&url)
+        .map_err(|e| invalid(key, format!("must not go to {e}")))?;
     match url.scheme() {
         "https" => Ok(()),
         "http" if is_loopback(&url) => Ok(()),

@@ -24,6 +24,128 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::Secret;
 
+/// The environment variable a store key may be given in (base64).
+pub const KEY_ENV: &str = "ACUTOKEN_KEY";
+/// Internal: set only by [`take_key_from_env`] when it re-executes acutoken,
+/// naming the inherited descriptor that holds [`KEY_ENV`]'s value.
+const KEY_FD_ENV: &str = "ACUTOKEN_KEY_FD";
+/// No key is this long (a key is 44 characters of base64); a longer value is
+/// left where it is for the key parser to refuse, and is never written to
+/// the handover pipe (whose buffer it could fill).
+const MAX_ENV_KEY: usize = 4096;
+
+/// [`KEY_ENV`]'s value after [`take_key_from_env`] moved it out of the environment.
+static HANDED_OVER: std::sync::OnceLock<Zeroizing<String>> = std::sync::OnceLock::new();
+
+/// Takes the key out of the process environment, so that neither
+/// `/proc/PID/environ` nor a child process shows it. Call it first thing in
+/// `main`, before any thread exists.
+///
+/// Removing a variable in place (`std::env::remove_var`) would need unsafe
+/// code (the crate forbids it) and would not help anyway: the kernel shows
+/// the environment block the process was started with, which `unsetenv`
+/// does not change. So when [`KEY_ENV`] is set, acutoken executes itself
+/// again (same PID, arguments, descriptors and environment) without it, and
+/// hands the value over through a pipe whose read end the new image inherits
+/// and [`key_from_env`] reads. If that fails (no `/proc`, say) a warning
+/// says so and the key is read from the environment as before.
+pub fn take_key_from_env() {
+    if std::env::var_os(KEY_ENV).is_none() {
+        if let Some(fd) = std::env::var_os(KEY_FD_ENV)
+            && let Some(text) = read_handed_over(&fd)
+        {
+            let _ = HANDED_OVER.set(text);
+        }
+        return;
+    }
+    let Some(value) = std::env::var_os(KEY_ENV) else {
+        return;
+    };
+    let value = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(value));
+    // An empty or oversized value stays for the key parser to refuse with
+    // its own message.
+    if value.is_empty() || value.len() > MAX_ENV_KEY {
+        return;
+    }
+    let error = reexec_without_key(&value);
+    eprintln!(
+        "warning: {KEY_ENV} stays in this process's environment (cannot execute acutoken again without it: {error}); prefer store.key_file or a systemd credential"
+    );
+}
+
+/// Replaces the process image with a fresh one whose environment lacks
+/// [`KEY_ENV`]; returns only on failure.
+fn reexec_without_key(value: &[u8]) -> std::io::Error {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let (reader, mut writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    // The value is far below the pipe's buffer, so this never blocks.
+    if let Err(e) = writer.write_all(value) {
+        return e;
+    }
+    drop(writer);
+    // The read end must survive exec (std opens it close-on-exec).
+    if let Err(e) = nix::fcntl::fcntl(
+        &reader,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    ) {
+        return e.into();
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "acutoken".into());
+    // /proc/self/exe is this very binary, even if the file was replaced since.
+    std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env_remove(KEY_ENV)
+        .env(KEY_FD_ENV, reader.as_raw_fd().to_string())
+        .exec()
+}
+
+/// Reads the value handed over on descriptor `fd` (a pipe at end of file
+/// once read; it stays open, empty, as the crate has no safe way to close a
+/// descriptor it did not open).
+fn read_handed_over(fd: &std::ffi::OsStr) -> Option<Zeroizing<String>> {
+    use std::io::Read as _;
+    // 0-2 are stdio: reading one could wait on a terminal.
+    let n: u32 = fd.to_str()?.parse().ok().filter(|n| *n > 2)?;
+    let mut f = fs::File::open(format!("/proc/self/fd/{n}")).ok()?;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(64));
+    std::io::Read::take(&mut f, MAX_ENV_KEY as u64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.is_empty() {
+        return None;
+    }
+    let text = std::str::from_utf8(&bytes).ok()?;
+    Some(Zeroizing::new(text.to_owned()))
+}
+
+/// The key given in [`KEY_ENV`]: the value [`take_key_from_env`] took out of
+/// the environment, or the variable itself (library callers that never
+/// called it, or when taking it out failed).
+pub fn key_from_env() -> Option<Zeroizing<String>> {
+    if let Some(v) = HANDED_OVER.get() {
+        return Some(v.clone());
+    }
+    std::env::var_os(KEY_ENV).map(|v| Zeroizing::new(v.to_string_lossy().into_owned()))
+}
+
+/// Reads a key file's text into memory that is zeroed when dropped.
+pub fn read_key_text(path: &Path, origin: KeySource) -> Result<Zeroizing<String>, CryptoError> {
+    let mut f = fs::File::open(path).map_err(|error| CryptoError::Unreadable {
+        origin: origin.clone(),
+        error,
+    })?;
+    let mut text = Zeroizing::new(String::with_capacity(64));
+    std::io::Read::read_to_string(&mut f, &mut text)
+        .map_err(|error| CryptoError::Unreadable { origin, error })?;
+    Ok(text)
+}
+
 /// Format version of a sealed value; part of the associated data.
 const FORMAT: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -146,13 +268,7 @@ impl Key {
                 path: path.display().to_string(),
             });
         }
-        let text =
-            Zeroizing::new(
-                fs::read_to_string(path).map_err(|error| CryptoError::Unreadable {
-                    origin: source.clone(),
-                    error,
-                })?,
-            );
+        let text = read_key_text(path, source.clone())?;
         Key::from_base64(&text, source)
     }
 

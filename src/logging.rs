@@ -5,6 +5,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
+use std::io::IsTerminal as _;
+
 type Output = Box<dyn Layer<Registry> + Send + Sync>;
 type Filtered = Layered<Output, Registry>;
 
@@ -29,16 +31,27 @@ fn filter_for(level: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(spec).map_err(|e| e.to_string())
 }
 
+/// Whether log lines on stderr may carry ANSI colour codes: only when stderr
+/// is a terminal, and never when `NO_COLOR` is set to anything non-empty
+/// (<https://no-color.org>). Files, pipes and journald's capture of stdout and
+/// stderr would otherwise store the escape codes verbatim.
+pub fn colour() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
+}
+
 /// Installs the global subscriber for `serve` and `demo`.
 pub fn init(cfg: &LogConfig) -> Result<LevelHandle, String> {
     let (filter, handle) = reload::Layer::new(filter_for(&cfg.level)?);
     let fmt_layer: Output = match cfg.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(colour())
             .with_target(false)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .flatten_event(true)
             .with_current_span(false)
             .with_writer(std::io::stderr)
@@ -64,6 +77,7 @@ pub fn init(cfg: &LogConfig) -> Result<LevelHandle, String> {
 pub fn init_cli() {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour())
         .with_target(false)
         .without_time()
         .with_env_filter(EnvFilter::new("warn,acutoken=warn"))

@@ -425,3 +425,125 @@ async fn the_daemon_marks_itself_non_dumpable() {
         );
     }
 }
+
+/// The environment `pid` was started with (its `/proc` entry, which
+/// `unsetenv` would not change), or `None` when this user may not read it.
+fn environ(pid: u32) -> Option<Vec<u8>> {
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => None,
+        Err(e) => panic!("/proc/{pid}/environ: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_given_in_acutoken_key_leaves_the_environment_and_still_opens_the_store() {
+    let rig = Rig::new();
+    std::fs::write(
+        rig.path("acutoken.toml"),
+        format!(
+            "[store]\npath = \"{}\"\n[api]\nsocket = \"{}\"\n",
+            rig.path("acutoken.db").display(),
+            rig.path("acutoken.sock").display(),
+        ),
+    )
+    .unwrap();
+    let key = std::fs::read_to_string(rig.path("acutoken.key")).unwrap();
+    let key = key.trim().to_string();
+    let mut cmd = rig.command();
+    cmd.arg("serve")
+        .env("ACUTOKEN_KEY", &key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let daemon = Daemon(cmd.spawn().unwrap());
+    let pid = daemon.0.id();
+    let sock = rig.path("acutoken.sock");
+    wait_for("the daemon to serve", 30, || sock.exists()).await;
+
+    // The same process (the PID the test started), without the key in the
+    // environment the kernel shows for it. Unreadable only for a user other
+    // than root, and then because the daemon is non-dumpable.
+    match environ(pid) {
+        Some(env) => {
+            assert!(
+                !contains(&env, &key) && !contains(&env, "ACUTOKEN_KEY="),
+                "the key is still in /proc/{pid}/environ"
+            );
+        }
+        None => assert_eq!(proc_owner(pid), 0, "/proc/{pid}/environ is unreadable"),
+    }
+    // The key arrived whole: the store the daemon created opens with it.
+    assert!(rig.path("acutoken.db").exists());
+    rig.store();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_with_inline_secrets_readable_by_every_user_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let rig = Rig::new();
+    let hook_secret = "T00000/B00000/XXXXinlinehook";
+    let base = format!(
+        "[store]\npath = \"{}\"\nkey_file = \"{}\"\n[api]\nsocket = \"{}\"\n",
+        rig.path("acutoken.db").display(),
+        rig.path("acutoken.key").display(),
+        rig.path("acutoken.sock").display(),
+    );
+    let inline = format!(
+        "{base}[[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\nurl = \"https://hooks.example.com/services/{hook_secret}\"\n"
+    );
+    std::fs::write(
+        rig.path("hook.url"),
+        format!("https://hooks.example.com/{hook_secret}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(rig.path("hook.url"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let from_file = format!(
+        "{base}[[alerts.webhooks]]\nname = \"ops\"\nkind = \"slack\"\nurl_file = \"{}\"\n",
+        rig.path("hook.url").display()
+    );
+    let config = rig.path("acutoken.toml");
+    let check = |text: &str, mode: u32| {
+        std::fs::write(&config, text).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = rig.cli(&["config", "check"]);
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !stderr.contains(hook_secret),
+            "the warning leaks the URL: {stderr}"
+        );
+        stderr
+    };
+
+    let warned = check(&inline, 0o644);
+    assert!(
+        warned.contains("warning:") && warned.contains("every user can read it"),
+        "no warning for an inline webhook URL in a 0644 config: {warned}"
+    );
+    for (text, mode, what) in [
+        (&inline, 0o640, "an inline URL in a 0640 config"),
+        (
+            &from_file,
+            0o644,
+            "a 0644 config whose URL is in a url_file",
+        ),
+    ] {
+        let quiet = check(text, mode);
+        assert!(!quiet.contains("warning:"), "warned for {what}: {quiet}");
+    }
+
+    // `serve` warns at start too.
+    std::fs::write(&config, &inline).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let log = rig.path("serve.log");
+    let mut cmd = rig.command();
+    cmd.arg("serve")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _daemon = Daemon(cmd.spawn().unwrap());
+    wait_for("the warning from serve", 30, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("every user can read it"))
+    })
+    .await;
+    assert!(!std::fs::read_to_string(&log).unwrap().contains(hook_secret));
+}

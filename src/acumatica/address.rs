@@ -47,10 +47,21 @@ impl AddressPolicy {
         if METADATA_NAMES.contains(&lower.as_str()) {
             return Err(AddressRefused {
                 host: host.to_string(),
-                why: "a cloud metadata service name; token requests never go there".into(),
+                why: "a cloud metadata service name; requests from acutoken never go there".into(),
             });
         }
         Ok(())
+    }
+
+    /// Checks a URL's host: an IP literal against the address rules (no
+    /// resolver sees it, so this is its only check), a name against the
+    /// metadata names (its addresses are checked when it is resolved).
+    pub fn check_host(&self, host: &url::Host<&str>) -> Result<(), AddressRefused> {
+        match host {
+            url::Host::Ipv4(ip) => self.check_ip(IpAddr::V4(*ip)),
+            url::Host::Ipv6(ip) => self.check_ip(IpAddr::V6(*ip)),
+            url::Host::Domain(d) => self.check_name(d),
+        }
     }
 
     /// Checks one address against the policy.
@@ -62,8 +73,12 @@ impl AddressPolicy {
             })
         };
         match classify(ip) {
-            Class::Metadata => refuse("a cloud metadata address; token requests never go there"),
-            Class::LinkLocal => refuse("a link-local address; token requests never go there"),
+            Class::Metadata => {
+                refuse("a cloud metadata address; requests from acutoken never go there")
+            }
+            Class::LinkLocal => {
+                refuse("a link-local address; requests from acutoken never go there")
+            }
             Class::NotUnicast => refuse(
                 "not a single host's address (unspecified, broadcast, multicast or reserved)",
             ),

@@ -42,10 +42,7 @@ pub enum ClientError {
 /// (webhooks are configured by the operator, so loopback and private
 /// addresses are allowed).
 pub fn client() -> Result<reqwest::Client, ClientError> {
-    let policy = AddressPolicy {
-        allow_private_networks: true,
-        allow_loopback: true,
-    };
+    let policy = WEBHOOK_POLICY;
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(WEBHOOK_TIMEOUT)
@@ -55,6 +52,25 @@ pub fn client() -> Result<reqwest::Client, ClientError> {
         .dns_resolver(Arc::new(GuardedResolver { policy }))
         .build()
         .map_err(|e| ClientError::Build(e.without_url().to_string()))
+}
+
+/// Where webhooks may go: the token client's rules with loopback and private
+/// addresses allowed (webhooks are configured by the operator), so never a
+/// cloud metadata service, a link-local address or a non-unicast one.
+pub const WEBHOOK_POLICY: AddressPolicy = AddressPolicy {
+    allow_private_networks: true,
+    allow_loopback: true,
+};
+
+/// Checks a webhook URL's host against [`WEBHOOK_POLICY`] before anything is
+/// sent. The resolver checks every name's addresses, but a URL whose host is
+/// an IP literal is never resolved, so this is its only check. The reason names
+/// the host, never the URL's path or query (they carry the webhook's secret).
+pub fn check_destination(url: &url::Url) -> Result<(), String> {
+    match url.host() {
+        Some(host) => WEBHOOK_POLICY.check_host(&host).map_err(|e| e.to_string()),
+        None => Err("the URL has no host".to_string()),
+    }
 }
 
 /// The host (and port, when given) of a webhook URL: all that may be shown of it.
@@ -142,8 +158,25 @@ pub async fn post(
             };
         }
     };
+    let target = match url::Url::parse(url.expose().trim()) {
+        Ok(t) => t,
+        Err(_) => {
+            return Outcome::Failed {
+                status: None,
+                error: "the URL is not valid".into(),
+                retry_after: None,
+            };
+        }
+    };
+    if let Err(why) = check_destination(&target) {
+        return Outcome::Failed {
+            status: None,
+            error: format!("refused before sending: {why}"),
+            retry_after: None,
+        };
+    }
     let mut req = http
-        .post(url.expose().trim())
+        .post(target)
         .header(reqwest::header::CONTENT_TYPE, "application/json");
     if let Some(secret) = &channel.secret {
         let ts = now.timestamp();
@@ -292,4 +325,52 @@ pub async fn send_test(config: &Config) -> Vec<ChannelResult> {
 /// condition persists.
 pub async fn send_direct(config: &Config, facts: &AlertFacts) -> Vec<ChannelResult> {
     send_to_all(config, facts).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(url: &str) -> WebhookConfig {
+        let mut w: WebhookConfig =
+            toml::from_str("name = \"ops\"\nkind = \"generic\"").expect("a minimal channel");
+        w.url = Some(Secret::new(url));
+        w
+    }
+
+    /// The config refuses these URLs, but a send checks on its own: nothing
+    /// is sent to a metadata or link-local literal, and the reason shows the
+    /// address, never the path.
+    #[tokio::test]
+    async fn a_send_to_a_metadata_or_link_local_literal_is_refused_before_sending() {
+        let http = client().expect("client");
+        for url in [
+            "http://169.254.169.254/latest/SECRETPATH",
+            "https://[fd00:ec2::254]/SECRETPATH",
+            "https://[fe80::1]/SECRETPATH",
+            "https://169.254.1.1/SECRETPATH",
+        ] {
+            let out = post(
+                &http,
+                &channel(url),
+                &serde_json::json!({}),
+                chrono::Utc::now(),
+            )
+            .await;
+            match out {
+                Outcome::Failed {
+                    status: None,
+                    error,
+                    ..
+                } => {
+                    assert!(
+                        error.starts_with("refused before sending"),
+                        "{url}: {error}"
+                    );
+                    assert!(!error.contains("SECRETPATH"), "{url}: {error}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
 }

@@ -38,6 +38,8 @@ impl std::error::Error for Exit {}
 
 /// Runs the binary: returns the process exit code.
 pub fn main() -> i32 {
+    // Before anything else, and before any thread: may execute acutoken again.
+    crate::crypto::take_key_from_env();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -73,12 +75,15 @@ pub fn main() -> i32 {
 pub struct Ctx {
     pub config: Config,
     pub source: Option<PathBuf>,
+    /// [`crate::config::LoadedConfig::exposure_warning`], for `config check` and `serve`.
+    pub exposure: Option<String>,
 }
 
 impl Ctx {
     pub fn load(explicit: Option<&Path>) -> anyhow::Result<Ctx> {
         let loaded = Config::load(explicit)?;
         Ok(Ctx {
+            exposure: loaded.exposure_warning(),
             config: loaded.config,
             source: loaded.source,
         })
@@ -109,6 +114,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Connection(cmd) => connection::run(explicit, *cmd).await,
         Command::Config(ConfigCommand::Check) => {
             let ctx = Ctx::load(explicit)?;
+            if let Some(w) = &ctx.exposure {
+                eprintln!("warning: {w}");
+            }
             match &ctx.source {
                 Some(p) => println!("# config: {} (valid)", p.display()),
                 None => println!("# config: built-in defaults and environment (valid)"),

@@ -353,6 +353,10 @@ pub async fn alert_test(ctx: &Ctx) -> anyhow::Result<i32> {
 /// `serve`.
 pub async fn serve(explicit: Option<&Path>) -> anyhow::Result<i32> {
     let ctx = Ctx::load(explicit)?;
+    // Before logging starts: the journal keeps stderr too.
+    if let Some(w) = &ctx.exposure {
+        eprintln!("warning: {w}");
+    }
     let code = serve::run(
         serve::ServeOptions {
             config: ctx.config,

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod callback;
 pub mod client;
+pub mod listen;
 pub mod lock;
 pub mod metrics;
 pub mod notify;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::api::{self, Api};
 use super::lock::StoreLock;
 use super::metrics::Metrics;
-use super::{callback, notify};
+use super::{callback, listen, notify};
 use crate::acumatica::TokenClient;
 use crate::alerts::{self, AlertFacts, AlertKind, Wake};
 use crate::clock::SharedClock;
@@ -358,16 +358,21 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         scheduler: snapshot,
         tokens: tokens.clone(),
     };
+    // Every listener is served with the same bounds (see `listen`).
+    let api_limits =
+        listen::Limits::with_request_timeout(listen::request_timeout(config.renewal.http_timeout));
     let socket = config.socket_path();
     let listener = bind_socket(&socket, config.api.socket_group.as_deref())?;
     {
         let router = api::router(api.clone());
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
-        });
+        tasks.spawn(listen::serve(
+            "api.socket",
+            listener,
+            router,
+            api_limits,
+            shutdown,
+        ));
     }
     if let Some(addr) = config.api.listen {
         if !addr.ip().is_loopback() {
@@ -380,11 +385,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             .with_context(|| format!("cannot listen on api.listen {addr}"))?;
         let router = api::tcp_router(api.clone());
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let _ = axum::serve(l, router)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
-        });
+        tasks.spawn(listen::serve("api.listen", l, router, api_limits, shutdown));
     }
     if let Some(addr) = config.callback.listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -393,11 +394,13 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         let router = callback::router(engine.clone(), wake.clone(), &config.callback_path());
         let shutdown = shutdown.clone();
         tracing::info!(%addr, path = %config.callback_path(), "authorization callback listening");
-        tasks.spawn(async move {
-            let _ = axum::serve(l, router)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
-        });
+        tasks.spawn(listen::serve(
+            "callback.listen",
+            l,
+            router,
+            api_limits,
+            shutdown,
+        ));
     }
     if let Some(addr) = config.metrics.listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -405,11 +408,8 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             .with_context(|| format!("cannot listen on metrics.listen {addr}"))?;
         let router = metrics.router(ready.clone());
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let _ = axum::serve(l, router)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
-        });
+        let limits = listen::Limits::with_request_timeout(listen::METRICS_REQUEST_TIMEOUT);
+        tasks.spawn(listen::serve("metrics.listen", l, router, limits, shutdown));
     }
 
     ready.store(true, Ordering::SeqCst);

@@ -151,11 +151,7 @@ fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)
         if p.exists() {
             // systemd makes credentials readable by the service user only, but
             // may give them mode 0400 or 0440 with a private group; trust it.
-            let text =
-                std::fs::read_to_string(&p).map_err(|error| crypto::CryptoError::Unreadable {
-                    origin: KeySource::Credential(p.clone()),
-                    error,
-                })?;
+            let text = crypto::read_key_text(&p, KeySource::Credential(p.clone()))?;
             return Ok(Some((
                 Key::from_base64(&text, KeySource::Credential(p))?,
                 true,
@@ -168,8 +164,7 @@ fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)
             true,
         )));
     }
-    if let Some(v) = std::env::var_os("ACUTOKEN_KEY") {
-        let text = v.to_string_lossy();
+    if let Some(text) = crypto::key_from_env() {
         return Ok(Some((Key::from_base64(&text, KeySource::Env)?, true)));
     }
     let p = beside(store_path);
