@@ -206,7 +206,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 tracing::error!(
                     connection = %fault.label(),
                     column = fault.column,
-                    "{fault}: the connection is set aside; every other connection is served"
+                    "{fault}: the connection is set aside; every other connection goes on"
                 );
                 scheduler.load_fault(fault, now);
             }
