@@ -830,6 +830,17 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self, tasks: &mut tokio::task::JoinSet<Done>) {
+        self.start_ready(tasks, refresh_task);
+    }
+
+    /// Starts what is ready within the limits, each as `task(engine, id)`.
+    fn start_ready<F>(
+        &mut self,
+        tasks: &mut tokio::task::JoinSet<Done>,
+        task: impl Fn(Arc<Engine>, Uuid) -> F,
+    ) where
+        F: std::future::Future<Output = Done> + Send + 'static,
+    {
         if self.engine.is_blocked() || self.ready.is_empty() {
             return;
         }
@@ -852,7 +863,7 @@ impl Scheduler {
             e.phase = Phase::Running;
             let id = e.id;
             let engine = self.engine.clone();
-            let handle = tasks.spawn(refresh_task(engine, id));
+            let handle = tasks.spawn(task(engine, id));
             self.spawned.insert(handle.id(), id);
         }
     }
@@ -973,4 +984,153 @@ async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
         row,
     }
 
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::acumatica::TokenClient;
+    use crate::config::Config;
+    use crate::crypto::{Key, Keyring};
+    use crate::model::{Connection, Mode};
+    use crate::renewal::engine::{EngineParts, NoHooks};
+    use crate::secret::Secret;
+    use crate::store::claims::Owner;
+    use crate::store::connections::{self, NewConnection};
+    use crate::store::{Create, Store};
+
+    fn add(st: &mut Store, name: &str, now: Timestamp) -> Uuid {
+        let id = Uuid::new_v4();
+        let conn = Connection {
+            id,
+            name: name.into(),
+            instance: "erp.example.com".into(),
+            client_id: "X@T".into(),
+            labels: BTreeMap::new(),
+            mode: Mode::Absolute,
+            lifetime: Duration::from_secs(30 * 86_400),
+            absolute_lifetime: None,
+            secret_expires_at: None,
+            grant_issued_at: Some(now),
+            refresh_token_issued_at: Some(now),
+            access_expires_at: None,
+            deadline: Some(now + chrono::Duration::days(30)),
+            deadline_source: None,
+            next_refresh_at: Some(now - chrono::Duration::seconds(1)),
+            last_refresh_at: None,
+            last_error: None,
+            state: State::Active,
+        };
+        let new = NewConnection {
+            conn,
+            client_secret: Some(Secret::new("s")),
+            refresh_token: Some(Secret::new("t")),
+        };
+        st.write(|tx, kr| connections::insert(tx, kr, &new, now))
+            .unwrap();
+        id
+    }
+
+    /// Takes `id` off its timer and makes it ready, as the run loop does.
+    async fn make_ready(sched: &mut Scheduler, id: Uuid) {
+        let s = sched.index[&id];
+        sched.unqueue(s);
+        sched.due(id).await;
+        assert_eq!(sched.entries[s as usize].phase, Phase::Ready);
+    }
+
+    /// Issue 12 item 1: a panic in one connection's refresh task is caught
+    /// by the scheduler: the connection is set aside with the panic's
+    /// message and a `connection_faulty` alert, its slot is freed, and the
+    /// next connection on the same instance (limit 1) starts.
+    #[tokio::test]
+    async fn a_refresh_task_that_panics_sets_its_connection_aside_and_frees_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acutoken.db");
+        let keyring = Keyring::new(Key::generate(), vec![]);
+        let mut st = Store::open(&path, keyring, Create::Yes).unwrap();
+        let clock = crate::clock::system();
+        let now = clock.now();
+        let acme = add(&mut st, "acme", now);
+        let beta = add(&mut st, "beta", now);
+        let config = Config::default();
+        let engine = Arc::new(Engine::new(EngineParts {
+            store: Arc::new(Mutex::new(st)),
+            client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
+            policy: crate::renewal::policy_from(&config),
+            clock,
+            owner: Owner::current("test"),
+            http_timeout: Duration::from_secs(5),
+            spill_dir: None,
+            hooks: Arc::new(NoHooks),
+        }));
+        let (mut sched, _snapshot) = Scheduler::new(engine.clone(), 1, 1, Duration::from_secs(60));
+        for id in [acme, beta] {
+            let row = engine.store().lock().unwrap().get_by_id(id).unwrap().unwrap();
+            sched.upsert(&row, now);
+        }
+        make_ready(&mut sched, acme).await;
+        make_ready(&mut sched, beta).await;
+
+        let mut tasks = tokio::task::JoinSet::new();
+        // Both are on one instance with a limit of one: the first starts alone.
+        sched.start_ready(&mut tasks, |_, id| async move {
+            panic!("attempt to add with overflow (connection {id})");
+        });
+        assert_eq!((sched.running, tasks.len()), (1, 1));
+        let started = *sched.spawned.values().next().unwrap();
+        let other = if started == acme { beta } else { acme };
+
+        let joined = tasks.join_next_with_id().await.unwrap();
+        assert!(joined.as_ref().is_err_and(|e| e.is_panic()));
+        sched.joined(joined).await;
+        assert_eq!(sched.running, 0);
+        assert!(sched.busy.iter().all(|b| *b == 0), "the slot is freed");
+        assert!(sched.spawned.is_empty());
+        let s = sched.index[&started];
+        assert_eq!(sched.entries[s as usize].phase, Phase::Idle);
+        assert!(!sched.timers.iter().any(|(_, t)| *t == s), "not scheduled");
+        let aside = &sched.aside[&AsideKey::Id(started)];
+        assert!(!aside.unreadable);
+        assert_eq!(aside.backoff, ASIDE_FIRST);
+
+        sched.flush_alerts().await;
+        let set_aside = crate::store::alerts::set_aside(engine.store().lock().unwrap().db()).unwrap();
+        assert_eq!(set_aside.len(), 1);
+        assert_eq!(set_aside[0].key, started.to_string());
+        let summary = &set_aside[0].facts.summary;
+        assert!(
+            summary.contains("internal error while refreshing: attempt to add with overflow"),
+            "{summary}"
+        );
+
+        // The other one goes on.
+        sched.start_ready(&mut tasks, |_, id| async move {
+            Done {
+                id,
+                fault: None,
+                error: None,
+                sent: true,
+                row: Ok(None),
+            }
+        });
+        assert_eq!(sched.spawned.values().copied().collect::<Vec<_>>(), [other]);
+        let joined = tasks.join_next_with_id().await.unwrap();
+        sched.joined(joined).await;
+        assert_eq!(sched.running, 0);
+
+        // Looked at again after the backoff: it is refreshed again and, if
+        // it panics again, waits twice as long, without a second log line.
+        let key = AsideKey::Id(started);
+        sched.look_again(key).await;
+        assert_eq!(sched.ready.len(), 1);
+        sched.start_ready(&mut tasks, |_, _| async move { panic!("again") });
+        let joined = tasks.join_next_with_id().await.unwrap();
+        sched.joined(joined).await;
+        assert_eq!(sched.aside[&key].backoff, ASIDE_FIRST * 2);
+        assert_eq!(sched.running, 0);
+    }
 }
