@@ -144,10 +144,7 @@ async fn damaged(sql: &str, column: &str, unreadable: bool) {
         assert_eq!(bad["fault"]["column"], column);
         assert_ne!(show.code, Some(0), "{show:#?}");
         assert!(show.stderr.starts_with("error: "), "{show:#?}");
-        let listed = rig
-            .cli(&["connection", "list", "--json"], None)
-            .await
-            .ok();
+        let listed = rig.cli(&["connection", "list", "--json"], None).await.ok();
         let listed: Value = serde_json::from_str(&listed.stdout).unwrap();
         assert_eq!(listed.as_array().unwrap().len(), GOOD.len() + 1);
     } else {

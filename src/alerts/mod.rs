@@ -38,10 +38,10 @@ use uuid::Uuid;
 
 use crate::model::{Severity, State, Timestamp};
 
-pub(crate) use text::clip;
 pub use digest::run_digest;
 pub use evaluate::{desired, next_change};
 pub use http::{ChannelResult, send_direct, send_test};
+pub(crate) use text::clip;
 pub use worker::{ChannelHealth, channel_health, reconcile, run};
 
 /// What an alert is about; DESIGN §8. Receivers must accept kinds they do not know.

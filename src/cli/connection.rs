@@ -267,7 +267,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
         }
         ConnectionCommand::Disable { name } => {
             let mut st = ctx.open_store(Create::No)?;
-            let row = st.write(|tx, _| {
+            let (row, closed) = st.write(|tx, _| {
                 let mut row = connections::get_tx(tx, &name)?;
                 if row.conn.state != State::Disabled {
                     row.conn.state = State::Disabled;
@@ -281,12 +281,29 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                         "turned off by an operator",
                     )?;
                 }
-                Ok(row)
+                // A link sent earlier must not bring it back.
+                let closed = authorizations::close_all(tx, row.conn.id)?;
+                if closed > 0 {
+                    events::record(
+                        tx,
+                        row.conn.id,
+                        now,
+                        "authorize",
+                        "open authorization links closed: the connection was disabled",
+                    )?;
+                }
+                Ok((row, closed))
             })?;
             println!(
                 "{} is disabled: no refreshes, no tokens, no alerts",
                 row.conn.name
             );
+            if closed > 0 {
+                println!(
+                    "its open authorization link no longer works (`acutoken connection authorize {}` makes a new one after `enable`)",
+                    row.conn.name
+                );
+            }
             Ok(0)
         }
         ConnectionCommand::Enable { name } => {

@@ -247,7 +247,12 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 let keys: HashSet<String> = faults.iter().map(|f| f.key.clone()).collect();
                 store::alerts::resolve_unreadable_except(tx, &keys, now)?;
                 for fault in &faults {
-                    store::alerts::raise_faulty(tx, &fault.key, &AlertFacts::row_unreadable(fault), now)?;
+                    store::alerts::raise_faulty(
+                        tx,
+                        &fault.key,
+                        &AlertFacts::row_unreadable(fault),
+                        now,
+                    )?;
                 }
                 Ok(())
             })
@@ -314,7 +319,12 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                     last_prune = now;
                 }
                 match res {
-                    Ok(store::connections::Changes { rows, faults, removed, newest }) => {
+                    Ok(store::connections::Changes {
+                        rows,
+                        faults,
+                        removed,
+                        newest,
+                    }) => {
                         if !rows.is_empty() || !removed.is_empty() {
                             wake.poke();
                         }

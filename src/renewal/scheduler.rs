@@ -648,7 +648,9 @@ impl Scheduler {
         .await;
         match res {
             Ok(()) => self.poke(),
-            Err(e) => tracing::error!(error = %e, "cannot write the alert of a connection set aside"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the alert of a connection set aside")
+            }
         }
     }
 
@@ -983,7 +985,6 @@ async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
         sent,
         row,
     }
-
 }
 
 #[cfg(test)]
@@ -1069,7 +1070,13 @@ mod tests {
         }));
         let (mut sched, _snapshot) = Scheduler::new(engine.clone(), 1, 1, Duration::from_secs(60));
         for id in [acme, beta] {
-            let row = engine.store().lock().unwrap().get_by_id(id).unwrap().unwrap();
+            let row = engine
+                .store()
+                .lock()
+                .unwrap()
+                .get_by_id(id)
+                .unwrap()
+                .unwrap();
             sched.upsert(&row, now);
         }
         make_ready(&mut sched, acme).await;
@@ -1098,7 +1105,8 @@ mod tests {
         assert_eq!(aside.backoff, ASIDE_FIRST);
 
         sched.flush_alerts().await;
-        let set_aside = crate::store::alerts::set_aside(engine.store().lock().unwrap().db()).unwrap();
+        let set_aside =
+            crate::store::alerts::set_aside(engine.store().lock().unwrap().db()).unwrap();
         assert_eq!(set_aside.len(), 1);
         assert_eq!(set_aside[0].key, started.to_string());
         let summary = &set_aside[0].facts.summary;

@@ -316,7 +316,10 @@ pub fn raise_faulty(
     now: Timestamp,
 ) -> Result<bool, StoreError> {
     let existing = firing_for(tx, key)?;
-    match existing.iter().find(|e| e.facts.kind == AlertKind::ConnectionFaulty) {
+    match existing
+        .iter()
+        .find(|e| e.facts.kind == AlertKind::ConnectionFaulty)
+    {
         Some(old) => {
             if old.facts != *facts {
                 update_firing(tx, old, facts, false, now)?;

@@ -108,7 +108,11 @@ impl Fault {
     pub fn label(&self) -> String {
         match &self.name {
             Some(n) => n.clone(),
-            None => format!("(row {}, id {:?})", self.rowid, crate::alerts::clip(&self.key, 40)),
+            None => format!(
+                "(row {}, id {:?})",
+                self.rowid,
+                crate::alerts::clip(&self.key, 40)
+            ),
         }
     }
 
@@ -215,17 +219,24 @@ impl Decoder<'_, '_> {
 
     fn text(&self, i: usize) -> Result<&str, Fault> {
         match self.r.get_ref(i) {
-            Ok(v) => v.as_str().map_err(|_| {
-                self.fault(i, format!("holds {}, which is not text", quote(v)))
-            }),
+            Ok(v) => v
+                .as_str()
+                .map_err(|_| self.fault(i, format!("holds {}, which is not text", quote(v)))),
             Err(_) => Err(self.fault(i, "is missing".into())),
         }
     }
 
     fn parse<T: std::str::FromStr>(&self, i: usize) -> Result<T, Fault> {
         let s = self.text(i)?;
-        s.parse()
-            .map_err(|_| self.fault(i, format!("holds {}, which is not a known value", quote(rusqlite::types::ValueRef::Text(s.as_bytes())))))
+        s.parse().map_err(|_| {
+            self.fault(
+                i,
+                format!(
+                    "holds {}, which is not a known value",
+                    quote(rusqlite::types::ValueRef::Text(s.as_bytes()))
+                ),
+            )
+        })
     }
 
     fn opt_parse<T: std::str::FromStr>(&self, i: usize) -> Result<Option<T>, Fault> {
@@ -277,9 +288,8 @@ pub(super) fn decode(r: &Row<'_>) -> Result<ConnectionRow, Fault> {
             name: d.get(1)?,
             instance: d.get(2)?,
             client_id: d.get(3)?,
-            labels: serde_json::from_str(labels).map_err(|e| {
-                d.fault(4, format!("is not a JSON object of strings ({e})"))
-            })?,
+            labels: serde_json::from_str(labels)
+                .map_err(|e| d.fault(4, format!("is not a JSON object of strings ({e})")))?,
             mode: d.parse::<Mode>(5)?,
             lifetime: d.seconds(6)?,
             absolute_lifetime: d.opt_seconds(7)?,
@@ -327,7 +337,8 @@ fn one_row(
     filter: &str,
     param: &dyn rusqlite::ToSql,
 ) -> Result<Option<ConnectionRow>, StoreError> {
-    let mut stmt = db.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE {filter}"))?;
+    let mut stmt =
+        db.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE {filter}"))?;
     let mut rows = stmt.query([param])?;
     match rows.next()? {
         None => Ok(None),
@@ -672,8 +683,7 @@ pub fn set_secret(
 /// Reads one connection by name inside a transaction; a row that does not
 /// decode is [`StoreError::Corrupt`] naming the column.
 pub fn get_tx(tx: &Transaction<'_>, name: &str) -> Result<ConnectionRow, StoreError> {
-    one_row(tx, "name = ?1", &name)?
-        .ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
+    one_row(tx, "name = ?1", &name)?.ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
 }
 
 /// Reads one connection by id inside a transaction; a row that does not
@@ -725,9 +735,9 @@ impl Store {
     /// The row at SQLite rowid `rowid` (how a row whose id does not read is
     /// looked at again): `None` when it is gone.
     pub fn row_at(&self, rowid: i64) -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
-        let mut stmt = self
-            .db
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE rowid = ?1"))?;
+        let mut stmt = self.db.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM connections WHERE rowid = ?1"
+        ))?;
         let mut rows = stmt.query([rowid])?;
         Ok(rows.next()?.map(decode))
     }
