@@ -110,17 +110,17 @@ pub struct Done {
 /// not open. Retrying soon cannot help; a person must fix the row.
 pub fn is_row_fault(e: &StoreError) -> bool {
     use rusqlite::Error as E;
-    match e {
-        StoreError::Corrupt(_) => true,
-        StoreError::Crypto(crate::crypto::CryptoError::Open { .. }) => true,
-        StoreError::Sql(
-            E::InvalidColumnType(..)
-            | E::FromSqlConversionFailure(..)
-            | E::IntegralValueOutOfRange(..)
-            | E::Utf8Error(..),
-        ) => true,
-        _ => false,
-    }
+    matches!(
+        e,
+        StoreError::Corrupt(_)
+            | StoreError::Crypto(crate::crypto::CryptoError::Open { .. })
+            | StoreError::Sql(
+                E::InvalidColumnType(..)
+                    | E::FromSqlConversionFailure(..)
+                    | E::IntegralValueOutOfRange(..)
+                    | E::Utf8Error(..),
+            )
+    )
 }
 
 /// What a person does about a refresh that cannot run for `reason`.
