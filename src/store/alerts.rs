@@ -823,29 +823,24 @@ pub struct DigestData {
 
 fn digest_entries(db: &Db, sql: &str, limit: usize) -> Result<Vec<DigestEntry>, StoreError> {
     let mut stmt = db.prepare(sql)?;
-    let rows = stmt
-        .query_map([limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(name, instance, state, deadline, labels)| {
-            Ok(DigestEntry {
-                name,
-                instance,
-                state: state.parse().map_err(StoreError::Corrupt)?,
-                deadline: deadline.map(from_ms),
-                labels: serde_json::from_str(&labels)
-                    .map_err(|_| StoreError::Corrupt(format!("labels {labels}")))?,
+    let mut rows = stmt.query([limit as i64])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        // A row that does not read is left out: it has its own alert.
+        let entry = || -> Option<DigestEntry> {
+            Some(DigestEntry {
+                name: r.get(0).ok()?,
+                instance: r.get(1).ok()?,
+                state: r.get::<_, String>(2).ok()?.parse().ok()?,
+                deadline: r.get::<_, Option<i64>>(3).ok()?.map(from_ms),
+                labels: serde_json::from_str(&r.get::<_, String>(4).ok()?).ok()?,
             })
-        })
-        .collect()
+        };
+        if let Some(e) = entry() {
+            out.push(e);
+        }
+    }
+    Ok(out)
 }
 
 /// The digest's numbers, with at most `limit` connections per list.

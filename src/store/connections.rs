@@ -871,14 +871,19 @@ impl Store {
             .prepare("SELECT id, state, deadline FROM connections")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let id: String = r.get(0)?;
-            let state: String = r.get(1)?;
-            let id = Uuid::parse_str(&id)
-                .map_err(|_| StoreError::Corrupt(format!("connection id {id}")))?;
-            let state = state
-                .parse::<State>()
-                .map_err(|_| StoreError::Corrupt(format!("state {state}")))?;
-            f(id, state, r.get::<_, Option<i64>>(2)?.map(from_ms));
+            // A row that does not read is set aside by the scheduler and
+            // reported through its alert; the tally counts the others.
+            let (Ok(id), Ok(state), Ok(deadline)) = (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, Option<i64>>(2),
+            ) else {
+                continue;
+            };
+            let (Ok(id), Ok(state)) = (Uuid::parse_str(&id), state.parse::<State>()) else {
+                continue;
+            };
+            f(id, state, deadline.map(from_ms));
         }
         drop(rows);
         drop(stmt);
