@@ -21,7 +21,24 @@ pub struct Status {
     pub needs_action_total: u64,
     pub needs_action: Vec<ActionItem>,
     pub nearest_deadlines: Vec<DeadlineItem>,
+    /// Connections set aside (a row that does not read, a sealed value that
+    /// does not open, an internal error while refreshing): not refreshed,
+    /// every other connection is.
+    #[serde(default)]
+    pub set_aside: Vec<SetAsideItem>,
     pub alerts: AlertInfo,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SetAsideItem {
+    /// Its name, or how its row is known when the name does not read.
+    pub name: String,
+    /// Its id as stored.
+    pub id: String,
+    pub since: String,
+    /// Why, in words (names the column; never a secret value).
+    pub reason: String,
+    pub action: String,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -65,7 +82,7 @@ impl Status {
     pub fn exit_code(&self) -> i32 {
         if !self.daemon.running {
             3
-        } else if self.needs_action_total > 0 {
+        } else if self.needs_action_total > 0 || !self.set_aside.is_empty() {
             1
         } else {
             0
@@ -119,6 +136,16 @@ pub fn gather(
             })
         })
         .collect();
+    let set_aside = crate::store::alerts::set_aside(st.db())?
+        .into_iter()
+        .map(|a| SetAsideItem {
+            name: a.facts.connection,
+            id: a.key,
+            since: fmt_time(a.since),
+            reason: a.facts.summary,
+            action: a.facts.action,
+        })
+        .collect();
     let channels = crate::alerts::channel_health(st, config).unwrap_or_default();
     let alerts = AlertInfo {
         undelivered: channels.iter().map(|c| c.undelivered).sum(),
@@ -146,6 +173,7 @@ pub fn gather(
         needs_action_total,
         needs_action,
         nearest_deadlines,
+        set_aside,
         alerts,
     })
 }
@@ -235,6 +263,17 @@ pub fn print_human(s: &Status) {
             );
         }
     }
+    if !s.set_aside.is_empty() {
+        println!();
+        println!(
+            "{}",
+            paint("31;1", &format!("set aside ({}):", s.set_aside.len()))
+        );
+        for a in &s.set_aside {
+            println!("  {} (since {}): {}", a.name, a.since, a.reason);
+            println!("    action: {}", a.action);
+        }
+    }
     if !s.nearest_deadlines.is_empty() {
         println!();
         println!("nearest deadlines:");
@@ -274,4 +313,26 @@ pub fn print_human(s: &Status) {
             println!("          {name}: {}", paint("31", e));
         }
     }
+}
+
+/// The JSON of `GET /v1/connections` and `connection list --json`: the
+/// connection objects by name, and each row that does not read as
+/// `{"id", "name", "fault": {"column", "reason"}}` (name `null` when it does
+/// not read either) after them.
+pub fn listing(
+    rows: &[ConnectionRow],
+    faults: &[crate::store::connections::Fault],
+) -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::to_value(&r.conn).unwrap_or(serde_json::Value::Null))
+        .collect();
+    out.extend(faults.iter().map(|f| {
+        serde_json::json!({
+            "id": f.key,
+            "name": f.name,
+            "fault": {"column": f.column, "reason": f.describe()},
+        })
+    }));
+    out
 }

@@ -41,6 +41,7 @@ use crate::model::{Severity, State, Timestamp};
 pub use digest::run_digest;
 pub use evaluate::{desired, next_change};
 pub use http::{ChannelResult, send_direct, send_test};
+pub(crate) use text::clip;
 pub use worker::{ChannelHealth, channel_health, reconcile, run};
 
 /// What an alert is about; DESIGN §8. Receivers must accept kinds they do not know.
@@ -63,11 +64,15 @@ pub enum AlertKind {
     StoreWriteFailed,
     /// `acutoken alert test`.
     Test,
+    /// A connection is set aside: its row does not read, a sealed value
+    /// does not open, or its refresh failed inside acutoken. Every other
+    /// connection is served; this one waits for a person.
+    ConnectionFaulty,
 }
 
 impl AlertKind {
     /// Every kind, in a stable order.
-    pub const ALL: [AlertKind; 8] = [
+    pub const ALL: [AlertKind; 9] = [
         AlertKind::NeedsSecret,
         AlertKind::NeedsReauthorization,
         AlertKind::ExpiryApproaching,
@@ -76,6 +81,7 @@ impl AlertKind {
         AlertKind::ConfigReloadFailed,
         AlertKind::StoreWriteFailed,
         AlertKind::Test,
+        AlertKind::ConnectionFaulty,
     ];
 
     /// The snake_case name used in messages, the store and logs.
@@ -89,6 +95,7 @@ impl AlertKind {
             AlertKind::ConfigReloadFailed => "config_reload_failed",
             AlertKind::StoreWriteFailed => "store_write_failed",
             AlertKind::Test => "test",
+            AlertKind::ConnectionFaulty => "connection_faulty",
         }
     }
 
@@ -103,6 +110,7 @@ impl AlertKind {
             AlertKind::ConfigReloadFailed => "Configuration reload refused",
             AlertKind::StoreWriteFailed => "Store cannot be written",
             AlertKind::Test => "Test alert",
+            AlertKind::ConnectionFaulty => "Connection set aside",
         }
     }
 
@@ -251,6 +259,51 @@ impl AlertFacts {
             facts.connection_id = Some(id);
         }
         facts
+    }
+
+    /// `connection_faulty` for a row that does not read: state unknown (the
+    /// store's words are all there is), so the start-up pass knows to resolve
+    /// it once the row reads again.
+    pub fn row_unreadable(fault: &crate::store::connections::Fault) -> AlertFacts {
+        let name = fault.label();
+        let mut facts = AlertFacts::global(
+            AlertKind::ConnectionFaulty,
+            Severity::Critical,
+            format!(
+                "connection {name} is set aside: its row in the store cannot be read ({}); it is not refreshed and its tokens are not served, every other connection is",
+                text::clip(&fault.describe(), text::ERROR_TEXT_MAX)
+            ),
+            "correct the column with sqlite3 (or restore the row from a backup, or remove the row); acutoken reads it again with backoff (at most hourly) and resumes it as soon as it reads",
+        );
+        facts.connection = fault.name.clone().unwrap_or(name);
+        facts.connection_id = fault.id;
+        facts
+    }
+
+    /// `connection_faulty` for a connection whose refresh cannot run
+    /// (`reason`: a sealed value that does not open, an internal error).
+    pub fn refresh_set_aside(
+        row: &crate::store::ConnectionRow,
+        reason: &str,
+        action: &str,
+    ) -> AlertFacts {
+        let c = &row.conn;
+        AlertFacts {
+            kind: AlertKind::ConnectionFaulty,
+            severity: Severity::Critical,
+            connection: c.name.clone(),
+            connection_id: Some(c.id),
+            labels: c.labels.clone(),
+            instance: Some(c.instance.clone()),
+            state: Some(c.state),
+            summary: format!(
+                "connection {} is set aside: {}; it is not refreshed until this is fixed (tried again with backoff, at most hourly), every other connection is",
+                c.name,
+                text::clip(reason, text::ERROR_TEXT_MAX)
+            ),
+            action: action.to_string(),
+            deadline: c.deadline,
+        }
     }
 
     /// The `test` alert of `acutoken alert test`.

@@ -135,14 +135,18 @@ pub fn reconcile(
                 let Ok(id) = Uuid::parse_str(key) else {
                     continue;
                 };
-                match connections::get_by_id_tx(tx, id)? {
-                    Some(row) => outbox::sync_connection(
+                match connections::get_by_id_tx(tx, id) {
+                    Ok(Some(row)) => outbox::sync_connection(
                         tx,
                         &row,
                         &evaluate::desired(&row, &policy, now),
                         now,
                     )?,
-                    None => outbox::remove_connection(tx, id, now)?,
+                    Ok(None) => outbox::remove_connection(tx, id, now)?,
+                    // A row that does not read is the scheduler's to set
+                    // aside and alert on; its other alerts stand as they are.
+                    Err(StoreError::Corrupt(_)) => {}
+                    Err(e) => return Err(e),
                 }
             }
             Ok(())

@@ -110,11 +110,22 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
         ConnectionCommand::Import { file } => super::import::import(&ctx, &file, now),
         ConnectionCommand::List { json } => {
             let st = ctx.open_store(Create::No)?;
-            let rows = st.list()?;
+            let (rows, faults) = st.list_with_faults()?;
+            // Connections the daemon set aside although their rows read
+            // (a sealed value that does not open, an internal error).
+            let aside: BTreeMap<String, String> = crate::store::alerts::set_aside(st.db())?
+                .into_iter()
+                .map(|a| (a.key, a.facts.summary))
+                .collect();
             if json {
-                let conns: Vec<&Connection> = rows.iter().map(|r| &r.conn).collect();
-                println!("{}", serde_json::to_string_pretty(&conns)?);
-            } else if rows.is_empty() {
+                if faults.is_empty() {
+                    let conns: Vec<&Connection> = rows.iter().map(|r| &r.conn).collect();
+                    println!("{}", serde_json::to_string_pretty(&conns)?);
+                } else {
+                    let all = crate::status::listing(&rows, &faults);
+                    println!("{}", serde_json::to_string_pretty(&all)?);
+                }
+            } else if rows.is_empty() && faults.is_empty() {
                 println!("no connections (add one with `acutoken connection add`)");
             } else {
                 let mut table = vec![vec![
@@ -127,16 +138,36 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 ]];
                 for r in &rows {
                     let c = &r.conn;
+                    let error = match aside.get(&c.id.to_string()) {
+                        Some(why) => Some(format!("SET ASIDE: {}", truncate(why, 80))),
+                        None => c.last_error.as_ref().map(|e| truncate(e, 60)),
+                    };
                     table.push(vec![
                         c.name.clone(),
                         c.state.to_string(),
                         c.instance.clone(),
                         or_dash(c.deadline.map(fmt_time)),
                         or_dash(c.next_refresh_at.map(fmt_time)),
-                        or_dash(c.last_error.as_ref().map(|e| truncate(e, 60))),
+                        or_dash(error),
+                    ]);
+                }
+                for f in &faults {
+                    table.push(vec![
+                        f.label(),
+                        "(unreadable)".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        format!("SET ASIDE: {}", f.describe()),
                     ]);
                 }
                 print_table(&table);
+                if !faults.is_empty() {
+                    eprintln!(
+                        "{} connection row(s) cannot be read and are set aside: correct the column named with sqlite3, or restore the row from a backup",
+                        faults.len()
+                    );
+                }
             }
             Ok(0)
         }
@@ -239,7 +270,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
         }
         ConnectionCommand::Disable { name } => {
             let mut st = ctx.open_store(Create::No)?;
-            let row = st.write(|tx, _| {
+            let (row, closed) = st.write(|tx, _| {
                 let mut row = connections::get_tx(tx, &name)?;
                 if row.conn.state != State::Disabled {
                     row.conn.state = State::Disabled;
@@ -253,12 +284,29 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                         "turned off by an operator",
                     )?;
                 }
-                Ok(row)
+                // A link sent earlier must not bring it back.
+                let closed = authorizations::close_all(tx, row.conn.id)?;
+                if closed > 0 {
+                    events::record(
+                        tx,
+                        row.conn.id,
+                        now,
+                        "authorize",
+                        "open authorization links closed: the connection was disabled",
+                    )?;
+                }
+                Ok((row, closed))
             })?;
             println!(
                 "{} is disabled: no refreshes, no tokens, no alerts",
                 row.conn.name
             );
+            if closed > 0 {
+                println!(
+                    "its open authorization link no longer works (`acutoken connection authorize {}` makes a new one after `enable`)",
+                    row.conn.name
+                );
+            }
             Ok(0)
         }
         ConnectionCommand::Enable { name } => {
@@ -405,6 +453,16 @@ fn show(st: &Store, row: &ConnectionRow, now: Timestamp) -> anyhow::Result<()> {
     ];
     if let Some(action) = c.state.action() {
         rows.push(vec!["action".into(), action.replace("NAME", &c.name)]);
+    }
+    if let Some(a) = crate::store::alerts::set_aside(st.db())?
+        .into_iter()
+        .find(|a| a.key == c.id.to_string())
+    {
+        rows.push(vec![
+            "set aside".into(),
+            format!("since {}: {}", fmt_time(a.since), a.facts.summary),
+        ]);
+        rows.push(vec!["to fix".into(), a.facts.action]);
     }
     if let Some(a) = st.open_authorization(c.id, now)? {
         rows.push(vec![

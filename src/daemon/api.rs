@@ -143,12 +143,16 @@ pub fn tcp_router(api: Api) -> Router {
     router(api).layer(middleware::from_fn_with_state(state, bearer))
 }
 
+/// Every connection; a row that does not read is listed as `{"id", "name",
+/// "fault": {"column", "reason"}}` in its place, so one bad row never
+/// hides the others.
 async fn list(State(api): State<Api>) -> Response {
-    match with_store(&api.reads, |st| st.list()).await {
-        Ok(rows) => {
+    match with_store(&api.reads, |st| st.list_with_faults()).await {
+        Ok((rows, faults)) if faults.is_empty() => {
             let conns: Vec<_> = rows.into_iter().map(|r| r.conn).collect();
             axum::Json(conns).into_response()
         }
+        Ok((rows, faults)) => axum::Json(crate::status::listing(&rows, &faults)).into_response(),
         Err(e) => from_store(e),
     }
 }

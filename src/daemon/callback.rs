@@ -164,6 +164,10 @@ async fn callback(State(cb): State<Cb>, RawQuery(query): RawQuery) -> Response {
                 "Acumatica did not accept the authorization. Your integration partner has been told; please try the link again later.",
             )
         }
+        Ok(Completion::Disabled { name }) => {
+            tracing::warn!(connection = %name, "an authorization link of a disabled connection was used: refused, nothing stored");
+            super::pages::disabled(&name)
+        }
         Err(e) => {
             tracing::error!(error = %e, "callback could not read the store");
             page(

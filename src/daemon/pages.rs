@@ -50,6 +50,18 @@ pub fn page(status: StatusCode, title: &str, message: &str) -> Response {
     resp
 }
 
+/// The page for a link of a connection an operator turned off: nothing was
+/// stored, and the customer learns whom to ask.
+pub fn disabled(name: &str) -> Response {
+    page(
+        StatusCode::CONFLICT,
+        "Not connected",
+        &format!(
+            "The connection {name} is turned off by your integration partner, so this link cannot connect it. Nothing was changed. Ask your integration partner to turn it on and send you a new link."
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -165,17 +165,19 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     let max_sleep = notify::watchdog_interval()
         .map(|w| (w / 2).min(Duration::from_secs(60)))
         .unwrap_or(Duration::from_secs(60));
-    let (scheduler, snapshot) = Scheduler::new(
+    let (mut scheduler, snapshot) = Scheduler::new(
         engine.clone(),
         config.renewal.max_concurrent,
         config.renewal.per_instance_concurrent,
         max_sleep,
     );
+    scheduler.set_wake(wake.clone());
     // One streamed pass plans every connection and finds those whose alert
     // conditions hold or whose alerts fire; only these are re-evaluated in the
     // store, before anything is delivered. Nothing secret is read, and a
-    // million connections never sit in memory as full rows.
-    let (scheduler, to_sync, scheduled) = {
+    // million connections never sit in memory as full rows. A row that does
+    // not read is set aside (logged, alerted below) and the pass goes on.
+    let (scheduler, to_sync, scheduled, faults) = {
         let st = engine_store.clone();
         let policy = policy_from(&config);
         let now = clock.now();
@@ -188,16 +190,30 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 .collect();
             scheduler.reserve(st.count()?);
             let mut to_sync = Vec::new();
+            let mut faults = Vec::new();
             let mut n = 0usize;
-            st.each_for_planning(|row| {
-                n += 1;
-                if firing.contains(&row.conn.id) || !alerts::desired(row, &policy, now).is_empty() {
-                    to_sync.push(row.conn.id);
-                }
-                scheduler.load(row, now);
-            })?;
+            st.each_for_planning(
+                |row| {
+                    n += 1;
+                    if firing.contains(&row.conn.id)
+                        || !alerts::desired(row, &policy, now).is_empty()
+                    {
+                        to_sync.push(row.conn.id);
+                    }
+                    scheduler.load(row, now);
+                },
+                |fault| faults.push(fault),
+            )?;
+            for fault in &faults {
+                tracing::error!(
+                    connection = %fault.label(),
+                    column = fault.column,
+                    "{fault}: the connection is set aside; every other connection goes on"
+                );
+                scheduler.load_fault(fault, now);
+            }
             scheduler.finish_load();
-            Ok((scheduler, to_sync, n))
+            Ok((scheduler, to_sync, n, faults))
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?
@@ -210,9 +226,15 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             with_store(&engine_store, move |st| {
                 st.write(|tx, _| {
                     for id in chunk {
-                        if let Some(row) = store::connections::get_by_id_tx(tx, id)? {
-                            let desired = alerts::desired(&row, &policy, now);
-                            store::alerts::sync_connection(tx, &row, &desired, now)?;
+                        match store::connections::get_by_id_tx(tx, id) {
+                            Ok(Some(row)) => {
+                                let desired = alerts::desired(&row, &policy, now);
+                                store::alerts::sync_connection(tx, &row, &desired, now)?;
+                            }
+                            // Changed under us into a row that does not read:
+                            // the scheduler's next look sets it aside.
+                            Ok(None) | Err(store::StoreError::Corrupt(_)) => {}
+                            Err(e) => return Err(e),
                         }
                     }
                     Ok(())
@@ -220,6 +242,24 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             })
             .await?;
         }
+        // Rows that do not read: one alert each (kept, not repeated, while
+        // it fires), and those fixed or removed while no daemon ran resolve.
+        with_store(&engine_store, move |st| {
+            st.write(|tx, _| {
+                let keys: HashSet<String> = faults.iter().map(|f| f.key.clone()).collect();
+                store::alerts::resolve_unreadable_except(tx, &keys, now)?;
+                for fault in &faults {
+                    store::alerts::raise_faulty(
+                        tx,
+                        &fault.key,
+                        &AlertFacts::row_unreadable(fault),
+                        now,
+                    )?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
     }
     // Tokens are served from memory while the store is unchanged.
     engine.cache_tokens(open(Create::No)?);
@@ -262,9 +302,12 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                     // an idle store costs one in-memory pragma per turn.
                     let seen = st.data_version().unwrap_or(version.wrapping_add(1));
                     let r = if seen == version {
-                        Ok((Vec::new(), Vec::new(), seq))
+                        Ok(store::connections::Changes {
+                            newest: seq,
+                            ..Default::default()
+                        })
                     } else {
-                        st.changed_since(seq)
+                        st.changes_since(seq)
                     };
                     if prune && let Err(e) = st.prune_events(now) {
                         tracing::warn!(error = %e, "cannot prune old history");
@@ -278,12 +321,20 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                     last_prune = now;
                 }
                 match res {
-                    Ok((rows, removed, newest)) => {
+                    Ok(store::connections::Changes {
+                        rows,
+                        faults,
+                        removed,
+                        newest,
+                    }) => {
                         if !rows.is_empty() || !removed.is_empty() {
                             wake.poke();
                         }
                         for row in rows {
                             let _ = tx.send(Input::Upsert(Box::new(row))).await;
+                        }
+                        for fault in faults {
+                            let _ = tx.send(Input::Faulty(Box::new(fault))).await;
                         }
                         for id in removed {
                             let _ = tx.send(Input::Remove(id)).await;

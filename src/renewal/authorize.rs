@@ -118,6 +118,8 @@ pub enum Completion {
     Denied { error: String },
     /// The code exchange failed; the reason is safe to show.
     ExchangeFailed { name: String, reason: String },
+    /// The connection is disabled: nothing exchanged, nothing stored.
+    Disabled { name: String },
 }
 
 /// Exchanges `code` for the connection that `state` belongs to and stores the grant.
@@ -157,6 +159,13 @@ pub async fn complete(
     {
         return Ok(Completion::UnknownState);
     }
+    // An operator turned it off: a link sent before must not turn it back
+    // on. The code is not even exchanged, so no grant is issued for nothing.
+    if row.conn.state == State::Disabled {
+        return Ok(Completion::Disabled {
+            name: row.conn.name,
+        });
+    }
     let secret = with_store(store, move |st| st.secret(id, SecretColumn::ClientSecret)).await?;
     let Some(secret) = secret else {
         return Ok(Completion::ExchangeFailed {
@@ -191,14 +200,19 @@ pub async fn complete(
     };
     let policy = policy.clone();
     let name = row.conn.name.clone();
-    let used = with_store(store, move |st| {
+    let stored = with_store(store, move |st| {
         st.write(|tx, kr| {
-            if !authorizations::mark_used(tx, &hash, now)? {
-                return Ok(false);
-            }
             let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
-                return Ok(false);
+                return Ok(Stored::AlreadyUsed);
             };
+            // Disabled while the code was being exchanged (which also closed
+            // the link): the grant is dropped and the connection stays off.
+            if row.conn.state == State::Disabled {
+                return Ok(Stored::Disabled);
+            }
+            if !authorizations::mark_used(tx, &hash, now)? {
+                return Ok(Stored::AlreadyUsed);
+            }
             planning::granted(&mut row, grant.expires_in, &grant.token_type, &policy, now);
             connections::put(tx, &row)?;
             connections::set_secret(tx, kr, id, SecretColumn::RefreshToken, Some(&refresh_token))?;
@@ -211,15 +225,22 @@ pub async fn complete(
             events::record(tx, id, now, "authorized", "the customer authorized; grant stored")?;
             let desired = crate::alerts::desired(&row, &policy, now);
             crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-            Ok(true)
+            Ok(Stored::Granted)
         })
     })
     .await?;
-    Ok(if used {
-        Completion::Connected { name }
-    } else {
-        Completion::AlreadyConnected { name }
+    Ok(match stored {
+        Stored::Granted => Completion::Connected { name },
+        Stored::AlreadyUsed => Completion::AlreadyConnected { name },
+        Stored::Disabled => Completion::Disabled { name },
     })
+}
+
+/// What the grant's write came to.
+enum Stored {
+    Granted,
+    AlreadyUsed,
+    Disabled,
 }
 
 /// Opens the store and a token client for a CLI command that works without the daemon.
@@ -309,5 +330,8 @@ pub async fn cli_complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyhow::
         Completion::ExchangeFailed { name, reason } => {
             anyhow::bail!("exchanging the code for {name} failed: {reason}")
         }
+        Completion::Disabled { name } => anyhow::bail!(
+            "`{name}` is disabled, so this authorization was refused and nothing changed: run `acutoken connection enable {name}`, then `acutoken connection authorize {name}` and send the new link"
+        ),
     }
 }

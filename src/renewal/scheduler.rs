@@ -9,6 +9,13 @@
 //! per-instance concurrency limits. The loop never sleeps more than
 //! `max_sleep` without re-reading the wall clock.
 //!
+//! A connection whose row does not read, whose sealed values do not open,
+//! or whose refresh task panicked is *set aside*: taken out of the timers,
+//! logged once, reported through a `connection_faulty` alert (which is what
+//! `status`, `connection show` and `list` read back), and looked at again
+//! with backoff (one minute, doubling to an hour). Nothing about it ever
+//! holds up another connection.
+//!
 //! A million connections must fit on a small machine: each one costs a
 //! 40-byte [`Entry`] in a slab, an index slot and a timer key, and nothing
 //! else; instances are interned once.
@@ -23,8 +30,15 @@ use uuid::Uuid;
 
 use super::engine::{Engine, Trigger, with_store};
 use super::policy;
+use crate::alerts::AlertFacts;
 use crate::model::{State, Timestamp};
-use crate::store::connections::ConnectionRow;
+use crate::store::StoreError;
+use crate::store::connections::{ConnectionRow, Fault};
+
+/// The first look again at a connection set aside...
+pub const ASIDE_FIRST: Duration = Duration::from_secs(60);
+/// ...doubling up to this.
+pub const ASIDE_MAX: Duration = Duration::from_secs(3600);
 
 /// A clock jump larger than this is logged (timers are wall-clock times already).
 pub const JUMP: chrono::Duration = chrono::Duration::seconds(60);
@@ -38,6 +52,106 @@ pub enum Input {
     Remove(Uuid),
     /// Concurrency limits changed (reload).
     Limits { global: usize, per_instance: usize },
+    /// A changed row that does not read: set it aside.
+    Faulty(Box<Fault>),
+}
+
+/// How a connection set aside is known: by id, or by SQLite rowid when its
+/// id column does not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AsideKey {
+    Id(Uuid),
+    Row(i64),
+}
+
+impl AsideKey {
+    fn of(fault: &Fault) -> AsideKey {
+        fault.id.map_or(AsideKey::Row(fault.rowid), AsideKey::Id)
+    }
+}
+
+/// A connection set aside.
+#[derive(Debug, Clone)]
+struct Aside {
+    /// Its row does not read (looked at again by reading it); otherwise its
+    /// refresh cannot run (tried again by refreshing it).
+    unreadable: bool,
+    /// The alert key (the id as stored).
+    key: String,
+    backoff: Duration,
+    /// When it is looked at again, in Unix milliseconds.
+    due: i64,
+}
+
+/// A store write the scheduler owes: alerts about connections set aside.
+#[derive(Debug)]
+enum AlertOp {
+    Raise { key: String, facts: AlertFacts },
+    Resolve { key: String },
+}
+
+/// What a refresh task comes back with.
+#[derive(Debug)]
+pub struct Done {
+    id: Uuid,
+    /// The refresh could not run because of the connection's own data (a
+    /// value that does not read or open): the reason, to set it aside.
+    fault: Option<String>,
+    /// The store error behind `fault`.
+    error: Option<StoreError>,
+    /// The refresh reached the token endpoint (so its secrets opened).
+    sent: bool,
+    /// The row after the refresh.
+    row: Result<Option<Result<ConnectionRow, Fault>>, StoreError>,
+}
+
+/// A store error that is about this connection's stored values rather than
+/// the store: a column that does not decode or a sealed value that does
+/// not open. Retrying soon cannot help; a person must fix the row.
+pub fn is_row_fault(e: &StoreError) -> bool {
+    use rusqlite::Error as E;
+    matches!(
+        e,
+        StoreError::Corrupt(_)
+            | StoreError::Crypto(crate::crypto::CryptoError::Open { .. })
+            | StoreError::Sql(
+                E::InvalidColumnType(..)
+                    | E::FromSqlConversionFailure(..)
+                    | E::IntegralValueOutOfRange(..)
+                    | E::Utf8Error(..),
+            )
+    )
+}
+
+/// What a person does about a refresh that cannot run for `reason`.
+fn action_for(name: &str, e: Option<&StoreError>) -> String {
+    match e {
+        Some(StoreError::Crypto(crate::crypto::CryptoError::Open { column, .. }))
+            if column == "client_secret" =>
+        {
+            format!(
+                "enter the client secret again with `acutoken connection set-secret {name}`, or add the key it was sealed with to store.previous_key_files"
+            )
+        }
+        Some(StoreError::Crypto(crate::crypto::CryptoError::Open { .. })) => format!(
+            "add the key it was sealed with to store.previous_key_files, or have the customer re-authorize (`acutoken connection authorize {name}`)"
+        ),
+        Some(_) => "correct the column with sqlite3 or restore the row from a backup; acutoken tries again with backoff (at most hourly)".to_string(),
+        None => format!(
+            "report this as a bug with the log lines around it; acutoken tries again with backoff (at most hourly), and `acutoken connection refresh {name}` tries at once"
+        ),
+    }
+}
+
+/// The text of a panic payload, cut short (it names no secret: secrets
+/// print as `***`).
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    let s = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    crate::alerts::clip(s.lines().next().unwrap_or(""), 200)
 }
 
 /// Counters for status and metrics.
@@ -101,6 +215,15 @@ pub struct Scheduler {
     wall: Timestamp,
     mono: tokio::time::Instant,
     snapshot: tokio::sync::watch::Sender<Snapshot>,
+    /// Connections set aside, and when each is looked at again.
+    aside: HashMap<AsideKey, Aside>,
+    aside_timers: BTreeSet<(i64, AsideKey)>,
+    /// Alert writes owed, done once per loop turn.
+    alert_ops: Vec<AlertOp>,
+    /// Which connection each refresh task refreshes (a panicked task
+    /// returns nothing else).
+    spawned: HashMap<tokio::task::Id, Uuid>,
+    wake: Option<crate::alerts::Wake>,
 }
 
 impl Scheduler {
@@ -131,6 +254,11 @@ impl Scheduler {
                 wall,
                 mono: tokio::time::Instant::now(),
                 snapshot: tx,
+                aside: HashMap::new(),
+                aside_timers: BTreeSet::new(),
+                alert_ops: Vec::new(),
+                spawned: HashMap::new(),
+                wake: None,
             },
             rx,
         )
@@ -218,6 +346,15 @@ impl Scheduler {
 
     /// Adds or re-plans one connection.
     pub fn upsert(&mut self, row: &ConnectionRow, now: Timestamp) {
+        if let Some(a) = self.unpark(AsideKey::Id(row.conn.id)) {
+            // It reads (or someone changed it): back to ordinary work. An
+            // unreadable row's alert resolves now; a refresh fault's once a
+            // refresh gets through.
+            if a.unreadable {
+                tracing::info!(connection = %row.conn.name, "a connection set aside reads again: resumed");
+                self.alert_ops.push(AlertOp::Resolve { key: a.key });
+            }
+        }
         let s = self.slot(row.conn.id);
         if self.entries[s as usize].phase == Phase::Running {
             // Re-planned from the saved row when the refresh finishes.
@@ -316,9 +453,13 @@ impl Scheduler {
 
     /// How long to sleep before the next timer (at most `max_sleep`).
     fn sleep_for(&self, now: Timestamp) -> Duration {
-        match self.timers.first() {
+        let first = match (self.timers.first(), self.aside_timers.first()) {
+            (Some((a, _)), Some((b, _))) => Some(*a.min(b)),
+            (a, b) => a.map(|t| t.0).or(b.map(|t| t.0)),
+        };
+        match first {
             None => self.max_sleep,
-            Some((d, _)) => {
+            Some(d) => {
                 let left = u64::try_from(d.saturating_sub(ms(now))).unwrap_or(0);
                 Duration::from_millis(left.max(1)).min(self.max_sleep)
             }
@@ -335,20 +476,25 @@ impl Scheduler {
         watchdog: impl Fn() + Send,
     ) {
         self.finish_load();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Uuid, Option<ConnectionRow>)>();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             watchdog();
             self.check_clock();
-            self.dispatch(&done_tx, &mut tasks);
+            self.dispatch(&mut tasks);
+            self.flush_alerts().await;
             self.publish();
             let now = self.engine.clock().now();
             let due = self.first_due(now);
+            let aside_due = self
+                .aside_timers
+                .first()
+                .copied()
+                .filter(|(d, _)| *d <= ms(now));
             let sleep = self.sleep_for(now);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some((id, row)) = done_rx.recv() => self.finished(id, row),
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => self.joined(joined).await,
                 Some(msg) = input.recv() => self.handle(msg),
                 _ = std::future::ready(()), if due.is_some() => {
                     if let Some((d, s)) = due {
@@ -358,8 +504,12 @@ impl Scheduler {
                         self.due(id).await;
                     }
                 }
+                _ = std::future::ready(()), if aside_due.is_some() => {
+                    if let Some((_, key)) = aside_due {
+                        self.look_again(key).await;
+                    }
+                }
                 _ = tokio::time::sleep(sleep) => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
         // Shutdown: no new claims; let refreshes in flight save their outcome.
@@ -371,6 +521,190 @@ impl Scheduler {
                 "shutdown timeout: abandoning refreshes still in flight (their claims expire and are recovered at the next start)"
             );
             tasks.abort_all();
+        }
+    }
+
+    /// Sets a connection aside at start-up, before the scheduler runs (its
+    /// alert is raised by the caller, in the start-up pass).
+    pub fn load_fault(&mut self, fault: &Fault, now: Timestamp) {
+        self.park(AsideKey::of(fault), &fault.key, true, now);
+    }
+
+    /// How many connections are set aside.
+    pub fn set_aside_count(&self) -> usize {
+        self.aside.len()
+    }
+
+    /// Takes `key` out of ordinary scheduling and arms its look-again timer:
+    /// a minute the first time, then twice the last wait, up to an hour.
+    /// Returns true when it was not set aside before.
+    fn park(&mut self, key: AsideKey, alert_key: &str, unreadable: bool, now: Timestamp) -> bool {
+        if let AsideKey::Id(id) = key
+            && let Some(&s) = self.index.get(&id)
+        {
+            self.unqueue(s);
+        }
+        let (backoff, new) = match self.aside.remove(&key) {
+            Some(old) => {
+                self.aside_timers.remove(&(old.due, key));
+                ((old.backoff * 2).min(ASIDE_MAX), false)
+            }
+            None => (ASIDE_FIRST, true),
+        };
+        let due = ms(now).saturating_add(backoff.as_millis() as i64);
+        self.aside.insert(
+            key,
+            Aside {
+                unreadable,
+                key: alert_key.to_string(),
+                backoff,
+                due,
+            },
+        );
+        self.aside_timers.insert((due, key));
+        new
+    }
+
+    /// Tells the alert worker to look at the outbox now.
+    fn poke(&self) {
+        if let Some(w) = &self.wake {
+            w.poke();
+        }
+    }
+
+    /// The handle that wakes the alert worker after the scheduler raises or
+    /// resolves an alert.
+    pub fn set_wake(&mut self, wake: crate::alerts::Wake) {
+        self.wake = Some(wake);
+    }
+
+    /// Forgets that `key` was set aside.
+    fn unpark(&mut self, key: AsideKey) -> Option<Aside> {
+        let a = self.aside.remove(&key)?;
+        self.aside_timers.remove(&(a.due, key));
+        Some(a)
+    }
+
+    /// Sets aside a row that does not read: logged and alerted the first time.
+    fn park_unreadable(&mut self, fault: &Fault, now: Timestamp) {
+        let key = AsideKey::of(fault);
+        if self.park(key, &fault.key, true, now) {
+            tracing::error!(
+                connection = %fault.label(),
+                column = fault.column,
+                "{fault}: the connection is set aside; every other connection goes on"
+            );
+        } else {
+            tracing::debug!(connection = %fault.label(), "still unreadable: {fault}");
+        }
+        self.alert_ops.push(AlertOp::Raise {
+            key: fault.key.clone(),
+            facts: AlertFacts::row_unreadable(fault),
+        });
+    }
+
+    /// Sets aside a connection whose refresh cannot run for `reason`.
+    fn park_refresh(&mut self, row: &ConnectionRow, reason: &str, action: &str, now: Timestamp) {
+        let id = row.conn.id;
+        let key = id.to_string();
+        if self.park(AsideKey::Id(id), &key, false, now) {
+            tracing::error!(
+                connection = %row.conn.name,
+                reason,
+                "a refresh cannot run: the connection is set aside; every other connection goes on"
+            );
+        } else {
+            tracing::debug!(connection = %row.conn.name, reason, "still set aside");
+        }
+        self.alert_ops.push(AlertOp::Raise {
+            key,
+            facts: AlertFacts::refresh_set_aside(row, reason, action),
+        });
+    }
+
+    /// Writes the alerts owed, in one transaction. A failed write is logged;
+    /// the next look at the connection raises it again.
+    async fn flush_alerts(&mut self) {
+        if self.alert_ops.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.alert_ops);
+        let now = self.engine.clock().now();
+        let res = with_store(self.engine.store(), move |st| {
+            st.write(|tx, _| {
+                for op in &ops {
+                    match op {
+                        AlertOp::Raise { key, facts } => {
+                            crate::store::alerts::raise_faulty(tx, key, facts, now)?;
+                        }
+                        AlertOp::Resolve { key } => {
+                            crate::store::alerts::resolve_faulty(tx, key, now)?
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await;
+        match res {
+            Ok(()) => self.poke(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the alert of a connection set aside")
+            }
+        }
+    }
+
+    /// A connection set aside is due another look: an unreadable row is
+    /// read again; a refresh that could not run is tried again.
+    async fn look_again(&mut self, key: AsideKey) {
+        let Some(a) = self.aside.get(&key).cloned() else {
+            return;
+        };
+        let now = self.engine.clock().now();
+        if !a.unreadable {
+            if let AsideKey::Id(id) = key {
+                // Keep the entry (its backoff doubles if the refresh fails
+                // again) but let the ordinary path refresh it.
+                self.aside_timers.remove(&(a.due, key));
+                if let Some(e) = self.aside.get_mut(&key) {
+                    e.due = i64::MAX;
+                }
+                self.due(id).await;
+            }
+            return;
+        }
+        let read = with_store(self.engine.store(), move |st| match key {
+            AsideKey::Id(id) => st.read_by_id(id),
+            AsideKey::Row(rowid) => st.row_at(rowid),
+        })
+        .await;
+        match read {
+            Ok(Some(Ok(row))) => {
+                self.unpark(key);
+                tracing::info!(connection = %row.conn.name, "a connection set aside reads again: resumed");
+                self.alert_ops.push(AlertOp::Resolve { key: a.key });
+                self.upsert(&row, now);
+            }
+            Ok(Some(Err(fault))) => {
+                if AsideKey::of(&fault) != key {
+                    // A row whose id did not read now has one (or lost it).
+                    self.unpark(key);
+                    self.alert_ops.push(AlertOp::Resolve { key: a.key });
+                }
+                self.park_unreadable(&fault, now);
+            }
+            Ok(None) => {
+                self.unpark(key);
+                tracing::info!("a connection set aside was removed");
+                self.alert_ops.push(AlertOp::Resolve { key: a.key });
+                if let AsideKey::Id(id) = key {
+                    self.remove(id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a connection set aside; trying again later");
+                self.park(key, &a.key, true, now);
+            }
         }
     }
 
@@ -403,6 +737,15 @@ impl Scheduler {
                 self.global_limit = global.max(1);
                 self.instance_limit = per_instance.max(1);
             }
+            Input::Faulty(fault) => {
+                if let Some(&s) = fault.id.and_then(|id| self.index.get(&id))
+                    && self.entries[s as usize].phase == Phase::Running
+                {
+                    // Its refresh task reads the row when it ends and sets it aside then.
+                    return;
+                }
+                self.park_unreadable(&fault, now);
+            }
         }
     }
 
@@ -413,9 +756,11 @@ impl Scheduler {
         let policy = engine.policy();
         let row = with_store(
             engine.store(),
-            move |st| -> Result<Option<ConnectionRow>, crate::store::StoreError> {
-                let Some(mut row) = st.get_by_id(id)? else {
-                    return Ok(None);
+            move |st| -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
+                let mut row = match st.read_by_id(id)? {
+                    None => return Ok(None),
+                    Some(Err(fault)) => return Ok(Some(Err(fault))),
+                    Some(Ok(row)) => row,
                 };
                 let mut changed = false;
                 if row.conn.state.is_scheduled()
@@ -429,7 +774,7 @@ impl Scheduler {
                     && row.conn.next_refresh_at.is_none_or(|t| t <= now)
                     && !changed
                 {
-                    return Ok(Some(row));
+                    return Ok(Some(Ok(row)));
                 }
                 // Time alone changed something: state (secret expired) or alert conditions.
                 st.write(|tx, _| {
@@ -450,12 +795,13 @@ impl Scheduler {
                     let desired = crate::alerts::desired(&row, &policy, now);
                     crate::store::alerts::sync_connection(tx, &row, &desired, now)
                 })?;
-                Ok(Some(row))
+                Ok(Some(Ok(row)))
             },
         )
         .await;
         match row {
-            Ok(Some(row)) => {
+            Ok(Some(Err(fault))) => self.park_unreadable(&fault, now),
+            Ok(Some(Ok(row))) => {
                 let refresh_due = row.conn.state.is_scheduled()
                     && row.conn.next_refresh_at.is_none_or(|t| t <= now);
                 let Some(&s) = self.index.get(&id) else {
@@ -485,11 +831,18 @@ impl Scheduler {
         }
     }
 
-    fn dispatch(
+    fn dispatch(&mut self, tasks: &mut tokio::task::JoinSet<Done>) {
+        self.start_ready(tasks, refresh_task);
+    }
+
+    /// Starts what is ready within the limits, each as `task(engine, id)`.
+    fn start_ready<F>(
         &mut self,
-        done: &mpsc::UnboundedSender<(Uuid, Option<ConnectionRow>)>,
-        tasks: &mut tokio::task::JoinSet<()>,
-    ) {
+        tasks: &mut tokio::task::JoinSet<Done>,
+        task: impl Fn(Arc<Engine>, Uuid) -> F,
+    ) where
+        F: std::future::Future<Output = Done> + Send + 'static,
+    {
         if self.engine.is_blocked() || self.ready.is_empty() {
             return;
         }
@@ -512,21 +865,48 @@ impl Scheduler {
             e.phase = Phase::Running;
             let id = e.id;
             let engine = self.engine.clone();
-            let done = done.clone();
-            tasks.spawn(async move {
-                if let Err(e) = engine.refresh(id, Trigger::Scheduled).await {
-                    tracing::error!(error = %e, "refresh could not run");
-                }
-                let row = with_store(engine.store(), move |st| st.get_by_id(id))
-                    .await
-                    .ok()
-                    .flatten();
-                let _ = done.send((id, row));
-            });
+            let handle = tasks.spawn(task(engine, id));
+            self.spawned.insert(handle.id(), id);
         }
     }
 
-    fn finished(&mut self, id: Uuid, row: Option<ConnectionRow>) {
+    /// A refresh task ended: normally with its [`Done`]; if it panicked,
+    /// the connection is set aside with the panic's message, and either
+    /// way its slot is freed so the others go on.
+    async fn joined(&mut self, joined: Result<(tokio::task::Id, Done), tokio::task::JoinError>) {
+        match joined {
+            Ok((task, done)) => {
+                self.spawned.remove(&task);
+                self.finished(done);
+            }
+            Err(e) => {
+                let Some(id) = self.spawned.remove(&e.id()) else {
+                    return;
+                };
+                let reason = if e.is_panic() {
+                    format!(
+                        "internal error while refreshing: {}",
+                        panic_text(e.into_panic().as_ref())
+                    )
+                } else {
+                    "internal error while refreshing: the refresh was cancelled".to_string()
+                };
+                // The row as it stands: the claim the task may have taken is
+                // left to expire (its outcome then counts as unknown).
+                let row = with_store(self.engine.store(), move |st| st.read_by_id(id)).await;
+                self.finished(Done {
+                    id,
+                    fault: Some(reason),
+                    error: None,
+                    sent: false,
+                    row,
+                });
+            }
+        }
+    }
+
+    fn finished(&mut self, done: Done) {
+        let id = done.id;
         let Some(&s) = self.index.get(&id) else {
             return;
         };
@@ -543,17 +923,223 @@ impl Scheduler {
             return;
         }
         let now = self.engine.clock().now();
-        match row {
-            Some(row)
-                if row.conn.state == State::Active
-                    && row.conn.next_refresh_at.is_some_and(|t| t <= now)
-                    && row.claim.is_none() =>
-            {
-                // Nothing moved the plan (e.g. the engine is blocked): look again shortly.
-                self.place(s, Some(now + chrono::Duration::seconds(5)));
+        let row = match done.row {
+            Ok(Some(Ok(row))) => row,
+            Ok(Some(Err(fault))) => return self.park_unreadable(&fault, now),
+            Ok(None) => return self.remove(id),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a connection after its refresh; looking again in a minute");
+                return self.place(s, Some(now + chrono::Duration::minutes(1)));
             }
-            Some(row) => self.upsert(&row, now),
-            None => self.remove(id),
+        };
+        if let Some(reason) = &done.fault {
+            let action = action_for(&row.conn.name, done.error.as_ref());
+            return self.park_refresh(&row, reason, &action, now);
         }
+        if done.sent
+            && let Some(a) = self.unpark(AsideKey::Id(id))
+        {
+            // A refresh got through: whatever set it aside is fixed.
+            // Its alert was resolved by the task (`refresh_task`).
+            tracing::info!(connection = %row.conn.name, key = %a.key, "a connection set aside refreshes again: resumed");
+            self.poke();
+        }
+        if row.conn.state == State::Active
+            && row.conn.next_refresh_at.is_some_and(|t| t <= now)
+            && row.claim.is_none()
+        {
+            // Nothing moved the plan (e.g. the engine is blocked): look again shortly.
+            self.place(s, Some(now + chrono::Duration::seconds(5)));
+        } else {
+            self.upsert(&row, now);
+        }
+    }
+}
+
+/// One refresh, run as its own task: what it came to, and the row after it.
+async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
+    let (mut fault, mut error, mut sent) = (None, None, false);
+    match engine.refresh(id, Trigger::Scheduled).await {
+        Ok(r) => sent = matches!(r.outcome.as_str(), "refreshed" | "failed" | "discarded"),
+        Err(super::engine::EngineError::Store(e)) if is_row_fault(&e) => {
+            fault = Some(e.to_string());
+            error = Some(e);
+        }
+        Err(e) => tracing::error!(error = %e, "refresh could not run"),
+    }
+    let now = engine.clock().now();
+    let row = with_store(engine.store(), move |st| {
+        let row = st.read_by_id(id)?;
+        // A connection set aside in an earlier run whose refresh now gets
+        // through: its alert resolves (one indexed read otherwise).
+        if sent && crate::store::alerts::faulty_fires(st.db(), &id.to_string())? {
+            st.write(|tx, _| crate::store::alerts::resolve_faulty(tx, &id.to_string(), now))?;
+        }
+        Ok(row)
+    })
+    .await;
+    Done {
+        id,
+        fault,
+        error,
+        sent,
+        row,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::acumatica::TokenClient;
+    use crate::config::Config;
+    use crate::crypto::{Key, Keyring};
+    use crate::model::{Connection, Mode};
+    use crate::renewal::engine::{EngineParts, NoHooks};
+    use crate::secret::Secret;
+    use crate::store::claims::Owner;
+    use crate::store::connections::{self, NewConnection};
+    use crate::store::{Create, Store};
+
+    fn add(st: &mut Store, name: &str, now: Timestamp) -> Uuid {
+        let id = Uuid::new_v4();
+        let conn = Connection {
+            id,
+            name: name.into(),
+            instance: "erp.example.com".into(),
+            client_id: "X@T".into(),
+            labels: BTreeMap::new(),
+            mode: Mode::Absolute,
+            lifetime: Duration::from_secs(30 * 86_400),
+            absolute_lifetime: None,
+            secret_expires_at: None,
+            grant_issued_at: Some(now),
+            refresh_token_issued_at: Some(now),
+            access_expires_at: None,
+            deadline: Some(now + chrono::Duration::days(30)),
+            deadline_source: None,
+            next_refresh_at: Some(now - chrono::Duration::seconds(1)),
+            last_refresh_at: None,
+            last_error: None,
+            state: State::Active,
+        };
+        let new = NewConnection {
+            conn,
+            client_secret: Some(Secret::new("s")),
+            refresh_token: Some(Secret::new("t")),
+        };
+        st.write(|tx, kr| connections::insert(tx, kr, &new, now))
+            .unwrap();
+        id
+    }
+
+    /// Takes `id` off its timer and makes it ready, as the run loop does.
+    async fn make_ready(sched: &mut Scheduler, id: Uuid) {
+        let s = sched.index[&id];
+        sched.unqueue(s);
+        sched.due(id).await;
+        assert_eq!(sched.entries[s as usize].phase, Phase::Ready);
+    }
+
+    /// Issue 12 item 1: a panic in one connection's refresh task is caught
+    /// by the scheduler: the connection is set aside with the panic's
+    /// message and a `connection_faulty` alert, its slot is freed, and the
+    /// next connection on the same instance (limit 1) starts.
+    #[tokio::test]
+    async fn a_refresh_task_that_panics_sets_its_connection_aside_and_frees_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acutoken.db");
+        let keyring = Keyring::new(Key::generate(), vec![]);
+        let mut st = Store::open(&path, keyring, Create::Yes).unwrap();
+        let clock = crate::clock::system();
+        let now = clock.now();
+        let acme = add(&mut st, "acme", now);
+        let beta = add(&mut st, "beta", now);
+        let config = Config::default();
+        let engine = Arc::new(Engine::new(EngineParts {
+            store: Arc::new(Mutex::new(st)),
+            client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
+            policy: crate::renewal::policy_from(&config),
+            clock,
+            owner: Owner::current("test"),
+            http_timeout: Duration::from_secs(5),
+            spill_dir: None,
+            limits: crate::renewal::limits::Limits::new(1, 1),
+            hooks: Arc::new(NoHooks),
+        }));
+        let (mut sched, _snapshot) = Scheduler::new(engine.clone(), 1, 1, Duration::from_secs(60));
+        for id in [acme, beta] {
+            let row = engine
+                .store()
+                .lock()
+                .unwrap()
+                .get_by_id(id)
+                .unwrap()
+                .unwrap();
+            sched.upsert(&row, now);
+        }
+        make_ready(&mut sched, acme).await;
+        make_ready(&mut sched, beta).await;
+
+        let mut tasks = tokio::task::JoinSet::new();
+        // Both are on one instance with a limit of one: the first starts alone.
+        sched.start_ready(&mut tasks, |_, id| async move {
+            panic!("attempt to add with overflow (connection {id})");
+        });
+        assert_eq!((sched.running, tasks.len()), (1, 1));
+        let started = *sched.spawned.values().next().unwrap();
+        let other = if started == acme { beta } else { acme };
+
+        let joined = tasks.join_next_with_id().await.unwrap();
+        assert!(joined.as_ref().is_err_and(|e| e.is_panic()));
+        sched.joined(joined).await;
+        assert_eq!(sched.running, 0);
+        assert!(sched.busy.iter().all(|b| *b == 0), "the slot is freed");
+        assert!(sched.spawned.is_empty());
+        let s = sched.index[&started];
+        assert_eq!(sched.entries[s as usize].phase, Phase::Idle);
+        assert!(!sched.timers.iter().any(|(_, t)| *t == s), "not scheduled");
+        let aside = &sched.aside[&AsideKey::Id(started)];
+        assert!(!aside.unreadable);
+        assert_eq!(aside.backoff, ASIDE_FIRST);
+
+        sched.flush_alerts().await;
+        let set_aside =
+            crate::store::alerts::set_aside(engine.store().lock().unwrap().db()).unwrap();
+        assert_eq!(set_aside.len(), 1);
+        assert_eq!(set_aside[0].key, started.to_string());
+        let summary = &set_aside[0].facts.summary;
+        assert!(
+            summary.contains("internal error while refreshing: attempt to add with overflow"),
+            "{summary}"
+        );
+
+        // The other one goes on.
+        sched.start_ready(&mut tasks, |_, id| async move {
+            Done {
+                id,
+                fault: None,
+                error: None,
+                sent: true,
+                row: Ok(None),
+            }
+        });
+        assert_eq!(sched.spawned.values().copied().collect::<Vec<_>>(), [other]);
+        let joined = tasks.join_next_with_id().await.unwrap();
+        sched.joined(joined).await;
+        assert_eq!(sched.running, 0);
+
+        // Looked at again after the backoff: it is refreshed again and, if
+        // it panics again, waits twice as long, without a second log line.
+        let key = AsideKey::Id(started);
+        sched.look_again(key).await;
+        assert_eq!(sched.ready.len(), 1);
+        sched.start_ready(&mut tasks, |_, _| async move { panic!("again") });
+        let joined = tasks.join_next_with_id().await.unwrap();
+        sched.joined(joined).await;
+        assert_eq!(sched.aside[&key].backoff, ASIDE_FIRST * 2);
+        assert_eq!(sched.running, 0);
     }
 }

@@ -178,12 +178,21 @@ fn insert_firing(
     facts: &AlertFacts,
     now: Timestamp,
 ) -> Result<(), StoreError> {
+    insert_firing_keyed(tx, &key_of(facts), facts, now)
+}
+
+fn insert_firing_keyed(
+    tx: &Transaction<'_>,
+    key: &str,
+    facts: &AlertFacts,
+    now: Timestamp,
+) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO alerts (id, key, kind, severity, rank, status, revision, facts, started_at, changed_at)
          VALUES (?1, ?2, ?3, ?4, ?5, 'firing', 1, ?6, ?7, ?7)",
         params![
             Uuid::new_v4().to_string(),
-            key_of(facts),
+            key,
             facts.kind.as_str(),
             facts.severity.as_str(),
             rank(facts.severity),
@@ -274,6 +283,11 @@ pub fn sync_connection(
         }
     }
     for old in &existing {
+        // A set-aside connection's alert is not a condition of its row:
+        // the scheduler raises and resolves it (`raise_faulty`).
+        if old.facts.kind == AlertKind::ConnectionFaulty {
+            continue;
+        }
         if !desired.iter().any(|f| f.kind == old.facts.kind) {
             resolve(tx, old, Some(row.conn.state), now)?;
         }
@@ -289,6 +303,118 @@ pub fn raise(tx: &Transaction<'_>, facts: &AlertFacts, now: Timestamp) -> Result
         Some(old) => update_firing(tx, old, facts, true, now),
         None => insert_firing(tx, facts, now),
     }
+}
+
+/// Raises `connection_faulty` for the row filed under `key` (its id as
+/// stored). Raised again while it fires, only its text is brought up to
+/// date: the repeat interval, not each look at the row, decides when it is
+/// said again. Returns true when it was not firing yet.
+pub fn raise_faulty(
+    tx: &Transaction<'_>,
+    key: &str,
+    facts: &AlertFacts,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let existing = firing_for(tx, key)?;
+    match existing
+        .iter()
+        .find(|e| e.facts.kind == AlertKind::ConnectionFaulty)
+    {
+        Some(old) => {
+            if old.facts != *facts {
+                update_firing(tx, old, facts, false, now)?;
+            }
+            Ok(false)
+        }
+        None => {
+            insert_firing_keyed(tx, key, facts, now)?;
+            Ok(true)
+        }
+    }
+}
+
+/// Resolves the `connection_faulty` alert filed under `key`, if it fires.
+pub fn resolve_faulty(tx: &Transaction<'_>, key: &str, now: Timestamp) -> Result<(), StoreError> {
+    for old in firing_for(tx, key)? {
+        if old.facts.kind == AlertKind::ConnectionFaulty {
+            resolve(tx, &old, None, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// True when a `connection_faulty` alert fires under `key` (one indexed read).
+pub fn faulty_fires(db: &Db, key: &str) -> Result<bool, StoreError> {
+    Ok(db
+        .prepare_cached(
+            "SELECT 1 FROM alerts WHERE key = ?1 AND kind = 'connection_faulty' AND status = 'firing'",
+        )?
+        .exists([key])?)
+}
+
+/// One connection set aside, as its firing `connection_faulty` alert says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetAside {
+    /// The key it is filed under (its id as stored).
+    pub key: String,
+    /// What the alert says (its summary names the reason).
+    pub facts: AlertFacts,
+    /// Since when.
+    pub since: Timestamp,
+}
+
+/// Every connection set aside (firing `connection_faulty`), by name.
+pub fn set_aside(db: &Db) -> Result<Vec<SetAside>, StoreError> {
+    let mut stmt = db.prepare_cached(
+        "SELECT key, facts, started_at FROM alerts
+         WHERE kind = 'connection_faulty' AND status = 'firing'",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = rows
+        .into_iter()
+        .map(|(key, facts, since)| {
+            Ok(SetAside {
+                key,
+                facts: parse_facts(&facts)?,
+                since: from_ms(since),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    out.sort_by(|a, b| a.facts.connection.cmp(&b.facts.connection));
+    Ok(out)
+}
+
+/// Resolves firing `connection_faulty` alerts about unreadable rows
+/// (raised with no state) whose key is not in `still`: rows fixed or
+/// removed while no daemon looked.
+pub fn resolve_unreadable_except(
+    tx: &Transaction<'_>,
+    still: &std::collections::HashSet<String>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let firing: Vec<String> = {
+        let mut stmt = tx.prepare(
+            "SELECT key FROM alerts WHERE kind = 'connection_faulty' AND status = 'firing'",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for key in firing.into_iter().filter(|k| !still.contains(k)) {
+        for old in firing_for(tx, &key)? {
+            if old.facts.kind == AlertKind::ConnectionFaulty && old.facts.state.is_none() {
+                resolve(tx, &old, None, now)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves a firing alert raised with [`raise`] that is not tied to a connection.
@@ -697,29 +823,24 @@ pub struct DigestData {
 
 fn digest_entries(db: &Db, sql: &str, limit: usize) -> Result<Vec<DigestEntry>, StoreError> {
     let mut stmt = db.prepare(sql)?;
-    let rows = stmt
-        .query_map([limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(name, instance, state, deadline, labels)| {
-            Ok(DigestEntry {
-                name,
-                instance,
-                state: state.parse().map_err(StoreError::Corrupt)?,
-                deadline: deadline.map(from_ms),
-                labels: serde_json::from_str(&labels)
-                    .map_err(|_| StoreError::Corrupt(format!("labels {labels}")))?,
+    let mut rows = stmt.query([limit as i64])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        // A row that does not read is left out: it has its own alert.
+        let entry = || -> Option<DigestEntry> {
+            Some(DigestEntry {
+                name: r.get(0).ok()?,
+                instance: r.get(1).ok()?,
+                state: r.get::<_, String>(2).ok()?.parse().ok()?,
+                deadline: r.get::<_, Option<i64>>(3).ok()?.map(from_ms),
+                labels: serde_json::from_str(&r.get::<_, String>(4).ok()?).ok()?,
             })
-        })
-        .collect()
+        };
+        if let Some(e) = entry() {
+            out.push(e);
+        }
+    }
+    Ok(out)
 }
 
 /// The digest's numbers, with at most `limit` connections per list.

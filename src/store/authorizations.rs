@@ -85,13 +85,13 @@ pub fn mark_used(
     )? == 1)
 }
 
-/// Drops every open link of a connection (its instance or client changed, or it was removed).
-pub fn close_all(tx: &Transaction<'_>, connection: Uuid) -> Result<(), StoreError> {
-    tx.execute(
+/// Drops every open link of a connection (its instance or client changed,
+/// it was disabled or removed); returns how many were open.
+pub fn close_all(tx: &Transaction<'_>, connection: Uuid) -> Result<usize, StoreError> {
+    Ok(tx.execute(
         "DELETE FROM authorizations WHERE connection_id = ?1 AND used_at IS NULL",
         [connection.to_string()],
-    )?;
-    Ok(())
+    )?)
 }
 
 pub(super) fn reseal(

@@ -76,135 +76,358 @@ pub(super) const COLUMNS: &str = "id, name, instance, client_id, labels, mode, l
     access_expires_at, deadline, deadline_source, next_refresh_at, last_refresh_at, last_error,
     state, failures, failing_since, outcome_unknown, client_secret IS NOT NULL,
     refresh_token IS NOT NULL, access_token IS NOT NULL, token_type, access_lifetime_s,
-    claim_owner, claim_expires_at, version, change_seq";
+    claim_owner, claim_expires_at, version, change_seq, rowid";
 
 fn opt_ms(v: Option<i64>) -> Option<Timestamp> {
     v.map(from_ms)
 }
 
-fn bad(what: &str, v: &str) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        0,
-        rusqlite::types::Type::Text,
-        format!("{what}: {v}").into(),
-    )
+/// A connection row that does not decode: a hand-edited or damaged column.
+///
+/// It names the row and the column, never a sealed value: the one value it
+/// quotes is the offending plain column's, cut short. Reads hand faults back
+/// beside the rows that decode, so one bad row never fails a whole read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// SQLite's rowid: the handle for re-reading a row whose `id` is unreadable.
+    pub rowid: i64,
+    /// The connection's id, when that column reads.
+    pub id: Option<Uuid>,
+    /// The `id` column as stored (text), the key its alert is filed under.
+    pub key: String,
+    /// The connection's name, when that column reads.
+    pub name: Option<String>,
+    /// The column that does not decode.
+    pub column: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
-pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
-    let id: String = r.get(0)?;
-    let labels: String = r.get(4)?;
-    let mode: String = r.get(5)?;
-    let source: Option<String> = r.get(13)?;
-    let state: String = r.get(17)?;
-    let claim_owner: Option<String> = r.get(26)?;
-    let claim_expires: Option<i64> = r.get(27)?;
-    Ok(ConnectionRow {
-        conn: Connection {
-            id: Uuid::parse_str(&id).map_err(|_| bad("connection id", &id))?,
-            name: r.get(1)?,
-            instance: r.get(2)?,
-            client_id: r.get(3)?,
-            labels: serde_json::from_str(&labels).map_err(|_| bad("labels", &labels))?,
-            mode: mode.parse().map_err(|_| bad("mode", &mode))?,
-            lifetime: Duration::from_secs(r.get::<_, i64>(6)?.max(0) as u64),
-            absolute_lifetime: r
-                .get::<_, Option<i64>>(7)?
-                .map(|s| Duration::from_secs(s.max(0) as u64)),
-            secret_expires_at: opt_ms(r.get(8)?),
-            grant_issued_at: opt_ms(r.get(9)?),
-            refresh_token_issued_at: opt_ms(r.get(10)?),
-            access_expires_at: opt_ms(r.get(11)?),
-            deadline: opt_ms(r.get(12)?),
-            deadline_source: source
-                .map(|s| {
-                    s.parse::<DeadlineSource>()
-                        .map_err(|_| bad("deadline_source", &s))
-                })
-                .transpose()?,
-            next_refresh_at: opt_ms(r.get(14)?),
-            last_refresh_at: opt_ms(r.get(15)?),
-            last_error: r.get(16)?,
-            state: state.parse::<State>().map_err(|_| bad("state", &state))?,
-        },
-        failures: r.get::<_, i64>(18)?.clamp(0, u32::MAX as i64) as u32,
-        failing_since: opt_ms(r.get(19)?),
-        outcome_unknown: r.get::<_, i64>(20)? != 0,
-        has_client_secret: r.get(21)?,
-        has_refresh_token: r.get(22)?,
-        has_access_token: r.get(23)?,
-        token_type: r.get(24)?,
-        access_lifetime: r
-            .get::<_, Option<i64>>(25)?
-            .map(|s| Duration::from_secs(s.max(0) as u64)),
-        claim: match (claim_owner, claim_expires) {
+impl Fault {
+    /// How the row is named to a person: its name, else its id as stored.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!(
+                "(row {}, id {:?})",
+                self.rowid,
+                crate::alerts::clip(&self.key, 40)
+            ),
+        }
+    }
+
+    /// One line: which column, and what is wrong with it.
+    pub fn describe(&self) -> String {
+        format!("column `{}` {}", self.column, self.reason)
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connection {} cannot be read: {}; fix the column (sqlite3) or restore the row from a backup",
+            self.label(),
+            self.describe()
+        )
+    }
+}
+
+/// The column names of [`COLUMNS`] by index, for faults.
+const COLUMN_NAMES: [&str; 30] = [
+    "id",
+    "name",
+    "instance",
+    "client_id",
+    "labels",
+    "mode",
+    "lifetime_s",
+    "absolute_lifetime_s",
+    "secret_expires_at",
+    "grant_issued_at",
+    "refresh_token_issued_at",
+    "access_expires_at",
+    "deadline",
+    "deadline_source",
+    "next_refresh_at",
+    "last_refresh_at",
+    "last_error",
+    "state",
+    "failures",
+    "failing_since",
+    "outcome_unknown",
+    "client_secret",
+    "refresh_token",
+    "access_token",
+    "token_type",
+    "access_lifetime_s",
+    "claim_owner",
+    "claim_expires_at",
+    "version",
+    "change_seq",
+];
+
+/// A plain value quoted in a fault: short, and printable.
+fn quote(v: rusqlite::types::ValueRef<'_>) -> String {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => "NULL".into(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Text(t) => format!("{:?}", crate::alerts::clip(&String::from_utf8_lossy(t), 40)),
+        ValueRef::Blob(b) => format!("a {}-byte blob", b.len()),
+    }
+}
+
+/// Reads the columns of one row, turning any value that does not decode
+/// into a [`Fault`] naming its column.
+struct Decoder<'a, 'r> {
+    r: &'a Row<'r>,
+    /// Index of the rowid column in this query.
+    rowid_at: usize,
+    /// Column names of this query, by index.
+    names: &'a [&'static str],
+}
+
+impl Decoder<'_, '_> {
+    fn fault(&self, i: usize, reason: String) -> Fault {
+        let id_text = match self.r.get_ref(0) {
+            Ok(rusqlite::types::ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+            Ok(v) => quote(v),
+            Err(_) => String::new(),
+        };
+        Fault {
+            rowid: self.r.get(self.rowid_at).unwrap_or(0),
+            id: Uuid::parse_str(&id_text).ok(),
+            key: id_text,
+            name: self
+                .names
+                .iter()
+                .position(|n| *n == "name")
+                .and_then(|i| self.r.get::<_, String>(i).ok()),
+            column: self.names.get(i).copied().unwrap_or("?"),
+            reason,
+        }
+    }
+
+    fn get<T: rusqlite::types::FromSql>(&self, i: usize) -> Result<T, Fault> {
+        self.r.get(i).map_err(|_| {
+            let v = self.r.get_ref(i).map(quote).unwrap_or_default();
+            self.fault(i, format!("holds {v}, which is not of its type"))
+        })
+    }
+
+    fn text(&self, i: usize) -> Result<&str, Fault> {
+        match self.r.get_ref(i) {
+            Ok(v) => v
+                .as_str()
+                .map_err(|_| self.fault(i, format!("holds {}, which is not text", quote(v)))),
+            Err(_) => Err(self.fault(i, "is missing".into())),
+        }
+    }
+
+    fn parse<T: std::str::FromStr>(&self, i: usize) -> Result<T, Fault> {
+        let s = self.text(i)?;
+        s.parse().map_err(|_| {
+            self.fault(
+                i,
+                format!(
+                    "holds {}, which is not a known value",
+                    quote(rusqlite::types::ValueRef::Text(s.as_bytes()))
+                ),
+            )
+        })
+    }
+
+    fn opt_parse<T: std::str::FromStr>(&self, i: usize) -> Result<Option<T>, Fault> {
+        match self.r.get_ref(i) {
+            Ok(rusqlite::types::ValueRef::Null) => Ok(None),
+            _ => self.parse(i).map(Some),
+        }
+    }
+
+    fn id(&self) -> Result<Uuid, Fault> {
+        self.parse(0)
+    }
+
+    fn seconds(&self, i: usize) -> Result<Duration, Fault> {
+        let s: i64 = self.get(i)?;
+        Ok(Duration::from_secs(s.max(0) as u64))
+    }
+
+    fn opt_seconds(&self, i: usize) -> Result<Option<Duration>, Fault> {
+        let s: Option<i64> = self.get(i)?;
+        Ok(s.map(|s| Duration::from_secs(s.max(0) as u64)))
+    }
+
+    fn time(&self, i: usize) -> Result<Option<Timestamp>, Fault> {
+        Ok(opt_ms(self.get(i)?))
+    }
+
+    fn claim(&self, owner: usize) -> Result<Option<(String, Timestamp)>, Fault> {
+        let o: Option<String> = self.get(owner)?;
+        let e: Option<i64> = self.get(owner + 1)?;
+        Ok(match (o, e) {
             (Some(o), Some(e)) => Some((o, from_ms(e))),
             _ => None,
-        },
-        version: r.get(28)?,
-        change_seq: r.get(29)?,
-    })
+        })
+    }
 }
 
-/// A text column borrowed from the row (no allocation per row).
-fn text<'a>(r: &'a Row<'_>, i: usize) -> rusqlite::Result<&'a str> {
-    r.get_ref(i)?.as_str().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
-    })
-}
-
-/// See [`Store::each_for_planning`].
-fn planning_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
-    let id = text(r, 0)?;
-    let mode = text(r, 2)?;
-    let source = match r.get_ref(10)? {
-        rusqlite::types::ValueRef::Null => None,
-        _ => Some(text(r, 10)?),
+/// Decodes a row of `SELECT {COLUMNS}`; a value that does not decode is a [`Fault`].
+pub(super) fn decode(r: &Row<'_>) -> Result<ConnectionRow, Fault> {
+    let d = Decoder {
+        r,
+        rowid_at: 30,
+        names: &COLUMN_NAMES,
     };
-    let state = text(r, 13)?;
-    let claim_owner: Option<String> = r.get(17)?;
-    let claim_expires: Option<i64> = r.get(18)?;
+    let labels = d.text(4)?;
     Ok(ConnectionRow {
         conn: Connection {
-            id: Uuid::parse_str(id).map_err(|_| bad("connection id", id))?,
+            id: d.id()?,
+            name: d.get(1)?,
+            instance: d.get(2)?,
+            client_id: d.get(3)?,
+            labels: serde_json::from_str(labels)
+                .map_err(|e| d.fault(4, format!("is not a JSON object of strings ({e})")))?,
+            mode: d.parse::<Mode>(5)?,
+            lifetime: d.seconds(6)?,
+            absolute_lifetime: d.opt_seconds(7)?,
+            secret_expires_at: d.time(8)?,
+            grant_issued_at: d.time(9)?,
+            refresh_token_issued_at: d.time(10)?,
+            access_expires_at: d.time(11)?,
+            deadline: d.time(12)?,
+            deadline_source: d.opt_parse::<DeadlineSource>(13)?,
+            next_refresh_at: d.time(14)?,
+            last_refresh_at: d.time(15)?,
+            last_error: d.get(16)?,
+            state: d.parse::<State>(17)?,
+        },
+        failures: d.get::<i64>(18)?.clamp(0, u32::MAX as i64) as u32,
+        failing_since: d.time(19)?,
+        outcome_unknown: d.get::<i64>(20)? != 0,
+        has_client_secret: d.get(21)?,
+        has_refresh_token: d.get(22)?,
+        has_access_token: d.get(23)?,
+        token_type: d.get(24)?,
+        access_lifetime: d.opt_seconds(25)?,
+        claim: d.claim(26)?,
+        version: d.get(28)?,
+        change_seq: d.get(29)?,
+    })
+}
+
+/// [`decode`] for rusqlite's row mappers: a fault becomes a conversion error
+/// carrying its description. Reads that can set a row aside use [`decode`].
+pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<ConnectionRow> {
+    decode(r).map_err(|f| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            f.to_string().into(),
+        )
+    })
+}
+
+/// One row by a `WHERE` clause on a single parameter: `Ok(None)` when no row
+/// matches, [`StoreError::Corrupt`] naming the column when it does not decode.
+fn one_row(
+    db: &rusqlite::Connection,
+    filter: &str,
+    param: &dyn rusqlite::ToSql,
+) -> Result<Option<ConnectionRow>, StoreError> {
+    let mut stmt =
+        db.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE {filter}"))?;
+    let mut rows = stmt.query([param])?;
+    match rows.next()? {
+        None => Ok(None),
+        Some(r) => decode(r)
+            .map(Some)
+            .map_err(|f| StoreError::Corrupt(f.to_string())),
+    }
+}
+
+/// The columns of [`Store::each_for_planning`], by index.
+const PLANNING_NAMES: [&str; 26] = [
+    "id",
+    "instance",
+    "mode",
+    "lifetime_s",
+    "absolute_lifetime_s",
+    "secret_expires_at",
+    "grant_issued_at",
+    "refresh_token_issued_at",
+    "access_expires_at",
+    "deadline",
+    "deadline_source",
+    "next_refresh_at",
+    "last_refresh_at",
+    "state",
+    "failures",
+    "failing_since",
+    "outcome_unknown",
+    "claim_owner",
+    "claim_expires_at",
+    "version",
+    "change_seq",
+    "name",
+    "client_id",
+    "labels",
+    "last_error",
+    "rowid",
+];
+
+/// See [`Store::each_for_planning`]. The checks are those of [`decode`]:
+/// a row that plans also reads whole. Name, client ID, labels and last
+/// error are checked but not kept (borrowed, so a million rows allocate
+/// only their labels' small maps).
+fn planning_row(r: &Row<'_>) -> Result<ConnectionRow, Fault> {
+    let d = Decoder {
+        r,
+        rowid_at: 25,
+        names: &PLANNING_NAMES,
+    };
+    d.text(21)?;
+    d.text(22)?;
+    let labels = d.text(23)?;
+    serde_json::from_str::<BTreeMap<std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>>>(labels)
+        .map_err(|e| d.fault(23, format!("is not a JSON object of strings ({e})")))?;
+    if !matches!(r.get_ref(24), Ok(rusqlite::types::ValueRef::Null)) {
+        d.text(24)?;
+    }
+    Ok(ConnectionRow {
+        conn: Connection {
+            id: d.id()?,
             name: String::new(),
-            instance: r.get(1)?,
+            instance: d.get(1)?,
             client_id: String::new(),
             labels: BTreeMap::new(),
-            mode: mode.parse().map_err(|_| bad("mode", mode))?,
-            lifetime: Duration::from_secs(r.get::<_, i64>(3)?.max(0) as u64),
-            absolute_lifetime: r
-                .get::<_, Option<i64>>(4)?
-                .map(|s| Duration::from_secs(s.max(0) as u64)),
-            secret_expires_at: opt_ms(r.get(5)?),
-            grant_issued_at: opt_ms(r.get(6)?),
-            refresh_token_issued_at: opt_ms(r.get(7)?),
-            access_expires_at: opt_ms(r.get(8)?),
-            deadline: opt_ms(r.get(9)?),
-            deadline_source: source
-                .map(|s| {
-                    s.parse::<DeadlineSource>()
-                        .map_err(|_| bad("deadline_source", s))
-                })
-                .transpose()?,
-            next_refresh_at: opt_ms(r.get(11)?),
-            last_refresh_at: opt_ms(r.get(12)?),
+            mode: d.parse::<Mode>(2)?,
+            lifetime: d.seconds(3)?,
+            absolute_lifetime: d.opt_seconds(4)?,
+            secret_expires_at: d.time(5)?,
+            grant_issued_at: d.time(6)?,
+            refresh_token_issued_at: d.time(7)?,
+            access_expires_at: d.time(8)?,
+            deadline: d.time(9)?,
+            deadline_source: d.opt_parse::<DeadlineSource>(10)?,
+            next_refresh_at: d.time(11)?,
+            last_refresh_at: d.time(12)?,
             last_error: None,
-            state: state.parse::<State>().map_err(|_| bad("state", state))?,
+            state: d.parse::<State>(13)?,
         },
-        failures: r.get::<_, i64>(14)?.clamp(0, u32::MAX as i64) as u32,
-        failing_since: opt_ms(r.get(15)?),
-        outcome_unknown: r.get::<_, i64>(16)? != 0,
+        failures: d.get::<i64>(14)?.clamp(0, u32::MAX as i64) as u32,
+        failing_since: d.time(15)?,
+        outcome_unknown: d.get::<i64>(16)? != 0,
         has_client_secret: false,
         has_refresh_token: false,
         has_access_token: false,
         token_type: None,
         access_lifetime: None,
-        claim: match (claim_owner, claim_expires) {
-            (Some(o), Some(e)) => Some((o, from_ms(e))),
-            _ => None,
-        },
-        version: r.get(19)?,
-        change_seq: r.get(20)?,
+        claim: d.claim(17)?,
+        version: d.get(19)?,
+        change_seq: d.get(20)?,
     })
 }
 
@@ -502,22 +725,16 @@ pub fn set_secret(
     Ok(())
 }
 
-/// Reads one connection by name inside a transaction.
+/// Reads one connection by name inside a transaction; a row that does not
+/// decode is [`StoreError::Corrupt`] naming the column.
 pub fn get_tx(tx: &Transaction<'_>, name: &str) -> Result<ConnectionRow, StoreError> {
-    tx.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM connections WHERE name = ?1"
-    ))?
-    .query_row([name], from_row)
-    .optional()?
-    .ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
+    one_row(tx, "name = ?1", &name)?.ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
 }
 
-/// Reads one connection by id inside a transaction.
+/// Reads one connection by id inside a transaction; a row that does not
+/// decode is [`StoreError::Corrupt`] naming the column.
 pub fn get_by_id_tx(tx: &Transaction<'_>, id: Uuid) -> Result<Option<ConnectionRow>, StoreError> {
-    Ok(tx
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?
-        .query_row([id.to_string()], from_row)
-        .optional()?)
+    one_row(tx, "id = ?1", &id.to_string())
 }
 
 /// Removes a connection, its history and its authorizations.
@@ -538,33 +755,58 @@ pub fn remove(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// One connection by name.
+    /// One connection by name; a row that does not decode is
+    /// [`StoreError::Corrupt`] naming the column.
     pub fn get(&self, name: &str) -> Result<ConnectionRow, StoreError> {
-        self.db
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM connections WHERE name = ?1"
-            ))?
-            .query_row([name], from_row)
-            .optional()?
+        one_row(&self.db, "name = ?1", &name)?
             .ok_or_else(|| StoreError::UnknownConnection(name.to_string()))
     }
 
-    /// One connection by id.
+    /// One connection by id; a row that does not decode is
+    /// [`StoreError::Corrupt`] naming the column.
     pub fn get_by_id(&self, id: Uuid) -> Result<Option<ConnectionRow>, StoreError> {
-        Ok(self
-            .db
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?
-            .query_row([id.to_string()], from_row)
-            .optional()?)
+        one_row(&self.db, "id = ?1", &id.to_string())
     }
 
-    /// Every connection, by name.
+    /// One connection by id, or the fault that keeps it from reading.
+    pub fn read_by_id(&self, id: Uuid) -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
+        let mut stmt = self
+            .db
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?;
+        let mut rows = stmt.query([id.to_string()])?;
+        Ok(rows.next()?.map(decode))
+    }
+
+    /// The row at SQLite rowid `rowid` (how a row whose id does not read is
+    /// looked at again): `None` when it is gone.
+    pub fn row_at(&self, rowid: i64) -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
+        let mut stmt = self.db.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM connections WHERE rowid = ?1"
+        ))?;
+        let mut rows = stmt.query([rowid])?;
+        Ok(rows.next()?.map(decode))
+    }
+
+    /// Every connection that decodes, by name; rows that do not are left
+    /// out (see [`Store::list_with_faults`]).
     pub fn list(&self) -> Result<Vec<ConnectionRow>, StoreError> {
+        Ok(self.list_with_faults()?.0)
+    }
+
+    /// Every connection, by name, and the rows that do not decode.
+    pub fn list_with_faults(&self) -> Result<(Vec<ConnectionRow>, Vec<Fault>), StoreError> {
         let mut stmt = self
             .db
             .prepare(&format!("SELECT {COLUMNS} FROM connections ORDER BY name"))?;
-        let rows = stmt.query_map([], from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = stmt.query([])?;
+        let (mut ok, mut faults) = (Vec::new(), Vec::new());
+        while let Some(r) = rows.next()? {
+            match decode(r) {
+                Ok(row) => ok.push(row),
+                Err(f) => faults.push(f),
+            }
+        }
+        Ok((ok, faults))
     }
 
     /// Every connection's name (what `import` checks new names against).
@@ -589,40 +831,62 @@ impl Store {
     /// empty, and its `has_*` flags false: never save, show or act on one.
     ///
     /// Rows are streamed, so start-up with a million connections holds one
-    /// row at a time, and nothing secret is read.
-    pub fn each_for_planning(&self, mut f: impl FnMut(&ConnectionRow)) -> Result<(), StoreError> {
+    /// row at a time, and nothing secret is read. A row that does not decode
+    /// goes to `faulty` instead, and the pass goes on.
+    pub fn each_for_planning(
+        &self,
+        mut f: impl FnMut(&ConnectionRow),
+        mut faulty: impl FnMut(Fault),
+    ) -> Result<(), StoreError> {
         let mut stmt = self.db.prepare(
             "SELECT id, instance, mode, lifetime_s, absolute_lifetime_s, secret_expires_at,
                 grant_issued_at, refresh_token_issued_at, access_expires_at, deadline,
                 deadline_source, next_refresh_at, last_refresh_at, state, failures,
                 failing_since, outcome_unknown, claim_owner, claim_expires_at, version,
-                change_seq
+                change_seq, name, client_id, labels, last_error, rowid
              FROM connections",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            f(&planning_row(r)?);
+            match planning_row(r) {
+                Ok(row) => f(&row),
+                Err(fault) => faulty(fault),
+            }
         }
         Ok(())
     }
 
-    /// Connections changed and ids removed after change sequence `seq`, and the newest sequence.
+    /// Connections changed and ids removed after change sequence `seq`, and
+    /// the newest sequence; changed rows that do not decode are left out
+    /// (see [`Store::changes_since`]).
     pub fn changed_since(
         &self,
         seq: i64,
     ) -> Result<(Vec<ConnectionRow>, Vec<Uuid>, i64), StoreError> {
+        let c = self.changes_since(seq)?;
+        Ok((c.rows, c.removed, c.newest))
+    }
+
+    /// Everything that changed after change sequence `seq`.
+    pub fn changes_since(&self, seq: i64) -> Result<Changes, StoreError> {
         // One read transaction: the rows, the removals and the newest
         // sequence come from the same snapshot. Read one statement at a
         // time, a change committed between the rows and the sequence would
         // be skipped by the next call and never seen.
         let snapshot = self.db.unchecked_transaction()?;
-        let rows = self
-            .db
-            .prepare_cached(&format!(
+        let (mut rows, mut faults) = (Vec::new(), Vec::new());
+        {
+            let mut stmt = self.db.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM connections WHERE change_seq > ?1"
-            ))?
-            .query_map([seq], from_row)?
-            .collect::<Result<Vec<_>, _>>()?;
+            ))?;
+            let mut q = stmt.query([seq])?;
+            while let Some(r) = q.next()? {
+                match decode(r) {
+                    Ok(row) => rows.push(row),
+                    Err(f) => faults.push(f),
+                }
+            }
+        }
         let removed = self
             .db
             .prepare_cached("SELECT id FROM tombstones WHERE change_seq > ?1")?
@@ -631,7 +895,12 @@ impl Store {
             .collect();
         let newest = self.change_seq()?;
         snapshot.commit()?;
-        Ok((rows, removed, newest))
+        Ok(Changes {
+            rows,
+            faults,
+            removed,
+            newest,
+        })
     }
 
     /// Calls `f` with the id, state and deadline of every connection, streamed,
@@ -647,14 +916,19 @@ impl Store {
             .prepare("SELECT id, state, deadline FROM connections")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let id: String = r.get(0)?;
-            let state: String = r.get(1)?;
-            let id = Uuid::parse_str(&id)
-                .map_err(|_| StoreError::Corrupt(format!("connection id {id}")))?;
-            let state = state
-                .parse::<State>()
-                .map_err(|_| StoreError::Corrupt(format!("state {state}")))?;
-            f(id, state, r.get::<_, Option<i64>>(2)?.map(from_ms));
+            // A row that does not read is set aside by the scheduler and
+            // reported through its alert; the tally counts the others.
+            let (Ok(id), Ok(state), Ok(deadline)) = (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, Option<i64>>(2),
+            ) else {
+                continue;
+            };
+            let (Ok(id), Ok(state)) = (Uuid::parse_str(&id), state.parse::<State>()) else {
+                continue;
+            };
+            f(id, state, deadline.map(from_ms));
         }
         drop(rows);
         drop(stmt);
@@ -752,6 +1026,31 @@ impl Store {
     }
 }
 
+/// What [`Store::changes_since`] found.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Changed rows that decode.
+    pub rows: Vec<ConnectionRow>,
+    /// Changed rows that do not.
+    pub faults: Vec<Fault>,
+    /// Ids removed.
+    pub removed: Vec<Uuid>,
+    /// The change sequence this was read at.
+    pub newest: i64,
+}
+
+/// The rows of a `SELECT {COLUMNS}` that decode (the status lists: a row
+/// that does not is reported through its `connection_faulty` alert).
+fn decoded(mut q: rusqlite::Rows<'_>) -> Result<Vec<ConnectionRow>, StoreError> {
+    let mut out = Vec::new();
+    while let Some(r) = q.next()? {
+        if let Ok(row) = decode(r) {
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
 impl Store {
     /// Connections a human must act on, most urgent deadline first, and how many there are.
     pub fn needing_action(&self, limit: usize) -> Result<(Vec<ConnectionRow>, u64), StoreError> {
@@ -765,10 +1064,7 @@ impl Store {
             "SELECT {COLUMNS} FROM connections WHERE {filter}
              ORDER BY deadline IS NULL, deadline, name LIMIT ?1"
         ))?;
-        let rows = stmt
-            .query_map([limit as i64], from_row)?
-            .collect::<Result<_, _>>()?;
-        Ok((rows, total as u64))
+        Ok((decoded(stmt.query([limit as i64])?)?, total as u64))
     }
 
     /// The nearest deadlines of connections that are refreshed automatically.
@@ -777,10 +1073,7 @@ impl Store {
             "SELECT {COLUMNS} FROM connections WHERE state IN ('active', 'retrying')
              AND deadline IS NOT NULL ORDER BY deadline LIMIT ?1"
         ))?;
-        let rows = stmt
-            .query_map([limit as i64], from_row)?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        decoded(stmt.query([limit as i64])?)
     }
 }
 
