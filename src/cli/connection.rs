@@ -230,8 +230,8 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 }
                 if row.conn.state == State::NeedsSecret {
                     planning::resume(&mut row, &policy, now);
-                } else if row.conn.state.is_scheduled() {
-                    // Proven at once, not at the next planned refresh.
+                } else if row.conn.state.is_scheduled() && crate::daemon::running(&ctx.config) {
+                    // Proven at once by the daemon, not at the next planned refresh.
                     row.conn.next_refresh_at = Some(now);
                 }
                 connections::put(tx, &row)?;

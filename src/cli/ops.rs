@@ -138,41 +138,38 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     }
 }
 
-/// After `set-secret`: one refresh at once proves the new secret. With the
-/// daemon running, its scheduler does it (the secret's save made the
-/// connection due) and this waits for the outcome in the store; without
-/// it, the refresh runs here. A secret the instance refuses again is
-/// reported now, with exit 1, not later through the chat.
+/// After `set-secret` with the daemon running: its scheduler refreshes the
+/// connection at once (the secret's save made it due), and this waits for
+/// the outcome in the store. A secret the instance refuses again is reported
+/// now, with a non-zero exit, not later through the chat. Without a daemon
+/// the command stays offline, like `connection add`: the next start proves it.
 pub async fn prove_secret(
     ctx: &Ctx,
     row: &crate::store::connections::ConnectionRow,
     stored_at: crate::model::Timestamp,
 ) -> anyhow::Result<i32> {
     let name = row.conn.name.clone();
-    let report = if daemon::running(&ctx.config) {
-        let st = ctx.open_store(crate::store::Create::No)?;
-        let give_up = tokio::time::Instant::now() + api_timeout(ctx);
-        loop {
-            let now = st.get(&name)?;
-            // `row` is as read before the secret's save (+1); a claim (+1)
-            // and its outcome (+1) follow.
-            let tried = now.version >= row.version + 3
-                || now.conn.last_refresh_at.is_some_and(|t| t >= stored_at);
-            if tried && now.claim.is_none() {
-                break Some(now);
-            }
-            if tokio::time::Instant::now() >= give_up {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    if !daemon::running(&ctx.config) {
+        if let Some(t) = row.conn.next_refresh_at {
+            println!("next refresh {}", fmt_time(t));
         }
-    } else {
-        let engine = local_engine(ctx)?;
-        let r = engine.refresh(row.conn.id, Trigger::OnDemand).await;
-        settle(&engine).await?;
-        r?;
-        let n = name.clone();
-        Some(crate::renewal::engine::with_store(engine.store(), move |st| st.get(&n)).await?)
+        return Ok(0);
+    }
+    let st = ctx.open_store(crate::store::Create::No)?;
+    let give_up = tokio::time::Instant::now() + api_timeout(ctx);
+    let report = loop {
+        let now = st.get(&name)?;
+        // `row` is as read before the secret's save (+1); a claim (+1)
+        // and its outcome (+1) follow.
+        let tried = now.version >= row.version + 3
+            || now.conn.last_refresh_at.is_some_and(|t| t >= stored_at);
+        if tried && now.claim.is_none() {
+            break Some(now);
+        }
+        if tokio::time::Instant::now() >= give_up {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let Some(now) = report else {
         println!(
@@ -187,6 +184,14 @@ pub async fn prove_secret(
         ),
         crate::model::State::Active => {
             println!("the new secret works: refreshed (state active)");
+            Ok(0)
+        }
+        crate::model::State::Retrying => {
+            // Not a verdict on the secret: the instance did not answer.
+            println!(
+                "the new secret could not be proven yet ({}); it is tried again",
+                now.conn.last_error.as_deref().unwrap_or("")
+            );
             Ok(0)
         }
         s => {
