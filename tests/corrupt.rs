@@ -175,6 +175,21 @@ async fn damaged(sql: &str, column: &str, unreadable: bool) {
     assert_eq!(set_aside, 1, "{logs}");
     assert!(rig.sim.token_requests(SITE) > GOOD.len() as u64);
     assert!(!logs.contains(SECRET), "a secret leaked into the log");
+
+    // Asked for by name, the API says what to do (409), not 500.
+    let one = api(&rig.socket(), "GET", "/v1/connections/bad/token").await;
+    if one.status != 200 {
+        assert_eq!(one.status, 409, "{}", String::from_utf8_lossy(&one.body));
+    }
+    // An operator can remove it, damaged or not; it is then gone everywhere.
+    rig.cli(&["connection", "remove", "bad", "--yes"], None)
+        .await
+        .ok();
+    let status = rig.cli(&["status", "--json"], None).await;
+    let s: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(s["set_aside"].as_array().unwrap().is_empty(), "{s:#}");
+    let list = json(&api(&rig.socket(), "GET", "/v1/connections").await);
+    assert_eq!(list.as_array().unwrap().len(), GOOD.len(), "{list:#}");
 }
 
 #[tokio::test]

@@ -332,7 +332,14 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
         }
         ConnectionCommand::Remove { name, yes } => {
             let mut st = ctx.open_store(Create::No)?;
-            let row = st.get(&name)?;
+            let row = match st.get(&name) {
+                Ok(row) => row,
+                // A damaged row can still be removed (nothing can refresh it).
+                Err(crate::store::StoreError::Corrupt(why)) => {
+                    return remove_unreadable(&mut st, &name, yes, &why, now);
+                }
+                Err(e) => return Err(e.into()),
+            };
             if !yes {
                 if !std::io::stdin().is_terminal() {
                     anyhow::bail!(
@@ -392,6 +399,33 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
         }
         ConnectionCommand::Refresh { name } => super::ops::refresh(&ctx, &name).await,
     }
+}
+
+/// `remove NAME` for a row that does not read.
+fn remove_unreadable(
+    st: &mut Store,
+    name: &str,
+    yes: bool,
+    why: &str,
+    now: crate::model::Timestamp,
+) -> anyhow::Result<i32> {
+    eprintln!("warning: the row of `{name}` does not read ({why})");
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("refusing to remove `{name}` without --yes when stdin is not a terminal");
+        }
+        if !confirm(&format!(
+            "remove connection `{name}` and whatever refresh token it holds? The customer will have to authorize again to add it back."
+        )) {
+            eprintln!("not removed");
+            return Ok(1);
+        }
+    }
+    if !st.write(|tx, _| connections::remove_unreadable(tx, name, now))? {
+        return Err(crate::store::StoreError::UnknownConnection(name.to_string()).into());
+    }
+    println!("removed connection {name}");
+    Ok(0)
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -39,6 +39,14 @@ fn from_store(e: StoreError) -> Response {
     match e {
         StoreError::UnknownConnection(_) => error(StatusCode::NOT_FOUND, e.to_string()),
         StoreError::Busy => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        // A damaged row or a value that does not open: the connection is set
+        // aside until a human repairs or removes it, not a server failure.
+        StoreError::Corrupt(_) | StoreError::Crypto(_) => error(
+            StatusCode::CONFLICT,
+            format!(
+                "{e}; the connection is set aside: repair it or remove it (acutoken connection remove NAME)"
+            ),
+        ),
         other => error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     }
 }

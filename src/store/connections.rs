@@ -754,6 +754,42 @@ pub fn remove(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Removes the connection named `name` whose row does not read (hand-edited
+/// or damaged), with its history and authorizations, and resolves the
+/// `connection_faulty` alert filed under it. Returns whether a row went.
+pub fn remove_unreadable(
+    tx: &Transaction<'_>,
+    name: &str,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let key: Option<String> = tx
+        .query_row(
+            "SELECT CAST(id AS TEXT) FROM connections WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(key) = key else {
+        return Ok(false);
+    };
+    let seq = next_seq(tx)?;
+    tx.execute("DELETE FROM connections WHERE name = ?1", [name])?;
+    tx.execute("DELETE FROM events WHERE connection_id = ?1", [&key])?;
+    tx.execute(
+        "DELETE FROM authorizations WHERE connection_id = ?1",
+        [&key],
+    )?;
+    if let Ok(id) = Uuid::parse_str(&key) {
+        super::alerts::remove_connection(tx, id, now)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO tombstones (id, change_seq) VALUES (?1, ?2)",
+            params![id.to_string(), seq],
+        )?;
+    }
+    super::alerts::resolve_faulty(tx, &key, now)?;
+    Ok(true)
+}
+
 impl Store {
     /// One connection by name; a row that does not decode is
     /// [`StoreError::Corrupt`] naming the column.
