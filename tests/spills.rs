@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use acutoken::model::State;
-use support_daemon::{CLIENT, Opts, Rig, SITE, Sink, eventually};
+use support_daemon::{CLIENT, Opts, Rig, SITE, Sink, WAIT, eventually};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn spill_files(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
@@ -208,20 +209,27 @@ async fn key_rotate_waits_for_a_refresh_in_flight_and_loses_nothing() {
         rig.sim.in_flight(SITE) == 1
     })
     .await;
-    let r = rig.clone();
-    let key = new_key.clone();
-    let rotate = tokio::spawn(async move {
-        r.cli(
-            &["key", "rotate", "--new-key-file", key.to_str().unwrap()],
-            None,
-        )
+    let mut rotate = rig.spawn_cli(&["key", "rotate", "--new-key-file", new_key.to_str().unwrap()]);
+    // The rotation must not run under the request: it says it waits (a
+    // rotation that did not wait would have finished by now).
+    let mut err = BufReader::new(rotate.stderr.take().unwrap()).lines();
+    let said = tokio::time::timeout(WAIT, err.next_line())
         .await
-    });
+        .expect("key rotate says it waits, or ends")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        said.contains("waiting for the refresh of `acme` in flight"),
+        "{said}"
+    );
     rig.sim.release_token_requests();
     let out = refresh.await.unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
-    let out = rotate.await.unwrap();
-    assert_eq!(out.code, Some(0), "{out:?}");
+    let status = tokio::time::timeout(WAIT, rotate.wait())
+        .await
+        .expect("key rotate ends once the refresh is saved")
+        .unwrap();
+    assert!(status.success());
 
     std::fs::copy(&new_key, rig.path("acutoken.key")).unwrap();
     let stored = rig.stored_refresh_token("acme").unwrap();

@@ -134,6 +134,7 @@ fn wait_for_refreshes(
     patience: std::time::Duration,
 ) -> anyhow::Result<()> {
     let give_up = std::time::Instant::now() + patience;
+    let mut told = false;
     loop {
         let now = crate::clock::Clock::now(&crate::clock::SystemClock);
         let live = st
@@ -148,6 +149,13 @@ fn wait_for_refreshes(
                 "`{name}` is being refreshed by {}; nothing was rotated: run the command again in a minute",
                 crate::store::claims::Owner::describe(&holder)
             );
+        }
+        if !told {
+            eprintln!(
+                "waiting for the refresh of `{name}` in flight ({}) to finish",
+                crate::store::claims::Owner::describe(&holder)
+            );
+            told = true;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
