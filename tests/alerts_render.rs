@@ -382,10 +382,10 @@ fn every_chat_channel_carries_the_whole_link() {
         let chat = render::google_chat(&msg);
         let text = chat["text"].as_str().unwrap();
         assert!(text.chars().count() <= 4096);
-        let buttons = chat["cardsV2"][0]["card"]["sections"][0]["widgets"][0]["buttonList"]
-            ["buttons"]
-            .as_array()
-            .unwrap();
+        let buttons =
+            chat["cardsV2"][0]["card"]["sections"][0]["widgets"][0]["buttonList"]["buttons"]
+                .as_array()
+                .unwrap();
         assert_eq!(buttons.len(), names.len());
         for (b, name) in buttons.iter().zip(&names) {
             assert_eq!(b["onClick"]["openLink"]["url"], link_url(name));

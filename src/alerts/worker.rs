@@ -357,7 +357,9 @@ fn backoff(a: &AlertsConfig, failures: u32, retry_after: Option<Duration>) -> Du
 fn alert_links(cfg: &Config) -> Option<AlertLinks> {
     AlertLinks::from_config(cfg)
         .inspect_err(|e| {
-            tracing::error!("alerts cannot open authorization links (open ones are still sent): {e}")
+            tracing::error!(
+                "alerts cannot open authorization links (open ones are still sent): {e}"
+            )
         })
         .ok()
 }

@@ -227,7 +227,10 @@ pub fn link_for_alert(
             fmt_time(expires_at)
         ),
     )?;
-    Ok(AlertLink::Open(authorizations::Authorization { url, expires_at }))
+    Ok(AlertLink::Open(authorizations::Authorization {
+        url,
+        expires_at,
+    }))
 }
 
 /// How a callback ended; each maps to a page (DESIGN §7).
@@ -460,5 +463,187 @@ pub async fn cli_complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyhow::
         Completion::Disabled { name } => anyhow::bail!(
             "`{name}` is disabled, so this authorization was refused and nothing changed: run `acutoken connection enable {name}`, then `acutoken connection authorize {name}` and send the new link"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertKind;
+    use crate::config::Config;
+    use crate::crypto::{Key, Keyring};
+    use crate::model::{Connection, Mode};
+    use crate::store::{Create, NewConnection, Store};
+    use uuid::Uuid;
+
+    fn store(dir: &tempfile::TempDir, state: State, mode: Mode) -> (Store, Uuid) {
+        let now = chrono::Utc::now();
+        let mut st = Store::open(
+            &dir.path().join("acutoken.db"),
+            Keyring::new(Key::generate(), vec![]),
+            Create::Yes,
+        )
+        .unwrap();
+        let id = Uuid::new_v4();
+        let conn = Connection {
+            id,
+            name: "acme".into(),
+            instance: "erp.example.com".into(),
+            client_id: "client@Company".into(),
+            labels: Default::default(),
+            mode,
+            lifetime: Duration::from_secs(30 * 86_400),
+            absolute_lifetime: None,
+            secret_expires_at: None,
+            grant_issued_at: Some(now),
+            refresh_token_issued_at: Some(now),
+            access_expires_at: None,
+            deadline: None,
+            deadline_source: None,
+            next_refresh_at: None,
+            last_refresh_at: None,
+            last_error: None,
+            state,
+        };
+        st.write(|tx, kr| {
+            let new = NewConnection {
+                conn,
+                client_secret: None,
+                refresh_token: None,
+            };
+            connections::insert(tx, kr, &new, now)
+        })
+        .unwrap();
+        (st, id)
+    }
+
+    fn links(redirect: Option<&str>) -> AlertLinks {
+        let mut c = Config::default();
+        c.acumatica.redirect_uri = redirect.map(str::to_string);
+        AlertLinks::from_config(&c).unwrap()
+    }
+
+    fn link(st: &mut Store, l: Option<&AlertLinks>, kind: AlertKind, id: Uuid) -> AlertLink {
+        let now = chrono::Utc::now();
+        st.write(|tx, kr| link_for_alert(tx, kr, l, kind, id, now))
+            .unwrap()
+    }
+
+    fn count(st: &Store) -> i64 {
+        st.db()
+            .query_row("SELECT COUNT(*) FROM authorizations", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    const CB: &str = "https://cb.example.com/cb";
+
+    #[test]
+    fn reauthorization_opens_one_link_and_reuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut st, id) = store(&dir, State::NeedsReauthorization, Mode::Absolute);
+        let l = links(Some(CB));
+        let AlertLink::Open(first) = link(&mut st, Some(&l), AlertKind::NeedsReauthorization, id)
+        else {
+            panic!("no link opened");
+        };
+        assert!(
+            first
+                .url
+                .expose()
+                .starts_with("https://erp.example.com/identity/connect/authorize?")
+        );
+        let days = (first.expires_at - chrono::Utc::now()).num_days();
+        assert!((13..=14).contains(&days), "valid for callback.state_ttl");
+        let url = |l: AlertLink| match l {
+            AlertLink::Open(a) => a.url.expose().to_string(),
+            other => panic!("{other:?}"),
+        };
+        let again = link(&mut st, Some(&l), AlertKind::NeedsReauthorization, id);
+        assert_eq!(url(again), first.url.expose(), "reused");
+        // Without the settings (no token client), an open link is still sent.
+        let again = link(&mut st, None, AlertKind::NeedsReauthorization, id);
+        assert_eq!(url(again), first.url.expose());
+        assert_eq!(count(&st), 1);
+    }
+
+    #[test]
+    fn only_when_the_customer_must_act_and_never_for_a_disabled_connection() {
+        let l = links(Some(CB));
+        let cases = [
+            (
+                State::Active,
+                Mode::Absolute,
+                AlertKind::ExpiryApproaching,
+                true,
+            ),
+            (
+                State::Retrying,
+                Mode::Absolute,
+                AlertKind::ExpiryApproaching,
+                true,
+            ),
+            (
+                State::Active,
+                Mode::Sliding,
+                AlertKind::ExpiryApproaching,
+                false,
+            ),
+            (
+                State::Active,
+                Mode::Absolute,
+                AlertKind::NeedsReauthorization,
+                false,
+            ),
+            (
+                State::NeedsSecret,
+                Mode::Absolute,
+                AlertKind::NeedsSecret,
+                false,
+            ),
+            (
+                State::Disabled,
+                Mode::Absolute,
+                AlertKind::NeedsReauthorization,
+                false,
+            ),
+            (
+                State::Disabled,
+                Mode::Absolute,
+                AlertKind::ExpiryApproaching,
+                false,
+            ),
+        ];
+        for (state, mode, kind, opens) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut st, id) = store(&dir, state, mode);
+            let got = link(&mut st, Some(&l), kind, id);
+            assert_eq!(
+                matches!(got, AlertLink::Open(_)),
+                opens,
+                "{state} {mode} {kind}: {got:?}"
+            );
+            assert_eq!(count(&st), i64::from(opens));
+        }
+    }
+
+    #[test]
+    fn without_a_redirect_uri_nothing_is_opened_and_the_alert_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut st, id) = store(&dir, State::NeedsReauthorization, Mode::Absolute);
+        let got = link(
+            &mut st,
+            Some(&links(None)),
+            AlertKind::NeedsReauthorization,
+            id,
+        );
+        assert_eq!(got, AlertLink::NoRedirectUri);
+        assert_eq!(count(&st), 0);
+        let gone = link(
+            &mut st,
+            Some(&links(Some(CB))),
+            AlertKind::NeedsReauthorization,
+            Uuid::new_v4(),
+        );
+        assert_eq!(gone, AlertLink::None, "a removed connection");
     }
 }
