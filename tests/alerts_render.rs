@@ -6,6 +6,8 @@ use acutoken::alerts::render::{self, Message, Notice, embed_chars};
 use acutoken::alerts::{AlertFacts, AlertKind, Status};
 use acutoken::config::ChannelKind;
 use acutoken::model::{Severity, State};
+use acutoken::secret::Secret;
+use acutoken::store::authorizations::Authorization;
 use chrono::TimeZone;
 
 fn now() -> acutoken::model::Timestamp {
@@ -37,6 +39,7 @@ fn notice(name: &str, error_len: usize, status: Status) -> Notice {
         id: render::notice_id(name, 1, status, 0),
         status,
         facts: facts(name, error_len),
+        link: None,
     }
 }
 
@@ -217,6 +220,7 @@ fn every_channel_renders_every_kind() {
                     id: "x".into(),
                     status,
                     facts: f.clone(),
+                    link: None,
                 }],
                 10,
                 now(),
@@ -237,6 +241,7 @@ fn every_channel_renders_every_kind() {
             id: "t".into(),
             status: Status::Firing,
             facts: AlertFacts::test(),
+            link: None,
         }],
         10,
         now(),
@@ -244,4 +249,155 @@ fn every_channel_renders_every_kind() {
     let g = render::generic(&test);
     assert_eq!(g["connection"], "-");
     assert_eq!(g["severity"], "info");
+}
+
+/// An authorization link as the simulator's would look: long, with `&`s.
+fn link_url(name: &str) -> String {
+    format!(
+        "https://{name}.acumatica.com/ERP/identity/connect/authorize?response_type=code&client_id=88358B02-A48D-A50E-F710-39C1636C30F6%40My+Company&redirect_uri=https%3A%2F%2Fconnect.example.com%2Fcb&scope=api+offline_access&state=STATE-{name}-0123456789abcdefghijklmnopqrstuvwxyzABC&code_challenge=CHALLENGE0123456789abcdefghijklmnopqrstuvwxyzAB&code_challenge_method=S256"
+    )
+}
+
+/// A `needs_reauthorization` alert about `name`, with its open link.
+fn linked(name: &str, error_len: usize, status: Status) -> Notice {
+    let mut f = facts(name, error_len);
+    f.kind = AlertKind::NeedsReauthorization;
+    f.state = Some(State::NeedsReauthorization);
+    f.action = format!(
+        "the customer must re-authorize: run `acutoken connection authorize {name}` and send the customer the link it prints"
+    );
+    Notice {
+        id: render::notice_id(name, 1, status, 0),
+        status,
+        facts: f,
+        link: Some(Authorization {
+            url: Secret::new(link_url(name)),
+            expires_at: chrono::Utc.with_ymd_and_hms(2026, 3, 15, 8, 0, 0).unwrap(),
+        }),
+    }
+}
+
+fn linked_group(n: usize, max: usize) -> Message {
+    let notices = (0..n)
+        .map(|i| {
+            linked(
+                &format!("conn-{i:04}-{}", "n".repeat(100)),
+                10_000,
+                Status::Firing,
+            )
+        })
+        .collect();
+    Message::new(notices, max, now())
+}
+
+#[test]
+fn generic_carries_authorization_url_only_while_the_customer_must_act() {
+    let one = render::generic(&Message::new(
+        vec![linked("acme", 10, Status::Firing)],
+        10,
+        now(),
+    ));
+    assert_eq!(one["authorization_url"], link_url("acme"));
+    let action = one["action"].as_str().unwrap();
+    assert!(action.contains(&link_url("acme")), "{action}");
+    assert!(action.contains("2026-03-15T08:00:00Z"), "says until when");
+    assert!(
+        !action.contains("acutoken connection authorize"),
+        "the link replaces the command: {action}"
+    );
+
+    let resolved = render::generic(&Message::new(
+        vec![linked("acme", 10, Status::Resolved)],
+        10,
+        now(),
+    ));
+    assert!(resolved.get("authorization_url").is_none(), "{resolved}");
+    assert!(!resolved.to_string().contains("STATE-acme"));
+
+    let none = render::generic(&single("acme", 10));
+    assert!(none.get("authorization_url").is_none(), "absent, not null");
+
+    let g = render::generic(&linked_group(12, 10));
+    for a in g["alerts"].as_array().unwrap() {
+        let name = a["connection"].as_str().unwrap();
+        assert_eq!(a["authorization_url"], link_url(name));
+    }
+}
+
+#[test]
+fn every_chat_channel_carries_the_whole_link() {
+    for msg in [
+        Message::new(vec![linked("acme", 10, Status::Firing)], 10, now()),
+        linked_group(30, 10),
+    ] {
+        let names: Vec<String> = msg
+            .notices
+            .iter()
+            .map(|n| n.facts.connection.clone())
+            .collect();
+
+        // Slack: a button beside each alert's text, and the link in the text.
+        let slack = render::slack(&msg);
+        let buttons: Vec<&serde_json::Value> = slack["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b.get("accessory"))
+            .collect();
+        assert_eq!(buttons.len(), names.len());
+        for (b, name) in buttons.iter().zip(&names) {
+            assert_eq!(b["type"], "button");
+            assert_eq!(b["url"], link_url(name));
+            assert!(chars(&b["text"]["text"]) > 0);
+        }
+        assert!(slack["blocks"].as_array().unwrap().len() <= 50);
+
+        // Teams: an Action.OpenUrl under each alert.
+        let teams = render::teams(&msg);
+        let opens: Vec<serde_json::Value> = teams["attachments"][0]["content"]["body"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["items"].as_array().cloned().unwrap_or_default())
+            .filter(|i| i["type"] == "ActionSet")
+            .map(|i| i["actions"][0].clone())
+            .collect();
+        assert_eq!(opens.len(), names.len());
+        for (o, name) in opens.iter().zip(&names) {
+            assert_eq!(o["type"], "Action.OpenUrl");
+            assert_eq!(o["url"], link_url(name));
+        }
+        let text = teams.to_string();
+        assert!(text.len() < 28_000);
+
+        // Discord: each embed's title links to it, within every limit.
+        let discord = render::discord(&msg);
+        for (e, name) in discord["embeds"].as_array().unwrap().iter().zip(&names) {
+            assert_eq!(e["url"], link_url(name));
+        }
+        assert!(embed_chars(&discord) <= render::MAX_TOTAL);
+
+        // Google Chat: a button per link on a card; the text holds each
+        // link whole or points at its button, never a cut link.
+        let chat = render::google_chat(&msg);
+        let text = chat["text"].as_str().unwrap();
+        assert!(text.chars().count() <= 4096);
+        let buttons =
+            chat["cardsV2"][0]["card"]["sections"][0]["widgets"][0]["buttonList"]["buttons"]
+                .as_array()
+                .unwrap();
+        assert_eq!(buttons.len(), names.len());
+        for (b, name) in buttons.iter().zip(&names) {
+            assert_eq!(b["onClick"]["openLink"]["url"], link_url(name));
+        }
+        for line in text.lines().filter(|l| l.contains("identity/connect")) {
+            assert!(
+                names.iter().any(|n| line.contains(&link_url(n))),
+                "a cut link: {line}"
+            );
+        }
+        if names.len() == 1 {
+            assert!(text.contains(&link_url("acme")), "{text}");
+        }
+    }
 }

@@ -248,6 +248,7 @@ async fn send_to_all(config: &Config, facts: &AlertFacts) -> Vec<ChannelResult> 
         id: uuid::Uuid::new_v4().to_string(),
         status: Status::Firing,
         facts: facts.clone(),
+        link: None,
     };
     let msg = Message::new(vec![notice], 1, now);
     let channels: Vec<WebhookConfig> = config

@@ -17,8 +17,9 @@
 //!    its firing went out is simply never sent.
 //!
 //! No alert, outbox row or log line carries a secret, a token or a webhook
-//! URL. The one link an alert may carry, the open authorization link, is read
-//! from the store at delivery time and exists only in the outgoing body.
+//! URL. The one link an alert may carry, the authorization link of an alert
+//! that needs the customer, is read from the store (or opened there, when
+//! none is open) at delivery time and exists only in the outgoing body.
 
 pub mod digest;
 pub mod evaluate;
@@ -114,8 +115,11 @@ impl AlertKind {
         }
     }
 
-    /// True when the next step is the customer re-authorizing, so the
-    /// message carries the open authorization link (read at delivery time).
+    /// True when the next step may be the customer re-authorizing, so the
+    /// message carries the open authorization link, read at delivery time
+    /// (and opened then for `needs_reauthorization`, and for
+    /// `expiry_approaching` in absolute mode: see
+    /// [`link_for_alert`](crate::renewal::authorize::link_for_alert)).
     pub fn carries_link(self) -> bool {
         matches!(
             self,

@@ -70,8 +70,8 @@ pub(crate) fn needs_secret(row: &ConnectionRow, deadline: Option<Timestamp>) -> 
     f
 }
 
-/// The re-authorization step without a link; the worker swaps in the open
-/// link at delivery time (see [`with_link`]).
+/// The re-authorization step without a link; messages swap in the open
+/// link at delivery time (see [`with_link`] and [`without_redirect_uri`]).
 pub(crate) fn authorize_step(name: &str) -> String {
     format!("run `acutoken connection authorize {name}` and send the customer the link it prints")
 }
@@ -198,5 +198,19 @@ pub(crate) fn with_link(facts: &AlertFacts, link: &str, expires: Timestamp) -> S
         facts.action.replace(&step, &linked)
     } else {
         format!("{} ({linked})", facts.action)
+    }
+}
+
+/// The action when the customer must act but no link could be opened
+/// because no redirect URI is configured: what to set, then what to run.
+pub(crate) fn without_redirect_uri(facts: &AlertFacts) -> String {
+    let step = authorize_step(&facts.connection);
+    let instead = format!(
+        "no redirect URI is configured (acumatica.redirect_uri), so no authorization link could be opened: set it, then {step}"
+    );
+    if facts.action.contains(&step) {
+        facts.action.replace(&step, &instead)
+    } else {
+        format!("{} ({instead})", facts.action)
     }
 }

@@ -25,7 +25,9 @@ use super::{AlertKind, Status, Wake, evaluate, text};
 use crate::clock::SharedClock;
 use crate::config::{AlertsConfig, ChannelKind, Config, WebhookConfig};
 use crate::model::Timestamp;
+use crate::renewal::authorize::{AlertLink, AlertLinks, link_for_alert};
 use crate::store::alerts::{self as outbox, Accepted, Due};
+use crate::store::authorizations::Authorization;
 use crate::store::{Store, StoreError, connections};
 
 /// The longest the worker sleeps without looking at the clock and the outbox.
@@ -218,9 +220,10 @@ enum Plan {
 
 /// Picks the group that is ready for `w` at `now`, if any.
 fn plan(
-    store: &Store,
+    store: &mut Store,
     w: &WebhookConfig,
     a: &AlertsConfig,
+    links: Option<&AlertLinks>,
     now: Timestamp,
 ) -> Result<Plan, StoreError> {
     let db = store.db();
@@ -275,13 +278,15 @@ fn plan(
     let mut accepted = Vec::with_capacity(items.len());
     for (i, d) in items.into_iter().enumerate() {
         let mut facts = d.facts;
+        let mut link = None;
         if i < listed && d.status == Status::Firing && facts.kind.carries_link() {
-            add_link(store, &mut facts, now);
+            link = add_link(store, links, &mut facts, now);
         }
         notices.push(Notice {
             id: notice_id(&d.alert_id, d.revision, d.status, d.sends),
             status: d.status,
             facts,
+            link,
         });
         accepted.push(Accepted {
             alert_id: d.alert_id,
@@ -299,19 +304,33 @@ fn plan(
     }))
 }
 
-/// Puts the open authorization link into the action, read now so that the
-/// outbox never holds it.
-fn add_link(store: &Store, facts: &mut super::AlertFacts, now: Timestamp) {
-    let Some(id) = facts.connection_id else {
-        return;
-    };
-    match store.open_authorization(id, now) {
-        Ok(Some(auth)) => facts.action = text::with_link(facts, auth.url.expose(), auth.expires_at),
-        Ok(None) => {}
-        Err(e) => tracing::warn!(
-            connection = facts.connection.as_str(),
-            "cannot read the open authorization link for the alert (the command is sent instead): {e}"
-        ),
+/// The authorization link an alert that needs the customer carries: the
+/// open one, else one opened now (DESIGN §8). Read or opened at delivery
+/// time, so the outbox never holds it, a repeat after a link timed out
+/// carries a working one, and no link is opened that nobody is sent.
+/// Without a redirect URI the action says why there is no link instead.
+fn add_link(
+    store: &mut Store,
+    links: Option<&AlertLinks>,
+    facts: &mut super::AlertFacts,
+    now: Timestamp,
+) -> Option<Authorization> {
+    let id = facts.connection_id?;
+    let kind = facts.kind;
+    match store.write(|tx, kr| link_for_alert(tx, kr, links, kind, id, now)) {
+        Ok(AlertLink::Open(auth)) => Some(auth),
+        Ok(AlertLink::NoRedirectUri) => {
+            facts.action = text::without_redirect_uri(facts);
+            None
+        }
+        Ok(AlertLink::None) => None,
+        Err(e) => {
+            tracing::warn!(
+                connection = facts.connection.as_str(),
+                "cannot read or open the authorization link for the alert (the command is sent instead): {e}"
+            );
+            None
+        }
     }
 }
 
@@ -331,6 +350,18 @@ fn backoff(a: &AlertsConfig, failures: u32, retry_after: Option<Duration>) -> Du
         Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
         None => jittered,
     }
+}
+
+/// What opening links for alerts needs from `cfg`; `None` (logged) when
+/// its token client cannot be built, and then open links are still sent.
+fn alert_links(cfg: &Config) -> Option<AlertLinks> {
+    AlertLinks::from_config(cfg)
+        .inspect_err(|e| {
+            tracing::error!(
+                "alerts cannot open authorization links (open ones are still sent): {e}"
+            )
+        })
+        .ok()
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -404,6 +435,7 @@ pub async fn run(
     let http_client = http::client()?;
     let store: Shared = Arc::new(Mutex::new(store));
     let mut cfg = config.borrow_and_update().clone();
+    let mut links = alert_links(&cfg);
     {
         let (c, now) = (cfg.clone(), clock.now());
         match with_store(&store, move |s| reconcile(s, &c, now)).await? {
@@ -424,6 +456,7 @@ pub async fn run(
         let now = clock.now();
         let plans = {
             let c = cfg.clone();
+            let l = links.clone();
             let busy: HashSet<String> = in_flight.values().cloned().collect();
             let sync = !channels_synced;
             with_store(&store, move |s| -> Result<Vec<Plan>, StoreError> {
@@ -438,7 +471,7 @@ pub async fn run(
                 a.webhooks
                     .iter()
                     .filter(|w| !busy.contains(&w.name))
-                    .map(|w| plan(s, w, a, now))
+                    .map(|w| plan(s, w, a, l.as_ref(), now))
                     .collect()
             })
             .await?
@@ -501,6 +534,7 @@ pub async fn run(
             changed = config.changed(), if config_open => {
                 if changed.is_ok() {
                     cfg = config.borrow_and_update().clone();
+                    links = alert_links(&cfg);
                     channels_synced = false;
                 } else {
                     config_open = false;

@@ -46,6 +46,28 @@ pub enum LinkError {
     Store(#[from] StoreError),
 }
 
+/// A link not stored yet: the URL the customer opens, and what the store
+/// keeps to complete it (the state only as its hash).
+struct NewLink {
+    url: Secret,
+    state_hash: String,
+    verifier: Secret,
+}
+
+/// A fresh random state and PKCE pair, and the authorization URL carrying them.
+fn new_link(client: &TokenClient, instance: &str, client_id: &str, redirect: &str) -> NewLink {
+    let mut raw = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut raw);
+    let state = URL_SAFE_NO_PAD.encode(raw);
+    let (verifier, challenge) = pkce_pair();
+    let url = Secret::new(client.authorize_url(instance, client_id, redirect, &state, &challenge));
+    NewLink {
+        url,
+        state_hash: hash_state(&state),
+        verifier,
+    }
+}
+
 /// Creates (or replaces) the connection's open authorization link.
 pub async fn create_link(
     store: &SharedStore,
@@ -61,20 +83,13 @@ pub async fn create_link(
     if row.conn.state == State::Disabled {
         return Err(LinkError::Disabled(name.to_string()));
     }
-    let mut raw = [0u8; 32];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut raw);
-    let state = URL_SAFE_NO_PAD.encode(raw);
-    let (verifier, challenge) = pkce_pair();
-    let url = Secret::new(client.authorize_url(
-        &row.conn.instance,
-        &row.conn.client_id,
-        &redirect,
-        &state,
-        &challenge,
-    ));
+    let NewLink {
+        url,
+        state_hash: hash,
+        verifier,
+    } = new_link(client, &row.conn.instance, &row.conn.client_id, &redirect);
     // `callback.state_ttl` comes from a file: a huge one saturates, never panics.
     let expires_at = crate::model::add_saturating(now, ttl);
-    let hash = hash_state(&state);
     let id = row.conn.id;
     let u = url.clone();
     let replaced = with_store(store, move |st| {
@@ -101,6 +116,121 @@ pub async fn create_link(
         expires_at,
         replaced,
     })
+}
+
+/// What alerts need to open authorization links, taken from the
+/// configuration (the delivery worker builds one per configuration, so a
+/// reload takes effect with the next message).
+#[derive(Clone)]
+pub struct AlertLinks {
+    client: TokenClient,
+    redirect_uri: Option<String>,
+    state_ttl: Duration,
+}
+
+impl AlertLinks {
+    /// From `config`: `acumatica.redirect_uri`, `acumatica.scopes`,
+    /// `callback.state_ttl` and how instances are reached. Fails only as the
+    /// token client does (an unreadable `acumatica.ca_file`), which the
+    /// daemon refuses at start and reload anyway.
+    pub fn from_config(
+        config: &crate::config::Config,
+    ) -> Result<AlertLinks, crate::acumatica::ClientBuildError> {
+        Ok(AlertLinks {
+            client: TokenClient::new(super::client_settings(config))?,
+            redirect_uri: config.acumatica.redirect_uri.clone(),
+            state_ttl: config.callback.state_ttl,
+        })
+    }
+}
+
+/// The authorization link an alert carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlertLink {
+    /// This link is open (it was, or it was opened for this alert): send it.
+    Open(authorizations::Authorization),
+    /// The customer must act but no redirect URI is configured, so no link
+    /// could be opened: the alert says so.
+    NoRedirectUri,
+    /// Nothing to add: the connection does not (or no longer) need the
+    /// customer, or a link cannot be opened (see the log).
+    None,
+}
+
+/// The link an alert of `kind` about connection `id` carries, in the
+/// caller's transaction: the open one if there is one (never replaced: the
+/// customer may already have it), else, when the customer must act now, a
+/// new one valid for `callback.state_ttl`.
+///
+/// The customer must act for `needs_reauthorization` while the connection
+/// is in that state, and for `expiry_approaching` in absolute mode (the
+/// re-authorization reminder) while it is active or retrying. A disabled
+/// connection never gets a link. `links` is `None` when the configuration's
+/// token client could not be built: then only an open link is sent.
+pub fn link_for_alert(
+    tx: &rusqlite::Transaction<'_>,
+    keyring: &crate::crypto::Keyring,
+    links: Option<&AlertLinks>,
+    kind: crate::alerts::AlertKind,
+    id: uuid::Uuid,
+    now: Timestamp,
+) -> Result<AlertLink, StoreError> {
+    use crate::alerts::AlertKind;
+    let Some(row) = connections::get_by_id_tx(tx, id)? else {
+        return Ok(AlertLink::None);
+    };
+    let c = &row.conn;
+    if c.state == State::Disabled {
+        return Ok(AlertLink::None);
+    }
+    if let Some(open) = authorizations::open(tx, keyring, id, now)? {
+        return Ok(AlertLink::Open(open));
+    }
+    let must_act = match kind {
+        AlertKind::NeedsReauthorization => c.state == State::NeedsReauthorization,
+        AlertKind::ExpiryApproaching => {
+            c.mode == crate::model::Mode::Absolute
+                && matches!(c.state, State::Active | State::Retrying)
+        }
+        _ => false,
+    };
+    let Some(links) = links.filter(|_| must_act) else {
+        return Ok(AlertLink::None);
+    };
+    let Some(redirect) = links.redirect_uri.as_deref() else {
+        return Ok(AlertLink::NoRedirectUri);
+    };
+    let NewLink {
+        url,
+        state_hash,
+        verifier,
+    } = new_link(&links.client, &c.instance, &c.client_id, redirect);
+    let expires_at = crate::model::add_saturating(now, links.state_ttl);
+    authorizations::create(
+        tx,
+        keyring,
+        id,
+        &state_hash,
+        &verifier,
+        redirect,
+        &url,
+        now,
+        expires_at,
+    )?;
+    events::record(
+        tx,
+        id,
+        now,
+        "authorize",
+        &format!(
+            "authorization link opened for the {kind} alert, valid until {}",
+            fmt_time(expires_at)
+        ),
+    )?;
+    Ok(AlertLink::Open(authorizations::Authorization {
+        url,
+        expires_at,
+    }))
 }
 
 /// How a callback ended; each maps to a page (DESIGN §7).
@@ -333,5 +463,187 @@ pub async fn cli_complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyhow::
         Completion::Disabled { name } => anyhow::bail!(
             "`{name}` is disabled, so this authorization was refused and nothing changed: run `acutoken connection enable {name}`, then `acutoken connection authorize {name}` and send the new link"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertKind;
+    use crate::config::Config;
+    use crate::crypto::{Key, Keyring};
+    use crate::model::{Connection, Mode};
+    use crate::store::{Create, NewConnection, Store};
+    use uuid::Uuid;
+
+    fn store(dir: &tempfile::TempDir, state: State, mode: Mode) -> (Store, Uuid) {
+        let now = chrono::Utc::now();
+        let mut st = Store::open(
+            &dir.path().join("acutoken.db"),
+            Keyring::new(Key::generate(), vec![]),
+            Create::Yes,
+        )
+        .unwrap();
+        let id = Uuid::new_v4();
+        let conn = Connection {
+            id,
+            name: "acme".into(),
+            instance: "erp.example.com".into(),
+            client_id: "client@Company".into(),
+            labels: Default::default(),
+            mode,
+            lifetime: Duration::from_secs(30 * 86_400),
+            absolute_lifetime: None,
+            secret_expires_at: None,
+            grant_issued_at: Some(now),
+            refresh_token_issued_at: Some(now),
+            access_expires_at: None,
+            deadline: None,
+            deadline_source: None,
+            next_refresh_at: None,
+            last_refresh_at: None,
+            last_error: None,
+            state,
+        };
+        st.write(|tx, kr| {
+            let new = NewConnection {
+                conn,
+                client_secret: None,
+                refresh_token: None,
+            };
+            connections::insert(tx, kr, &new, now)
+        })
+        .unwrap();
+        (st, id)
+    }
+
+    fn links(redirect: Option<&str>) -> AlertLinks {
+        let mut c = Config::default();
+        c.acumatica.redirect_uri = redirect.map(str::to_string);
+        AlertLinks::from_config(&c).unwrap()
+    }
+
+    fn link(st: &mut Store, l: Option<&AlertLinks>, kind: AlertKind, id: Uuid) -> AlertLink {
+        let now = chrono::Utc::now();
+        st.write(|tx, kr| link_for_alert(tx, kr, l, kind, id, now))
+            .unwrap()
+    }
+
+    fn count(st: &Store) -> i64 {
+        st.db()
+            .query_row("SELECT COUNT(*) FROM authorizations", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    const CB: &str = "https://cb.example.com/cb";
+
+    #[test]
+    fn reauthorization_opens_one_link_and_reuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut st, id) = store(&dir, State::NeedsReauthorization, Mode::Absolute);
+        let l = links(Some(CB));
+        let AlertLink::Open(first) = link(&mut st, Some(&l), AlertKind::NeedsReauthorization, id)
+        else {
+            panic!("no link opened");
+        };
+        assert!(
+            first
+                .url
+                .expose()
+                .starts_with("https://erp.example.com/identity/connect/authorize?")
+        );
+        let days = (first.expires_at - chrono::Utc::now()).num_days();
+        assert!((13..=14).contains(&days), "valid for callback.state_ttl");
+        let url = |l: AlertLink| match l {
+            AlertLink::Open(a) => a.url.expose().to_string(),
+            other => panic!("{other:?}"),
+        };
+        let again = link(&mut st, Some(&l), AlertKind::NeedsReauthorization, id);
+        assert_eq!(url(again), first.url.expose(), "reused");
+        // Without the settings (no token client), an open link is still sent.
+        let again = link(&mut st, None, AlertKind::NeedsReauthorization, id);
+        assert_eq!(url(again), first.url.expose());
+        assert_eq!(count(&st), 1);
+    }
+
+    #[test]
+    fn only_when_the_customer_must_act_and_never_for_a_disabled_connection() {
+        let l = links(Some(CB));
+        let cases = [
+            (
+                State::Active,
+                Mode::Absolute,
+                AlertKind::ExpiryApproaching,
+                true,
+            ),
+            (
+                State::Retrying,
+                Mode::Absolute,
+                AlertKind::ExpiryApproaching,
+                true,
+            ),
+            (
+                State::Active,
+                Mode::Sliding,
+                AlertKind::ExpiryApproaching,
+                false,
+            ),
+            (
+                State::Active,
+                Mode::Absolute,
+                AlertKind::NeedsReauthorization,
+                false,
+            ),
+            (
+                State::NeedsSecret,
+                Mode::Absolute,
+                AlertKind::NeedsSecret,
+                false,
+            ),
+            (
+                State::Disabled,
+                Mode::Absolute,
+                AlertKind::NeedsReauthorization,
+                false,
+            ),
+            (
+                State::Disabled,
+                Mode::Absolute,
+                AlertKind::ExpiryApproaching,
+                false,
+            ),
+        ];
+        for (state, mode, kind, opens) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut st, id) = store(&dir, state, mode);
+            let got = link(&mut st, Some(&l), kind, id);
+            assert_eq!(
+                matches!(got, AlertLink::Open(_)),
+                opens,
+                "{state} {mode} {kind}: {got:?}"
+            );
+            assert_eq!(count(&st), i64::from(opens));
+        }
+    }
+
+    #[test]
+    fn without_a_redirect_uri_nothing_is_opened_and_the_alert_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut st, id) = store(&dir, State::NeedsReauthorization, Mode::Absolute);
+        let got = link(
+            &mut st,
+            Some(&links(None)),
+            AlertKind::NeedsReauthorization,
+            id,
+        );
+        assert_eq!(got, AlertLink::NoRedirectUri);
+        assert_eq!(count(&st), 0);
+        let gone = link(
+            &mut st,
+            Some(&links(Some(CB))),
+            AlertKind::NeedsReauthorization,
+            Uuid::new_v4(),
+        );
+        assert_eq!(gone, AlertLink::None, "a removed connection");
     }
 }

@@ -12,7 +12,7 @@ const VERIFIER: &str = "pkce_verifier";
 const URL: &str = "authorize_url";
 
 /// An open authorization link.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Authorization {
     pub url: Secret,
     pub expires_at: Timestamp,
@@ -94,6 +94,33 @@ pub fn close_all(tx: &Transaction<'_>, connection: Uuid) -> Result<usize, StoreE
     )?)
 }
 
+/// The connection's open authorization link, if any (the newest), read
+/// with `db`: the store's connection or the caller's transaction, so a
+/// caller can look and open one in the same transaction.
+pub fn open(
+    db: &rusqlite::Connection,
+    keyring: &Keyring,
+    connection: Uuid,
+    now: Timestamp,
+) -> Result<Option<Authorization>, StoreError> {
+    let row: Option<(Vec<u8>, i64)> = db
+        .query_row(
+            "SELECT url, expires_at FROM authorizations
+             WHERE connection_id = ?1 AND used_at IS NULL AND expires_at > ?2
+             ORDER BY created_at DESC LIMIT 1",
+            params![connection.to_string(), to_ms(now)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    row.map(|(u, e)| {
+        Ok(Authorization {
+            url: keyring.open_secret(connection, URL, &u)?,
+            expires_at: from_ms(e),
+        })
+    })
+    .transpose()
+}
+
 pub(super) fn reseal(
     tx: &Transaction<'_>,
     keyring: &Keyring,
@@ -139,23 +166,7 @@ impl Store {
         connection: Uuid,
         now: Timestamp,
     ) -> Result<Option<Authorization>, StoreError> {
-        let row: Option<(Vec<u8>, i64)> = self
-            .db
-            .query_row(
-                "SELECT url, expires_at FROM authorizations
-                 WHERE connection_id = ?1 AND used_at IS NULL AND expires_at > ?2
-                 ORDER BY created_at DESC LIMIT 1",
-                params![connection.to_string(), to_ms(now)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        row.map(|(u, e)| {
-            Ok(Authorization {
-                url: self.keyring.open_secret(connection, URL, &u)?,
-                expires_at: from_ms(e),
-            })
-        })
-        .transpose()
+        open(&self.db, &self.keyring, connection, now)
     }
 
     /// Looks up a callback's hashed state.

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Message, action, facts_list, notice_headline, summary};
+use super::{Message, action, button_link, facts_list, notice_headline, summary};
 use crate::alerts::Status;
 use crate::alerts::text::clip;
 use crate::model::{Severity, fmt_time};
@@ -51,13 +51,19 @@ pub fn discord(msg: &Message) -> Value {
             &format!("{}\n\n**Next step:** {}", summary(notice), action(notice)),
             room,
         );
-        embeds.push(json!({
+        let mut embed = json!({
             "title": title,
             "description": description,
             "color": color(notice),
             "fields": fields,
             "timestamp": fmt_time(msg.sent_at),
-        }));
+        });
+        // The title links to it: the cut description may not hold the whole
+        // link, and an embed's URL does not count toward the limits.
+        if let Some(url) = button_link(notice) {
+            embed["url"] = json!(url);
+        }
+        embeds.push(embed);
     }
     let unlisted = msg.total.saturating_sub(listed.len());
     let mut content = clip(&msg.headline(), 1000);

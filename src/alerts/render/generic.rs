@@ -2,12 +2,14 @@
 
 use serde_json::{Value, json};
 
-use super::{Message, Notice};
+use super::{Message, Notice, action, link};
 use crate::model::fmt_time;
 
+/// One alert's object; `authorization_url` only when the customer must act
+/// and a link is open (DESIGN §8).
 fn object(n: &Notice, sent_at: &str) -> Value {
     let f = &n.facts;
-    json!({
+    let mut v = json!({
         "id": n.id,
         "sent_at": sent_at,
         "kind": f.kind,
@@ -18,9 +20,17 @@ fn object(n: &Notice, sent_at: &str) -> Value {
         "instance": f.instance,
         "state": f.state,
         "summary": f.summary,
-        "action": f.action,
+        "action": match n.status {
+            // Resolved keeps the action it fired with, as before.
+            crate::alerts::Status::Firing => action(n),
+            crate::alerts::Status::Resolved => f.action.clone(),
+        },
         "deadline": f.deadline.map(fmt_time),
-    })
+    });
+    if let (Some(url), Some(obj)) = (link(n), v.as_object_mut()) {
+        obj.insert("authorization_url".into(), Value::String(url.to_string()));
+    }
+    v
 }
 
 /// The generic body: the alert's object, or for a group

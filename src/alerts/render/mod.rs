@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use super::{AlertFacts, AlertKind, Status, text};
 use crate::config::ChannelKind;
 use crate::model::{Severity, Timestamp, fmt_time};
+use crate::store::authorizations::Authorization;
 
 pub use discord::{MAX_EMBEDS, MAX_TOTAL, discord, embed_chars};
 pub use generic::generic;
@@ -31,8 +32,11 @@ pub struct Notice {
     pub id: String,
     /// Firing or resolved.
     pub status: Status,
-    /// What it says (the action may carry the open authorization link).
+    /// What it says. Stored, so it never holds the link.
     pub facts: AlertFacts,
+    /// The open authorization link, for an alert that needs the customer:
+    /// read (or opened) at delivery time, shown only while firing.
+    pub link: Option<Authorization>,
 }
 
 /// A message to one channel: one alert, or a group of one kind.
@@ -179,13 +183,36 @@ pub(crate) fn summary(n: &Notice) -> String {
     }
 }
 
-/// The next step; nothing to do once resolved.
+/// The next step, with the authorization link in place of the command
+/// when one is open; nothing to do once resolved.
 pub(crate) fn action(n: &Notice) -> String {
-    match n.status {
-        Status::Firing => n.facts.action.clone(),
-        Status::Resolved => "nothing to do".to_string(),
+    match (n.status, &n.link) {
+        (Status::Firing, Some(l)) => text::with_link(&n.facts, l.url.expose(), l.expires_at),
+        (Status::Firing, None) => n.facts.action.clone(),
+        (Status::Resolved, _) => "nothing to do".to_string(),
     }
 }
+
+/// The authorization link a firing alert carries.
+pub(crate) fn link(n: &Notice) -> Option<&str> {
+    match n.status {
+        Status::Firing => n.link.as_ref().map(|l| l.url.expose()),
+        Status::Resolved => None,
+    }
+}
+
+/// Chat platforms refuse overlong button and embed URLs (Slack at 3,000
+/// characters); a longer link is still in the action text.
+const BUTTON_URL_MAX: usize = 2000;
+
+/// The link as a button or title target, when the platform takes it.
+pub(crate) fn button_link(n: &Notice) -> Option<&str> {
+    link(n).filter(|u| u.chars().count() <= BUTTON_URL_MAX)
+}
+
+/// The label of the button that opens the link (the operator sends it to
+/// the customer, who opens it).
+pub(crate) const BUTTON_TEXT: &str = "Authorization link";
 
 /// `key=value, key=value`, or `None` without labels.
 pub(crate) fn labels(f: &AlertFacts) -> Option<String> {

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Message, action, facts_list, notice_headline, summary};
+use super::{BUTTON_TEXT, Message, action, button_link, facts_list, notice_headline, summary};
 use crate::alerts::text::clip;
 
 /// Slack's limits: header text 150 characters, section text 3,000, 50 blocks.
@@ -35,10 +35,21 @@ pub fn slack(msg: &Message) -> Value {
             esc(&summary(notice)),
             esc(&action(notice))
         ));
-        blocks.push(json!({
+        let mut section = json!({
             "type": "section",
             "text": { "type": "mrkdwn", "text": clip(&body, SECTION_MAX) }
-        }));
+        });
+        // A button beside the text, not a block of its own: the block count
+        // stays within Slack's 50, and a cut text never cuts the link.
+        if let Some(url) = button_link(notice) {
+            section["accessory"] = json!({
+                "type": "button",
+                "text": { "type": "plain_text", "text": BUTTON_TEXT },
+                "url": url,
+                "style": "primary",
+            });
+        }
+        blocks.push(section);
         blocks.push(json!({ "type": "divider" }));
     }
     let unlisted = msg.total.saturating_sub(msg.notices.len().min(24));

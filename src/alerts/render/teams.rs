@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Message, action, facts_list, notice_headline, summary};
+use super::{BUTTON_TEXT, Message, action, button_link, facts_list, notice_headline, summary};
 use crate::alerts::Status;
 use crate::alerts::text::clip;
 use crate::model::Severity;
@@ -23,7 +23,14 @@ fn color(msg: &Message) -> &'static str {
 
 /// The Teams body: `{"type": "message", "attachments": [Adaptive Card]}`.
 pub fn teams(msg: &Message) -> Value {
-    let per = CARD_TEXT_MAX / msg.notices.len().max(1);
+    // The buttons' links come out of the same budget.
+    let links: usize = msg
+        .notices
+        .iter()
+        .filter_map(button_link)
+        .map(|u| u.len() + 100)
+        .sum();
+    let per = CARD_TEXT_MAX.saturating_sub(links) / msg.notices.len().max(1);
     let field = (per / 6).clamp(40, 1000);
     let mut body = vec![json!({
         "type": "TextBlock",
@@ -38,17 +45,25 @@ pub fn teams(msg: &Message) -> Value {
             .into_iter()
             .map(|(t, v)| json!({ "title": t, "value": clip(&v, field) }))
             .collect();
+        let mut items = vec![
+            json!({ "type": "TextBlock", "weight": "Bolder", "wrap": true,
+                    "text": clip(&notice_headline(notice), field) }),
+            json!({ "type": "FactSet", "facts": facts }),
+            json!({ "type": "TextBlock", "wrap": true, "text": clip(&summary(notice), field * 2) }),
+            json!({ "type": "TextBlock", "wrap": true,
+                    "text": clip(&format!("**Next step:** {}", action(notice)), field * 2) }),
+        ];
+        // A button under this alert: the cut text above may not hold the whole link.
+        if let Some(url) = button_link(notice) {
+            items.push(json!({
+                "type": "ActionSet",
+                "actions": [{ "type": "Action.OpenUrl", "title": BUTTON_TEXT, "url": url }],
+            }));
+        }
         body.push(json!({
             "type": "Container",
             "separator": true,
-            "items": [
-                { "type": "TextBlock", "weight": "Bolder", "wrap": true,
-                  "text": clip(&notice_headline(notice), field) },
-                { "type": "FactSet", "facts": facts },
-                { "type": "TextBlock", "wrap": true, "text": clip(&summary(notice), field * 2) },
-                { "type": "TextBlock", "wrap": true,
-                  "text": clip(&format!("**Next step:** {}", action(notice)), field * 2) },
-            ]
+            "items": items,
         }));
     }
     if msg.omitted() > 0 {
