@@ -123,7 +123,9 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let lock = StoreLock::acquire(&path)?;
-    let open = |create| Store::open(&path, keys.keyring.clone(), create);
+    // One keyring for every handle: a key rotation switches them all at once.
+    let keyring = store::SharedKeyring::new(keys.keyring.clone());
+    let open = |create| Store::open_shared(&path, &keyring, create);
     let mut engine_store = open(Create::Yes)?;
     let reads = open(Create::No)?;
     let watcher_store = open(Create::No)?;
@@ -408,6 +410,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         ready: ready.clone(),
         scheduler: snapshot,
         tokens: tokens.clone(),
+        rotator: Arc::default(),
     };
     // Every listener is served with the same bounds (see `listen`).
     let api_limits =
