@@ -143,11 +143,24 @@ async fn rotate_through_daemon(ctx: &Ctx, new_key_file: &Path, new: Key) -> anyh
         zeroize::Zeroizing::new(serde_json::to_vec(&req).context("cannot encode the request")?)
     };
     let timeout = std::time::Duration::from_secs(60);
-    let a = call_with_body(&socket, "POST", "/v1/keys/rotate", Some(&body), timeout)
-        .await
-        .context(
-            "the daemon runs (it holds the store lock) but cannot be asked to rotate the key",
-        )?;
+    // A daemon that is starting holds the lock before its socket is bound:
+    // nothing was sent while the connection is refused, so asking again is safe.
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let a = loop {
+        match call_with_body(&socket, "POST", "/v1/keys/rotate", Some(&body), timeout).await {
+            Err(crate::daemon::client::ClientError::Connect { .. })
+                if crate::daemon::running(&ctx.config) && std::time::Instant::now() < give_up =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => break other.with_context(|| {
+                format!(
+                    "a daemon holds the store lock but its socket {} does not answer: key rotation goes through it while it runs",
+                    socket.display()
+                )
+            })?,
+        }
+    };
     drop(body);
     let first: rotate::Progress = match a.status {
         202 | 200 => serde_json::from_slice(&a.body)

@@ -333,3 +333,44 @@ pub fn reseal_spills(config: &Config, from: &Keyring, to: &Keyring) -> SpillsRes
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second rotation while one runs is refused before anything is
+    /// touched (the stores are never reached).
+    #[tokio::test]
+    async fn a_second_rotation_while_one_runs_is_refused() {
+        let r = Arc::new(Rotator::default());
+        *r.last.lock().unwrap() = Some(Progress {
+            state: "running".into(),
+            key_id: "k1".into(),
+            phase: "re-sealing".into(),
+            total: 10,
+            resealed: 3,
+            spills_resealed: 0,
+            spills_failed: Vec::new(),
+            error: None,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let st = Store::open(
+            &dir.path().join("acutoken.db"),
+            Keyring::new(Key::generate(), vec![]),
+            crate::store::Create::Yes,
+        )
+        .unwrap();
+        let st: SharedStore = Arc::new(std::sync::Mutex::new(st));
+        let parts = Parts {
+            engine: st.clone(),
+            reads: st,
+            config: Arc::new(Config::default()),
+        };
+        let err = r.start(Key::generate(), parts).await.unwrap_err();
+        assert!(
+            matches!(err, StartError::Running(ref k) if k == "k1"),
+            "{err}"
+        );
+        assert_eq!(r.progress().unwrap().resealed, 3);
+    }
+}

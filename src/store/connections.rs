@@ -1173,6 +1173,77 @@ mod tests {
         Store::open(&dir.path().join("acutoken.db"), keyring, Create::Yes).unwrap()
     }
 
+    /// Two handles on one shared keyring: switching it through one switches
+    /// the other at once; stepping passes re-seal every value, a step at a
+    /// time; the new key alone then opens everything.
+    #[test]
+    fn a_shared_keyring_switches_every_handle_and_passes_reseal_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acutoken.db");
+        let old = Key::generate();
+        let shared = crate::store::SharedKeyring::new(Keyring::new(old.clone(), vec![]));
+        let mut engine = Store::open_shared(&path, &shared, Create::Yes).unwrap();
+        let reads = Store::open_shared(&path, &shared, Create::No).unwrap();
+        let news: Vec<NewConnection> = (0..25).map(new_connection).collect();
+        let now = chrono::Utc::now();
+        engine
+            .write(|tx, kr| insert_many(tx, kr, &news, now))
+            .unwrap();
+
+        let new = Key::generate();
+        engine.register_key(&new).unwrap();
+        engine.set_keyring(Keyring::new(new.clone(), vec![old.clone()]));
+        assert_eq!(reads.keyring().primary().id(), new.id());
+        // A value written through the other handle now seals under the new key.
+        let id = news[0].conn.id;
+        let mut writer = Store::open_shared(&path, reads.shared_keyring(), Create::No).unwrap();
+        writer
+            .write(|tx, kr| {
+                set_secret(
+                    tx,
+                    kr,
+                    id,
+                    SecretColumn::RefreshToken,
+                    Some(&Secret::new("fresh".to_string())),
+                )
+            })
+            .unwrap();
+
+        let mut cursor = ResealCursor::default();
+        let mut steps = 0;
+        while !cursor.finished {
+            engine.reseal_step(&mut cursor, 10).unwrap();
+            steps += 1;
+        }
+        assert_eq!(steps, 3, "25 rows, 10 a step");
+        // 25 client secrets, 13 refresh tokens less the one already re-sealed.
+        assert_eq!(cursor.resealed, 25 + 13 - 1);
+        assert_eq!(engine.reseal_all(10, |_| {}).unwrap(), 0);
+        engine.retire_keys_except(&new).unwrap();
+
+        let alone = Store::open(&path, Keyring::new(new.clone(), vec![]), Create::No).unwrap();
+        for n in &news {
+            assert_eq!(
+                alone
+                    .secret(n.conn.id, SecretColumn::ClientSecret)
+                    .unwrap()
+                    .unwrap()
+                    .expose(),
+                n.client_secret.as_ref().unwrap().expose()
+            );
+        }
+        assert_eq!(
+            alone
+                .secret(id, SecretColumn::RefreshToken)
+                .unwrap()
+                .unwrap()
+                .expose(),
+            "fresh"
+        );
+        let err = Store::open(&path, Keyring::new(old, vec![]), Create::No).unwrap_err();
+        assert!(matches!(err, StoreError::RetiredKey { .. }), "{err}");
+    }
+
     /// 2 multi-row statements and 23 single rows: every row and secret lands.
     #[test]
     fn a_bulk_insert_writes_every_row_with_its_own_secrets() {
