@@ -214,6 +214,34 @@ async fn key_rotation_is_refused_on_the_tcp_api_and_by_a_key_already_in_force() 
         .unwrap();
     assert_eq!(resp.status().as_u16(), 403);
 
+    // On the socket, only someone holding the store's key may replace it.
+    let stranger = Key::generate();
+    let body = serde_json::json!({
+        "key": new.to_base64().expose(),
+        "source": "x",
+        "current": stranger.to_base64().expose(),
+    })
+    .to_string();
+    let a = acutoken::daemon::client::call_with_body(
+        &rig.socket(),
+        "POST",
+        "/v1/keys/rotate",
+        Some(body.as_bytes()),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 403, "{}", String::from_utf8_lossy(&a.body));
+    let registered = {
+        let key_path = rig.path("acutoken.key");
+        let key = Key::from_file(&key_path, KeySource::File(key_path.clone())).unwrap();
+        open_with(&rig, &key).registered_key_ids().unwrap()
+    };
+    assert!(
+        !registered.contains(&new.id().to_string()),
+        "{registered:?}"
+    );
+
     // The key in force already, with no old key left: nothing to do.
     let current = rig.path("acutoken.key");
     let out = rig

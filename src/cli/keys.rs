@@ -135,10 +135,13 @@ fn report(done: u64, key_id: &str, spills: usize, failed: &[(std::path::PathBuf,
 async fn rotate_through_daemon(ctx: &Ctx, new_key_file: &Path, new: Key) -> anyhow::Result<i32> {
     use crate::daemon::client::call_with_body;
     let socket = ctx.config.socket_path();
+    // The daemon replaces its key only for someone who holds it.
+    let current = crate::store::resolve_keyring(&ctx.config, &ctx.config.store_path(), false)?;
     let body = {
         let req = rotate::RotateRequest {
             key: new.to_base64().expose().to_string(),
             source: new_key_file.display().to_string(),
+            current: current.keyring.primary().to_base64().expose().to_string(),
         };
         zeroize::Zeroizing::new(serde_json::to_vec(&req).context("cannot encode the request")?)
     };

@@ -177,7 +177,7 @@ async fn rotate_start(State(api): State<Api>, body: axum::body::Bytes) -> Respon
         Err(_) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                "expected {\"key\": \"<base64 key>\", \"source\": \"<file>\"}",
+                "expected {\"key\": \"<new key, base64>\", \"source\": \"<file>\", \"current\": \"<store key, base64>\"}",
             );
         }
     };
@@ -186,19 +186,31 @@ async fn rotate_start(State(api): State<Api>, body: axum::body::Bytes) -> Respon
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    let Ok(current) = crate::crypto::Key::from_base64(
+        req.current.trim(),
+        crate::crypto::KeySource::File("the caller's store key".into()),
+    ) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            super::rotate::StartError::NotHolder.to_string(),
+        );
+    };
     drop(req);
     let parts = super::rotate::Parts {
         engine: api.engine.store().clone(),
         reads: api.reads.clone(),
         config: api.config.borrow().clone(),
     };
-    match api.rotator.start(key, parts).await {
+    match api.rotator.start(key, current, parts).await {
         Ok(p) => (StatusCode::ACCEPTED, axum::Json(p)).into_response(),
         Err(e @ super::rotate::StartError::Running(_)) => {
             error(StatusCode::CONFLICT, e.to_string())
         }
         Err(e @ super::rotate::StartError::Nothing(_)) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e @ super::rotate::StartError::NotHolder) => {
+            error(StatusCode::FORBIDDEN, e.to_string())
         }
         Err(super::rotate::StartError::Store(e)) => from_store(e),
     }

@@ -56,11 +56,17 @@ pub struct RotateRequest {
     pub key: String,
     /// Where the key came from, for the daemon's messages.
     pub source: String,
+    /// The store key the caller found (base64): only someone who holds the
+    /// key in force may replace it. Members of `api.socket_group` may read
+    /// tokens, but must not be able to lock the operator out of the store
+    /// with a key only they know.
+    pub current: String,
 }
 
 impl Drop for RotateRequest {
     fn drop(&mut self) {
         zeroize::Zeroize::zeroize(&mut self.key);
+        zeroize::Zeroize::zeroize(&mut self.current);
     }
 }
 
@@ -73,6 +79,11 @@ pub enum StartError {
     /// The key is the primary already and no old key is left: answered 400.
     #[error("key {0} is already the store's primary key and no old key is left: nothing to rotate")]
     Nothing(String),
+    /// The caller does not hold a key of the store: answered 403.
+    #[error(
+        "the current key sent is not a key of this store: run `acutoken key rotate` where it finds the store's key (store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store)"
+    )]
+    NotHolder,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -109,7 +120,14 @@ impl Rotator {
     /// Switches every store handle of the daemon to `key` (the old keys stay
     /// in the keyring, open only) and starts re-sealing in the background.
     /// Run again with the same key after a failed rotation, it resumes.
-    pub async fn start(self: &Arc<Self>, key: Key, parts: Parts) -> Result<Progress, StartError> {
+    /// `current` must be a key of the daemon's keyring (see
+    /// [`RotateRequest::current`]).
+    pub async fn start(
+        self: &Arc<Self>,
+        key: Key,
+        current: Key,
+        parts: Parts,
+    ) -> Result<Progress, StartError> {
         let id = key.id().to_string();
         {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,7 +146,7 @@ impl Rotator {
             });
         }
         let k = key.clone();
-        let switched = with_store(&parts.engine, move |st| switch(st, &k)).await;
+        let switched = with_store(&parts.engine, move |st| switch(st, &k, &current)).await;
         if let Err(e) = switched {
             *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return Err(e);
@@ -262,8 +280,15 @@ impl Rotator {
 
 /// Registers `key` and puts it in force for every handle sharing this
 /// store's keyring, the current keys staying on as open-only keys.
-fn switch(st: &mut Store, key: &Key) -> Result<(), StartError> {
+fn switch(st: &mut Store, key: &Key, current: &Key) -> Result<(), StartError> {
     let old = st.keyring();
+    let proof = crate::crypto::check_value(current);
+    let holds = std::iter::once(old.primary())
+        .chain(old.previous())
+        .any(|k| crate::crypto::verify_check(k, &proof));
+    if !holds {
+        return Err(StartError::NotHolder);
+    }
     if old.primary().id() == key.id() {
         // A rotation that stopped midway, run again: resume it.
         if st.registered_key_ids()?.iter().all(|k| k == key.id()) {
@@ -366,7 +391,10 @@ mod tests {
             reads: st,
             config: Arc::new(Config::default()),
         };
-        let err = r.start(Key::generate(), parts).await.unwrap_err();
+        let err = r
+            .start(Key::generate(), Key::generate(), parts)
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, StartError::Running(ref k) if k == "k1"),
             "{err}"

@@ -127,6 +127,12 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     let keyring = store::SharedKeyring::new(keys.keyring.clone());
     let open = |create| Store::open_shared(&path, &keyring, create);
     let mut engine_store = open(Create::Yes)?;
+    if engine_store.registered_key_ids()?.len() > 1 {
+        // Only a rotation that stopped midway leaves two keys registered.
+        tracing::warn!(
+            "a key rotation did not finish (the store has more than one key): run `acutoken key rotate --new-key-file FILE` again with the same new key; until then a value it re-sealed opens only if that key is in store.previous_key_files"
+        );
+    }
     let reads = open(Create::No)?;
     let watcher_store = open(Create::No)?;
     let alerts_store = open(Create::No)?;
