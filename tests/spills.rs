@@ -141,19 +141,30 @@ async fn a_spill_file_that_will_not_open_is_set_aside_and_alerted_and_serve_star
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_rotate_reseals_waiting_spills_and_refuses_while_the_daemon_runs() {
+async fn key_rotate_reseals_waiting_spills_with_the_daemon_running_and_stopped() {
     let rig = Arc::new(Rig::new().await);
     rig.add("acme", SITE, true).await;
-    let rotated = cli_refresh_that_spills(&rig, "acme", &rig.path("pending")).await;
+    let pending = rig.path("pending");
+    let rotated = cli_refresh_that_spills(&rig, "acme", &pending).await;
+    // Set aside (as the daemon does with a spill it cannot import): it
+    // waits there for the operator, and a rotation must re-seal it too.
+    let spill = spill_files(&pending).pop().unwrap();
+    let aside = pending.join("rejected").join(spill.file_name().unwrap());
+    std::fs::create_dir_all(aside.parent().unwrap()).unwrap();
+    std::fs::rename(&spill, &aside).unwrap();
 
-    let new_key = rig.path("new.key");
-    rig.cli(
-        &["key", "generate", "--out", new_key.to_str().unwrap()],
-        None,
-    )
-    .await
-    .ok();
-    // A daemon running: rotation is refused and changes nothing.
+    let key_file = |name: &str| {
+        let p = rig.path(name);
+        let r = rig.clone();
+        async move {
+            r.cli(&["key", "generate", "--out", p.to_str().unwrap()], None)
+                .await
+                .ok();
+            p
+        }
+    };
+    // A daemon running: the rotation goes through it.
+    let new_key = key_file("new.key").await;
     {
         let mut d = rig.serve(None);
         d.ready().await;
@@ -162,27 +173,41 @@ async fn key_rotate_reseals_waiting_spills_and_refuses_while_the_daemon_runs() {
                 &["key", "rotate", "--new-key-file", new_key.to_str().unwrap()],
                 None,
             )
-            .await;
-        assert_ne!(out.code, Some(0), "{out:?}");
-        assert!(out.stderr.contains("needs the daemon stopped"), "{out:?}");
-        // The daemon imported the spill meanwhile; make another for the rotation.
+            .await
+            .ok();
+        assert!(out.stdout.contains("re-sealed 1 spilled token"), "{out:?}");
+        d.signal(nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(d.exit().await.code(), Some(0));
+    }
+    // Only the new key opens the store now, and the spill too.
+    std::fs::copy(&new_key, rig.path("acutoken.key")).unwrap();
+    std::fs::rename(&aside, &spill).unwrap();
+    {
+        let mut d = rig.serve(None);
+        d.ready().await;
         d.log_line("imported a spilled refresh token").await;
         d.signal(nix::sys::signal::Signal::SIGTERM);
         assert_eq!(d.exit().await.code(), Some(0));
     }
     assert_eq!(rig.stored_refresh_token("acme").unwrap(), rotated);
-    let rotated = cli_refresh_that_spills(&rig, "acme", &rig.path("pending")).await;
 
+    // The daemon stopped: the CLI rotates on its own.
+    let rotated = cli_refresh_that_spills(&rig, "acme", &pending).await;
+    let newer_key = key_file("newer.key").await;
     let out = rig
         .cli(
-            &["key", "rotate", "--new-key-file", new_key.to_str().unwrap()],
+            &[
+                "key",
+                "rotate",
+                "--new-key-file",
+                newer_key.to_str().unwrap(),
+            ],
             None,
         )
         .await
         .ok();
     assert!(out.stdout.contains("re-sealed 1 spilled token"), "{out:?}");
-    // Only the new key opens the store now, and the spill too.
-    std::fs::copy(&new_key, rig.path("acutoken.key")).unwrap();
+    std::fs::copy(&newer_key, rig.path("acutoken.key")).unwrap();
     let mut d = rig.serve(None);
     d.ready().await;
     d.log_line("imported a spilled refresh token").await;

@@ -8,6 +8,7 @@ use clap::CommandFactory;
 
 use super::{Cli, Ctx};
 use crate::crypto::{self, Key, KeySource, Keyring};
+use crate::daemon::rotate;
 use crate::store::Create;
 
 /// `key generate [--out FILE]`.
@@ -38,17 +39,33 @@ pub fn generate(out: Option<&Path>) -> anyhow::Result<i32> {
 }
 
 /// `key rotate --new-key-file FILE`: re-seal everything in short batches.
-pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
+/// Through the daemon when it runs (it holds the store lock), on the store
+/// directly, holding that lock, when it does not.
+pub async fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
     let new = Key::from_file(new_key_file, KeySource::File(new_key_file.to_path_buf()))?;
-    let mut st = ctx.open_store(Create::No)?;
+    let path = ctx.config.store_path();
+    if !path.exists() {
+        return Err(crate::store::StoreError::Missing { path }.into());
+    }
     // The daemon's own lock, held to the end: a daemon started meanwhile is
     // refused (naming this process) instead of sealing under the retired key.
-    let _lock = crate::daemon::lock::StoreLock::acquire(st.path()).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}; key rotation needs the daemon stopped: stop it (`systemctl stop acutoken`), rotate, point store.key_file or the credential at the new key, then start it again"
-        )
-    })?;
-    let old = st.keyring().clone();
+    match crate::daemon::lock::StoreLock::acquire(&path) {
+        Ok(lock) => rotate_offline(ctx, new_key_file, new, lock),
+        Err(crate::daemon::lock::LockError::Held { .. }) => {
+            rotate_through_daemon(ctx, new_key_file, new).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn rotate_offline(
+    ctx: &Ctx,
+    new_key_file: &Path,
+    new: Key,
+    _lock: crate::daemon::lock::StoreLock,
+) -> anyhow::Result<i32> {
+    let mut st = ctx.open_store(Create::No)?;
+    let old = st.keyring();
     if old.primary().id() == new.id() {
         anyhow::bail!(
             "{} is already the store's primary key",
@@ -63,69 +80,147 @@ pub fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
     let mut previous = vec![old.primary().clone()];
     previous.extend(old.previous().iter().cloned());
     st.set_keyring(Keyring::new(new.clone(), previous));
-    let total: u64 = st
-        .sealed_key_usage()?
-        .iter()
-        .filter(|(id, _)| id != new.id())
-        .map(|(_, n)| n)
-        .sum();
+    let total = rotate::old_values(&st, new.id())?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(total)
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut done = 0u64;
-    loop {
-        // Small batches keep each write transaction well under a second.
-        let n = st.reseal_batch(200)?;
-        if n == 0 {
-            break;
-        }
-        done += n as u64;
-        bar.set_position(done);
-    }
+    // Short steps keep each write transaction well under a second.
+    let done = st.reseal_all(500, |n| bar.set_position(n))?;
     bar.finish_and_clear();
     // A refresh that claimed before the new key was in place and saved since
     // sealed under the old one: wait for any still in flight, then count.
     wait_for_refreshes(&st, patience)?;
-    let left: u64 = st
-        .sealed_key_usage()?
-        .iter()
-        .filter(|(id, _)| id != new.id())
-        .map(|(_, n)| n)
-        .sum();
+    let done = done + st.reseal_all(500, |_| {})?;
+    let left = rotate::old_values(&st, new.id())?;
     if left != 0 {
         anyhow::bail!("{left} values are still sealed under an old key; run the rotation again");
     }
-    let spills = reseal_spills(
+    let spills = rotate::reseal_spills(
         &ctx.config,
-        st.keyring(),
+        &st.keyring(),
         &Keyring::new(new.clone(), Vec::new()),
     );
     // From now on only the new key opens the store: a command still using the
     // old one is refused instead of sealing values the new key cannot open.
     st.retire_keys_except(&new)?;
-    println!(
-        "re-sealed {done} values under key {}; nothing sealed under an old key remains.",
-        new.id()
-    );
-    if spills.resealed > 0 {
-        println!(
-            "re-sealed {} spilled token(s) waiting to be imported",
-            spills.resealed
-        );
-    }
-    for (path, why) in &spills.failed {
-        eprintln!(
-            "warning: the spill file {} was not re-sealed: it {why}; it will not open under the new key",
-            path.display()
-        );
-    }
+    report(done, new.id(), spills.resealed, &spills.failed);
     println!(
         "next: make {} the key acutoken finds (store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store); the old key no longer opens the store: keep it only to read backups made before now",
         new_key_file.display()
     );
     Ok(0)
+}
+
+/// The lines both rotations print.
+fn report(done: u64, key_id: &str, spills: usize, failed: &[(std::path::PathBuf, String)]) {
+    println!(
+        "re-sealed {done} values under key {key_id}; nothing sealed under an old key remains."
+    );
+    if spills > 0 {
+        println!("re-sealed {spills} spilled token(s) waiting to be imported");
+    }
+    for (path, why) in failed {
+        eprintln!(
+            "warning: the spill file {} was not re-sealed: it {why}; it will not open under the new key",
+            path.display()
+        );
+    }
+}
+
+/// The daemon runs: it holds the store and its keyring, so it rotates. The
+/// key is read here (the daemon's sandbox may not see FILE) and sent over the
+/// local socket only.
+async fn rotate_through_daemon(ctx: &Ctx, new_key_file: &Path, new: Key) -> anyhow::Result<i32> {
+    use crate::daemon::client::call_with_body;
+    let socket = ctx.config.socket_path();
+    // The daemon replaces its key only for someone who holds it.
+    let current = crate::store::resolve_keyring(&ctx.config, &ctx.config.store_path(), false)?;
+    let body = {
+        let req = rotate::RotateRequest {
+            key: new.to_base64().expose().to_string(),
+            source: new_key_file.display().to_string(),
+            current: current.keyring.primary().to_base64().expose().to_string(),
+        };
+        zeroize::Zeroizing::new(serde_json::to_vec(&req).context("cannot encode the request")?)
+    };
+    let timeout = std::time::Duration::from_secs(60);
+    // A daemon that is starting holds the lock before its socket is bound:
+    // nothing was sent while the connection is refused, so asking again is safe.
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let a = loop {
+        match call_with_body(&socket, "POST", "/v1/keys/rotate", Some(&body), timeout).await {
+            Err(crate::daemon::client::ClientError::Connect { .. })
+                if crate::daemon::running(&ctx.config) && std::time::Instant::now() < give_up =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => break other.with_context(|| {
+                format!(
+                    "a daemon holds the store lock but its socket {} does not answer: key rotation goes through it while it runs",
+                    socket.display()
+                )
+            })?,
+        }
+    };
+    drop(body);
+    let first: rotate::Progress = match a.status {
+        202 | 200 => serde_json::from_slice(&a.body)
+            .context("the daemon's answer is not the JSON this version expects")?,
+        _ => anyhow::bail!(
+            "the daemon refused the rotation: {}",
+            api_error(&a.body, a.status)
+        ),
+    };
+    eprintln!(
+        "the daemon switched to key {} and is re-sealing; refreshes and token requests go on",
+        first.key_id
+    );
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    // A rotation of a million connections takes minutes: ask how it stands
+    // until it ends, for as long as the daemon answers.
+    let p = loop {
+        let a = call_with_body(&socket, "GET", "/v1/keys/rotate", None, timeout)
+            .await
+            .context("the daemon stopped answering during the rotation: once it runs again, run `acutoken key rotate` again with the same key file; it resumes")?;
+        if a.status != 200 {
+            anyhow::bail!(
+                "cannot follow the rotation: {}",
+                api_error(&a.body, a.status)
+            );
+        }
+        let p: rotate::Progress = serde_json::from_slice(&a.body)
+            .context("the daemon's answer is not the JSON this version expects")?;
+        bar.set_length(p.total.max(p.resealed));
+        bar.set_position(p.resealed);
+        bar.set_message(p.phase.clone());
+        if !p.running() {
+            break p;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    bar.finish_and_clear();
+    if let Some(e) = &p.error {
+        anyhow::bail!("the key rotation stopped: {e}");
+    }
+    report(p.resealed, &p.key_id, p.spills_resealed, &p.spills_failed);
+    println!(
+        "next: make {} the key acutoken finds (the systemd credential, store.key_file, ACUTOKEN_KEY, or acutoken.key beside the store) before the daemon next starts: it runs on the new key now, and the old key no longer opens the store (keep it only to read backups made before now)",
+        new_key_file.display()
+    );
+    Ok(0)
+}
+
+fn api_error(body: &[u8], status: u16) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("the daemon answered HTTP {status}"))
 }
 
 /// Waits until no connection has a live claim (bounded), or refuses.
@@ -136,12 +231,7 @@ fn wait_for_refreshes(
     let give_up = std::time::Instant::now() + patience;
     let mut told = false;
     loop {
-        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
-        let live = st
-            .claimed()?
-            .into_iter()
-            .find_map(|r| crate::store::claims::live_claim(&r, now).map(|c| (r.conn.name, c)));
-        let Some((name, (holder, _))) = live else {
+        let Some((name, holder)) = rotate::foreign_claim(st, None)? else {
             return Ok(());
         };
         if std::time::Instant::now() >= give_up {
@@ -159,38 +249,6 @@ fn wait_for_refreshes(
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-}
-
-/// What re-sealing the spill files came to.
-struct Resealed {
-    resealed: usize,
-    failed: Vec<(std::path::PathBuf, String)>,
-}
-
-/// Re-seals the tokens waiting in spill files (and in `rejected/`) from
-/// `from` to `to`, so the next start can import them once the old key is
-/// retired.
-fn reseal_spills(config: &crate::config::Config, from: &Keyring, to: &Keyring) -> Resealed {
-    use crate::renewal::spill;
-    let mut out = Resealed {
-        resealed: 0,
-        failed: Vec::new(),
-    };
-    for dir in config.spill_dirs() {
-        for d in [dir.clone(), dir.join("rejected")] {
-            for (path, read) in spill::read_all(&d) {
-                let done = read.and_then(|mut s| {
-                    s.reseal(from, to)?;
-                    spill::rewrite(&path, &s).map_err(|e| format!("cannot be rewritten: {e}"))
-                });
-                match done {
-                    Ok(()) => out.resealed += 1,
-                    Err(why) => out.failed.push((path, why)),
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Writes shell completions and the man page (packaging).

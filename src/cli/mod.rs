@@ -127,7 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Key(KeyCommand::Generate { out }) => keys::generate(out.as_deref()),
         Command::Key(KeyCommand::Rotate { new_key_file }) => {
             let ctx = Ctx::load(explicit)?;
-            keys::rotate(&ctx, &new_key_file)
+            keys::rotate(&ctx, &new_key_file).await
         }
         Command::Backup { file } => {
             let ctx = Ctx::load(explicit)?;

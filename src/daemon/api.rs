@@ -29,6 +29,8 @@ pub struct Api {
     pub scheduler: tokio::sync::watch::Receiver<crate::renewal::scheduler::Snapshot>,
     /// Bearer tokens for `api.listen` (re-read on SIGHUP).
     pub tokens: Arc<std::sync::RwLock<Vec<Secret>>>,
+    /// The key rotation slot (`/v1/keys/rotate`, socket only).
+    pub rotator: Arc<super::rotate::Rotator>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -83,8 +85,18 @@ fn from_engine(e: EngineError) -> Response {
     }
 }
 
-/// The API routes (shared by the socket and the TCP listener).
+/// The routes of the Unix socket: the shared ones and key rotation, which
+/// carries key material and so is never served on TCP.
 pub fn router(api: Api) -> Router {
+    routes(api.clone()).merge(
+        Router::new()
+            .route("/v1/keys/rotate", post(rotate_start).get(rotate_progress))
+            .with_state(api),
+    )
+}
+
+/// The API routes shared by the socket and the TCP listener.
+fn routes(api: Api) -> Router {
     Router::new()
         .route("/v1/connections", get(list))
         .route("/v1/connections/{name}", get(show))
@@ -145,10 +157,82 @@ pub async fn bearer(State(api): State<Api>, req: Request, next: Next) -> Respons
     next.run(req).await
 }
 
-/// The TCP flavour: the same routes behind [`bearer`].
+/// The TCP flavour: the shared routes behind [`bearer`]. Key rotation is
+/// refused without reading the body: key material never travels over TCP.
 pub fn tcp_router(api: Api) -> Router {
     let state = api.clone();
-    router(api).layer(middleware::from_fn_with_state(state, bearer))
+    routes(api)
+        .route(
+            "/v1/keys/rotate",
+            axum::routing::any(|| async {
+                error(
+                    StatusCode::FORBIDDEN,
+                    "key rotation is served on the local socket only: run `acutoken key rotate` on the daemon's host",
+                )
+            }),
+        )
+        .layer(middleware::from_fn_with_state(state, bearer))
+}
+
+/// `POST /v1/keys/rotate` with `{"key": "<base64>", "source": "<where from>"}`:
+/// switches the daemon to the new key and re-seals in the background
+/// (202 with the progress; 409 while another rotation runs; 400 for a key
+/// that is malformed or the primary already with nothing left to do).
+async fn rotate_start(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+    let body = zeroize::Zeroizing::new(body.to_vec());
+    let req: super::rotate::RotateRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "expected {\"key\": \"<new key, base64>\", \"source\": \"<file>\", \"current\": \"<store key, base64>\"}",
+            );
+        }
+    };
+    let source = crate::crypto::KeySource::File(std::path::PathBuf::from(&req.source));
+    let key = match crate::crypto::Key::from_base64(req.key.trim(), source) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let Ok(current) = crate::crypto::Key::from_base64(
+        req.current.trim(),
+        crate::crypto::KeySource::File("the caller's store key".into()),
+    ) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            super::rotate::StartError::NotHolder.to_string(),
+        );
+    };
+    drop(req);
+    let parts = super::rotate::Parts {
+        engine: api.engine.store().clone(),
+        reads: api.reads.clone(),
+        config: api.config.borrow().clone(),
+    };
+    match api.rotator.start(key, current, parts).await {
+        Ok(p) => (StatusCode::ACCEPTED, axum::Json(p)).into_response(),
+        Err(e @ super::rotate::StartError::Running(_)) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Err(e @ super::rotate::StartError::Nothing(_)) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e @ super::rotate::StartError::NotHolder) => {
+            error(StatusCode::FORBIDDEN, e.to_string())
+        }
+        Err(super::rotate::StartError::Store(e)) => from_store(e),
+    }
+}
+
+/// `GET /v1/keys/rotate`: how the current or last rotation stands.
+async fn rotate_progress(State(api): State<Api>) -> Response {
+    match api.rotator.progress() {
+        Some(p) => axum::Json(p).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no key rotation has run since the daemon started",
+        ),
+    }
 }
 
 /// Every connection; a row that does not read is listed as `{"id", "name",

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
@@ -36,6 +36,17 @@ pub async fn call(
     path: &str,
     timeout: Duration,
 ) -> Result<Answer, ClientError> {
+    call_with_body(socket, method, path, None, timeout).await
+}
+
+/// [`call`] with a JSON body.
+pub async fn call_with_body(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    json: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Answer, ClientError> {
     let sock = socket.display().to_string();
     let fut = async {
         let stream = tokio::net::UnixStream::connect(socket)
@@ -50,11 +61,15 @@ pub async fn call(
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "acutoken")
-            .body(Empty::<Bytes>::new())
+            .header("host", "acutoken");
+        if json.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(json.unwrap_or_default())))
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = sender
             .send_request(req)

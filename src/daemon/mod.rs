@@ -9,6 +9,7 @@ pub mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod pages;
+pub mod rotate;
 pub mod serve;
 pub mod watch;
 

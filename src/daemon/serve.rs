@@ -123,8 +123,16 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let lock = StoreLock::acquire(&path)?;
-    let open = |create| Store::open(&path, keys.keyring.clone(), create);
+    // One keyring for every handle: a key rotation switches them all at once.
+    let keyring = store::SharedKeyring::new(keys.keyring.clone());
+    let open = |create| Store::open_shared(&path, &keyring, create);
     let mut engine_store = open(Create::Yes)?;
+    if engine_store.registered_key_ids()?.len() > 1 {
+        // Only a rotation that stopped midway leaves two keys registered.
+        tracing::warn!(
+            "a key rotation did not finish (the store has more than one key): run `acutoken key rotate --new-key-file FILE` again with the same new key; until then a value it re-sealed opens only if that key is in store.previous_key_files"
+        );
+    }
     let reads = open(Create::No)?;
     let watcher_store = open(Create::No)?;
     let alerts_store = open(Create::No)?;
@@ -408,6 +416,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         ready: ready.clone(),
         scheduler: snapshot,
         tokens: tokens.clone(),
+        rotator: Arc::default(),
     };
     // Every listener is served with the same bounds (see `listen`).
     let api_limits =

@@ -1124,7 +1124,7 @@ pub fn import_spilled(
     let mut out = SpillImport::default();
     for dir in dirs {
         for (path, read) in spill::read_all(dir) {
-            let opened = read.and_then(|s| s.open(store.keyring()).map(|_| s));
+            let opened = read.and_then(|s| s.open(&store.keyring()).map(|_| s));
             let s = match opened {
                 Ok(s) => s,
                 Err(why) => {

@@ -1013,53 +1013,109 @@ impl Store {
         Ok(out)
     }
 
-    /// Re-seals up to `batch` values sealed under keys other than the primary;
-    /// returns how many were re-sealed (0 = none left).
-    pub fn reseal_batch(&mut self, batch: usize) -> Result<usize, StoreError> {
-        let primary = self.keyring.primary().id().to_string();
-        self.write(|tx, kr| {
-            let mut done = 0;
-            let mut stmt = tx.prepare(
-                "SELECT id, client_secret, refresh_token, access_token FROM connections",
-            )?;
+    /// One step of a re-sealing pass (key rotation): reads the next `rows`
+    /// connections after `cursor` in storage order and re-seals, in one short
+    /// write transaction, each of their values sealed under a key other than
+    /// the primary. The cursor moves past them, so a pass over a million rows
+    /// reads each row once and no step holds the write lock longer than its
+    /// `rows` take; the step that ends the pass also re-seals the (few) open
+    /// authorization links. Rows written behind the cursor meanwhile are
+    /// sealed under the primary already, unless a process still holding an
+    /// old keyring wrote them: the caller runs passes until one re-seals
+    /// nothing.
+    pub fn reseal_step(
+        &mut self,
+        cursor: &mut ResealCursor,
+        rows: usize,
+    ) -> Result<usize, StoreError> {
+        let primary = self.keyring.current().primary().id().to_string();
+        let after = cursor.after;
+        let (done, last, seen) = self.write(|tx, kr| {
             let mut todo = Vec::new();
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                if todo.len() >= batch {
-                    break;
-                }
-                let id: String = r.get(0)?;
-                for (i, col) in [
-                    SecretColumn::ClientSecret,
-                    SecretColumn::RefreshToken,
-                    SecretColumn::AccessToken,
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    let v: Option<Vec<u8>> = r.get(i + 1)?;
-                    if let Some(v) = v
-                        && crate::crypto::sealed_key_id(&v) != Some(primary.as_str())
+            let mut last = after;
+            let mut seen = 0usize;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT rowid, id, client_secret, refresh_token, access_token
+                     FROM connections WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+                )?;
+                let mut q = stmt.query(params![after, rows as i64])?;
+                while let Some(r) = q.next()? {
+                    seen += 1;
+                    last = r.get(0)?;
+                    let id: String = r.get(1)?;
+                    for (i, col) in [
+                        SecretColumn::ClientSecret,
+                        SecretColumn::RefreshToken,
+                        SecretColumn::AccessToken,
+                    ]
+                    .into_iter()
+                    .enumerate()
                     {
-                        todo.push((id.clone(), col, v));
+                        let v: Option<Vec<u8>> = r.get(i + 2)?;
+                        if let Some(v) = v
+                            && crate::crypto::sealed_key_id(&v) != Some(primary.as_str())
+                        {
+                            todo.push((id.clone(), col, v));
+                        }
                     }
                 }
             }
-            drop(rows);
-            drop(stmt);
+            let mut done = 0;
             for (id_s, col, sealed) in todo {
                 let id = Uuid::parse_str(&id_s)
                     .map_err(|_| StoreError::Corrupt(format!("connection id {id_s}")))?;
                 let plain = kr.open(id, col.as_str(), &sealed)?;
                 let resealed = kr.seal(id, col.as_str(), &plain);
                 let sql = format!("UPDATE connections SET {} = ?2 WHERE id = ?1", col.as_str());
-                tx.execute(&sql, params![id_s, resealed])?;
+                tx.prepare_cached(&sql)?.execute(params![id_s, resealed])?;
                 done += 1;
             }
-            done += super::authorizations::reseal(tx, kr, &primary, batch.saturating_sub(done))?;
-            Ok(done)
-        })
+            if seen < rows {
+                done += super::authorizations::reseal(tx, kr, &primary, usize::MAX)?;
+            }
+            Ok((done, last, seen))
+        })?;
+        cursor.after = last;
+        cursor.resealed += done as u64;
+        if seen < rows {
+            cursor.finished = true;
+        }
+        Ok(done)
     }
+
+    /// Runs re-sealing passes ([`Store::reseal_step`]) until one finds
+    /// nothing left to re-seal; `progress` is told the running total after
+    /// each step. Returns how many values were re-sealed.
+    pub fn reseal_all(
+        &mut self,
+        rows: usize,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let mut cursor = ResealCursor::default();
+            while !cursor.finished {
+                self.reseal_step(&mut cursor, rows)?;
+                progress(total + cursor.resealed);
+            }
+            total += cursor.resealed;
+            if cursor.resealed == 0 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Where a re-sealing pass over the connections is ([`Store::reseal_step`]).
+#[derive(Debug, Default, Clone)]
+pub struct ResealCursor {
+    /// The last rowid read.
+    after: i64,
+    /// Values re-sealed so far in this pass.
+    pub resealed: u64,
+    /// True once the pass has read the last row.
+    pub finished: bool,
 }
 
 /// What [`Store::changes_since`] found.
@@ -1151,6 +1207,77 @@ mod tests {
     fn store(dir: &tempfile::TempDir) -> Store {
         let keyring = Keyring::new(Key::generate(), vec![]);
         Store::open(&dir.path().join("acutoken.db"), keyring, Create::Yes).unwrap()
+    }
+
+    /// Two handles on one shared keyring: switching it through one switches
+    /// the other at once; stepping passes re-seal every value, a step at a
+    /// time; the new key alone then opens everything.
+    #[test]
+    fn a_shared_keyring_switches_every_handle_and_passes_reseal_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acutoken.db");
+        let old = Key::generate();
+        let shared = crate::store::SharedKeyring::new(Keyring::new(old.clone(), vec![]));
+        let mut engine = Store::open_shared(&path, &shared, Create::Yes).unwrap();
+        let reads = Store::open_shared(&path, &shared, Create::No).unwrap();
+        let news: Vec<NewConnection> = (0..25).map(new_connection).collect();
+        let now = chrono::Utc::now();
+        engine
+            .write(|tx, kr| insert_many(tx, kr, &news, now))
+            .unwrap();
+
+        let new = Key::generate();
+        engine.register_key(&new).unwrap();
+        engine.set_keyring(Keyring::new(new.clone(), vec![old.clone()]));
+        assert_eq!(reads.keyring().primary().id(), new.id());
+        // A value written through the other handle now seals under the new key.
+        let id = news[0].conn.id;
+        let mut writer = Store::open_shared(&path, reads.shared_keyring(), Create::No).unwrap();
+        writer
+            .write(|tx, kr| {
+                set_secret(
+                    tx,
+                    kr,
+                    id,
+                    SecretColumn::RefreshToken,
+                    Some(&Secret::new("fresh".to_string())),
+                )
+            })
+            .unwrap();
+
+        let mut cursor = ResealCursor::default();
+        let mut steps = 0;
+        while !cursor.finished {
+            engine.reseal_step(&mut cursor, 10).unwrap();
+            steps += 1;
+        }
+        assert_eq!(steps, 3, "25 rows, 10 a step");
+        // 25 client secrets, 13 refresh tokens less the one already re-sealed.
+        assert_eq!(cursor.resealed, 25 + 13 - 1);
+        assert_eq!(engine.reseal_all(10, |_| {}).unwrap(), 0);
+        engine.retire_keys_except(&new).unwrap();
+
+        let alone = Store::open(&path, Keyring::new(new.clone(), vec![]), Create::No).unwrap();
+        for n in &news {
+            assert_eq!(
+                alone
+                    .secret(n.conn.id, SecretColumn::ClientSecret)
+                    .unwrap()
+                    .unwrap()
+                    .expose(),
+                n.client_secret.as_ref().unwrap().expose()
+            );
+        }
+        assert_eq!(
+            alone
+                .secret(id, SecretColumn::RefreshToken)
+                .unwrap()
+                .unwrap()
+                .expose(),
+            "fresh"
+        );
+        let err = Store::open(&path, Keyring::new(old, vec![]), Create::No).unwrap_err();
+        assert!(matches!(err, StoreError::RetiredKey { .. }), "{err}");
     }
 
     /// 2 multi-row statements and 23 single rows: every row and secret lands.

@@ -126,7 +126,7 @@ impl Store {
         let mut store = Store {
             db,
             path: tmp,
-            keyring,
+            keyring: keyring.into(),
         };
         store.migrate(0)?;
         keys::register_primary(&store)?;

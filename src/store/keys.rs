@@ -1,6 +1,7 @@
 //! Finding the store key (DESIGN §4 order) and checking it against the store.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rusqlite::params;
 
@@ -177,9 +178,50 @@ fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)
     Ok(None)
 }
 
+/// A keyring shared by the store handles of one process. A key rotation in
+/// the daemon replaces it once and every handle (the engine's, the API's, the
+/// token cache's, the watcher's, the alert workers') seals under the new key
+/// from its next use; nothing keeps a copy of the old keyring beyond one
+/// write transaction.
+#[derive(Debug, Clone)]
+pub struct SharedKeyring(Arc<RwLock<Arc<Keyring>>>);
+
+impl SharedKeyring {
+    pub fn new(keyring: Keyring) -> SharedKeyring {
+        SharedKeyring(Arc::new(RwLock::new(Arc::new(keyring))))
+    }
+
+    /// The keyring in force now.
+    pub fn current(&self) -> Arc<Keyring> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `keyring` in force for every handle sharing this one.
+    pub fn replace(&self, keyring: Keyring) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keyring);
+    }
+
+    /// Opens a secret with the keyring in force (see [`Keyring::open_secret`]).
+    pub fn open_secret(
+        &self,
+        connection: uuid::Uuid,
+        column: &str,
+        sealed: &[u8],
+    ) -> Result<crate::secret::Secret, crypto::CryptoError> {
+        self.current().open_secret(connection, column, sealed)
+    }
+}
+
+impl From<Keyring> for SharedKeyring {
+    fn from(keyring: Keyring) -> SharedKeyring {
+        SharedKeyring::new(keyring)
+    }
+}
+
 /// Refuses a primary key whose check value is not in the store.
 pub(super) fn verify(store: &Store) -> Result<(), StoreError> {
-    let primary = store.keyring.primary();
+    let keyring = store.keyring.current();
+    let primary = keyring.primary();
     let check: Option<Vec<u8>> = store
         .db
         .query_row(
@@ -192,8 +234,17 @@ pub(super) fn verify(store: &Store) -> Result<(), StoreError> {
             rusqlite::Error::QueryReturnedNoRows => Ok(None),
             e => Err(e),
         })?;
-    match check {
-        Some(c) if crypto::verify_check(primary, &c) => Ok(()),
+    let retired = match check {
+        Some(_) => None,
+        None => retired_at(store, primary.id())?,
+    };
+    match (check, retired) {
+        (Some(c), _) if crypto::verify_check(primary, &c) => Ok(()),
+        (_, Some(at)) => Err(StoreError::RetiredKey {
+            origin: primary.source().to_string(),
+            path: store.path.clone(),
+            at: crate::model::fmt_time(super::from_ms(at)),
+        }),
         _ => Err(StoreError::WrongKey {
             origin: primary.source().to_string(),
             path: store.path.clone(),
@@ -201,9 +252,25 @@ pub(super) fn verify(store: &Store) -> Result<(), StoreError> {
     }
 }
 
+/// When `key_id` was retired by a key rotation, if it was.
+fn retired_at(store: &Store, key_id: &str) -> Result<Option<i64>, StoreError> {
+    Ok(store
+        .db
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [format!("retired_key:{key_id}")],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?)
+}
+
 /// Records the primary key's check value (new stores).
 pub(super) fn register_primary(store: &Store) -> Result<(), StoreError> {
-    add_key(store, store.keyring.primary())
+    add_key(store, store.keyring.current().primary())
 }
 
 fn add_key(store: &Store, key: &Key) -> Result<(), StoreError> {
@@ -226,15 +293,31 @@ impl Store {
 
     /// Forgets every key but `keep`: after a rotation left nothing sealed under
     /// them, an old key must no longer open (and so seal into) this store.
-    pub fn retire_keys_except(&self, keep: &Key) -> Result<usize, StoreError> {
-        Ok(self
-            .db
-            .execute("DELETE FROM keys WHERE key_id <> ?1", [keep.id()])?)
+    /// Each retired key id is remembered, so that a process started with one
+    /// is told its key was rotated away rather than that it is foreign.
+    pub fn retire_keys_except(&mut self, keep: &Key) -> Result<usize, StoreError> {
+        let now = to_ms(chrono::Utc::now());
+        self.write(|tx, _| {
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value)
+                 SELECT 'retired_key:' || key_id, ?2 FROM keys WHERE key_id <> ?1",
+                params![keep.id(), now],
+            )?;
+            Ok(tx.execute("DELETE FROM keys WHERE key_id <> ?1", [keep.id()])?)
+        })
     }
 
-    /// Replaces the keyring (after rotation re-sealed everything under a new key).
+    /// The ids of the keys that open this store.
+    pub fn registered_key_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.db.prepare("SELECT key_id FROM keys ORDER BY key_id")?;
+        let ids = stmt.query_map([], |r| r.get(0))?;
+        Ok(ids.collect::<Result<_, _>>()?)
+    }
+
+    /// Replaces the keyring, for this handle and every handle sharing it
+    /// (key rotation: the new key seals, the old ones still open).
     pub fn set_keyring(&mut self, keyring: Keyring) {
-        self.keyring = keyring;
+        self.keyring.replace(keyring);
     }
 
     /// Ids of keys that still seal some value, with how many values each seals.

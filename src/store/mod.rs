@@ -18,6 +18,7 @@ mod migrations;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -31,7 +32,9 @@ pub use claims::{Claim, ClaimOutcome, Owner, RefreshSave};
 pub use connections::{ConnectionPatch, ConnectionRow, NewConnection, SecretColumn};
 pub use events::Event;
 pub use fresh::{Fresh, Leftovers};
-pub use keys::{KeyResolution, PendingKey, resolve_keyring, resolve_keyring_deferred};
+pub use keys::{
+    KeyResolution, PendingKey, SharedKeyring, resolve_keyring, resolve_keyring_deferred,
+};
 
 /// How long a writer waits for another process's lock before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +52,16 @@ pub enum StoreError {
         "the key from {origin} does not open the store {path}: it was sealed with another key (check store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store)"
     )]
     WrongKey { origin: String, path: PathBuf },
+    /// The key was retired by `key rotate`: the store is sealed under the
+    /// newer key given to the rotation, which must now be the one found.
+    #[error(
+        "the key from {origin} was retired from the store {path} by `acutoken key rotate` at {at}: the store is now sealed under the key given to the rotation (--new-key-file); make that file the key acutoken finds (the systemd credential, store.key_file, ACUTOKEN_KEY, or acutoken.key beside the store) and start again"
+    )]
+    RetiredKey {
+        origin: String,
+        path: PathBuf,
+        at: String,
+    },
     /// A store exists but no key was found anywhere: the operator must supply it.
     #[error(
         "the store {path} exists but no key was found (looked in $CREDENTIALS_DIRECTORY/acutoken.key, store.key_file, ACUTOKEN_KEY and {beside}): supply the key it was created with"
@@ -121,7 +134,9 @@ impl StoreError {
 pub struct Store {
     db: Db,
     path: PathBuf,
-    keyring: Keyring,
+    /// Shared by every handle of a daemon ([`Store::open_shared`]), so a key
+    /// rotation switches them all at once.
+    keyring: SharedKeyring,
 }
 
 impl std::fmt::Debug for Store {
@@ -142,6 +157,18 @@ pub enum Create {
 impl Store {
     /// Opens (or creates) the store at `path`, verifying `keyring` before anything is written.
     pub fn open(path: &Path, keyring: Keyring, create: Create) -> Result<Store, StoreError> {
+        Store::open_shared(path, &SharedKeyring::new(keyring), create)
+    }
+
+    /// [`Store::open`] with a keyring shared with other handles: replacing it
+    /// ([`SharedKeyring::replace`], [`Store::set_keyring`]) switches every
+    /// handle opened with it at once (the daemon's, during a key rotation).
+    pub fn open_shared(
+        path: &Path,
+        keyring: &SharedKeyring,
+        create: Create,
+    ) -> Result<Store, StoreError> {
+        let keyring = keyring.clone();
         let exists = path.exists();
         if !exists {
             if create == Create::No {
@@ -212,8 +239,13 @@ impl Store {
         &self.path
     }
 
-    /// The keyring that seals and opens this store's secrets.
-    pub fn keyring(&self) -> &Keyring {
+    /// The keyring that seals and opens this store's secrets now.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.current()
+    }
+
+    /// The shared cell behind [`Store::keyring`], to open more handles on it.
+    pub fn shared_keyring(&self) -> &SharedKeyring {
         &self.keyring
     }
 
@@ -225,7 +257,9 @@ impl Store {
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx, &self.keyring)?;
+        // One keyring for the whole transaction, even if it is replaced meanwhile.
+        let keyring = self.keyring.current();
+        let out = f(&tx, &keyring)?;
         tx.commit()?;
         Ok(out)
     }
