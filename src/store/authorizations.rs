@@ -166,7 +166,7 @@ impl Store {
         connection: Uuid,
         now: Timestamp,
     ) -> Result<Option<Authorization>, StoreError> {
-        open(&self.db, &self.keyring, connection, now)
+        open(&self.db, &self.keyring(), connection, now)
     }
 
     /// Looks up a callback's hashed state.
