@@ -623,48 +623,7 @@ fn bind_new(
 
 /// Writes every non-secret field of `row` back, bumping version and change sequence.
 pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> {
-    let c = &row.conn;
-    let seq = next_seq(tx)?;
-    let n = tx
-        .prepare_cached(
-            "UPDATE connections SET instance = ?2, client_id = ?3, labels = ?4, mode = ?5,
-            lifetime_s = ?6, absolute_lifetime_s = ?7, secret_expires_at = ?8,
-            grant_issued_at = ?9, refresh_token_issued_at = ?10, access_expires_at = ?11,
-            deadline = ?12, deadline_source = ?13, next_refresh_at = ?14, last_refresh_at = ?15,
-            last_error = ?16, state = ?17, failures = ?18, failing_since = ?19,
-            outcome_unknown = ?20, token_type = ?21, access_lifetime_s = ?22,
-            version = version + 1, change_seq = ?23
-         WHERE id = ?1",
-        )?
-        .execute(params![
-            c.id.to_string(),
-            c.instance,
-            c.client_id,
-            labels_json(&c.labels),
-            c.mode.as_str(),
-            secs_i64(c.lifetime),
-            c.absolute_lifetime.map(secs_i64),
-            c.secret_expires_at.map(to_ms),
-            c.grant_issued_at.map(to_ms),
-            c.refresh_token_issued_at.map(to_ms),
-            c.access_expires_at.map(to_ms),
-            c.deadline.map(to_ms),
-            c.deadline_source.map(|s| s.as_str()),
-            c.next_refresh_at.map(to_ms),
-            c.last_refresh_at.map(to_ms),
-            c.last_error,
-            c.state.as_str(),
-            row.failures as i64,
-            row.failing_since.map(to_ms),
-            row.outcome_unknown as i64,
-            row.token_type,
-            row.access_lifetime.map(secs_i64),
-            seq,
-        ])?;
-    if n == 0 {
-        return Err(StoreError::UnknownConnection(c.name.clone()));
-    }
-    Ok(())
+    update(tx, row, Fields::All)
 }
 
 /// Writes back only the columns a refresh owns (times, plan, state, failure
@@ -672,34 +631,64 @@ pub fn put(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> 
 /// operator or the customer sets is never written from a refresh: a save
 /// cannot undo an edit that landed while its request was in flight.
 pub fn put_refresh(tx: &Transaction<'_>, row: &ConnectionRow) -> Result<(), StoreError> {
+    update(tx, row, Fields::RefreshOwned)
+}
+
+/// Which columns an [`update`] writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fields {
+    All,
+    RefreshOwned,
+}
+
+fn update(tx: &Transaction<'_>, row: &ConnectionRow, fields: Fields) -> Result<(), StoreError> {
+    // The refresh-owned columns are ?2..=?15; an operator's follow from ?16.
+    const OWNED: &str = "refresh_token_issued_at = ?2, access_expires_at = ?3, deadline = ?4,
+        deadline_source = ?5, next_refresh_at = ?6, last_refresh_at = ?7, last_error = ?8,
+        state = ?9, failures = ?10, failing_since = ?11, outcome_unknown = ?12,
+        token_type = ?13, access_lifetime_s = ?14, version = version + 1, change_seq = ?15";
+    const OPERATOR: &str = ", instance = ?16, client_id = ?17, labels = ?18, mode = ?19,
+        lifetime_s = ?20, absolute_lifetime_s = ?21, secret_expires_at = ?22,
+        grant_issued_at = ?23";
     let c = &row.conn;
     let seq = next_seq(tx)?;
+    let id = c.id.to_string();
+    let (failures, unknown) = (row.failures as i64, row.outcome_unknown as i64);
+    let mut values: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![
+        Box::new(id),
+        Box::new(c.refresh_token_issued_at.map(to_ms)),
+        Box::new(c.access_expires_at.map(to_ms)),
+        Box::new(c.deadline.map(to_ms)),
+        Box::new(c.deadline_source.map(|s| s.as_str())),
+        Box::new(c.next_refresh_at.map(to_ms)),
+        Box::new(c.last_refresh_at.map(to_ms)),
+        Box::new(&c.last_error),
+        Box::new(c.state.as_str()),
+        Box::new(failures),
+        Box::new(row.failing_since.map(to_ms)),
+        Box::new(unknown),
+        Box::new(&row.token_type),
+        Box::new(row.access_lifetime.map(secs_i64)),
+        Box::new(seq),
+    ];
+    let sql = if fields == Fields::All {
+        values.extend([
+            Box::new(&c.instance) as Box<dyn rusqlite::ToSql>,
+            Box::new(&c.client_id),
+            Box::new(labels_json(&c.labels)),
+            Box::new(c.mode.as_str()),
+            Box::new(secs_i64(c.lifetime)),
+            Box::new(c.absolute_lifetime.map(secs_i64)),
+            Box::new(c.secret_expires_at.map(to_ms)),
+            Box::new(c.grant_issued_at.map(to_ms)),
+        ]);
+        format!("UPDATE connections SET {OWNED}{OPERATOR} WHERE id = ?1")
+    } else {
+        format!("UPDATE connections SET {OWNED} WHERE id = ?1")
+    };
     let n = tx
-        .prepare_cached(
-            "UPDATE connections SET refresh_token_issued_at = ?2, access_expires_at = ?3,
-            deadline = ?4, deadline_source = ?5, next_refresh_at = ?6, last_refresh_at = ?7,
-            last_error = ?8, state = ?9, failures = ?10, failing_since = ?11,
-            outcome_unknown = ?12, token_type = ?13, access_lifetime_s = ?14,
-            version = version + 1, change_seq = ?15
-         WHERE id = ?1",
-        )?
-        .execute(params![
-            c.id.to_string(),
-            c.refresh_token_issued_at.map(to_ms),
-            c.access_expires_at.map(to_ms),
-            c.deadline.map(to_ms),
-            c.deadline_source.map(|s| s.as_str()),
-            c.next_refresh_at.map(to_ms),
-            c.last_refresh_at.map(to_ms),
-            c.last_error,
-            c.state.as_str(),
-            row.failures as i64,
-            row.failing_since.map(to_ms),
-            row.outcome_unknown as i64,
-            row.token_type,
-            row.access_lifetime.map(secs_i64),
-            seq,
-        ])?;
+        .prepare_cached(&sql)?
+        .execute(rusqlite::params_from_iter(values.iter().map(|v| &**v)))?;
     if n == 0 {
         return Err(StoreError::UnknownConnection(c.name.clone()));
     }
