@@ -1,7 +1,11 @@
 //! Prometheus metrics on `metrics.listen` (with `/healthz` and `/readyz`).
 //!
-//! No series per connection: counts per state, the nearest deadline, and a
-//! histogram of time-to-deadline describe a million connections in a few lines.
+//! No series per connection: counts per state, the nearest deadline, and
+//! counts of deadlines within fixed horizons describe a million connections
+//! in a few lines.
+//!
+//! Every series carries a description: `promtool check metrics` (Prometheus's
+//! own linter, run by `tests/metrics_lint.rs`) refuses a page without one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,10 +28,23 @@ use uuid::Uuid;
 /// How often the store-derived gauges are recomputed.
 const UPDATE_EVERY: Duration = Duration::from_secs(15);
 
-/// Buckets of the time-to-deadline histogram, in seconds (1 h .. 60 d).
-const DEADLINE_BUCKETS: [f64; 9] = [
-    3600.0, 21600.0, 86400.0, 259200.0, 604800.0, 1209600.0, 1814400.0, 2592000.0, 5184000.0,
+/// The horizons of `acutoken_time_to_deadline_seconds`: the `within` label
+/// and its bound in seconds (1 h .. 60 d). A gauge with a `within` label, not
+/// an `le` one: `le` belongs to histograms only, and a histogram (with its
+/// `_sum` and `_count` of observations) does not describe a snapshot.
+const DEADLINE_BUCKETS: [(&str, i64); 9] = [
+    ("1h", 3_600),
+    ("6h", 21_600),
+    ("1d", 86_400),
+    ("3d", 259_200),
+    ("7d", 604_800),
+    ("14d", 1_209_600),
+    ("21d", 1_814_400),
+    ("30d", 2_592_000),
+    ("60d", 5_184_000),
 ];
+/// The `within` value of the series that counts every scheduled deadline.
+const DEADLINE_ANY: &str = "any";
 
 /// The metrics recorder and its renderer.
 #[derive(Clone)]
@@ -72,7 +89,19 @@ impl Metrics {
         );
         metrics::describe_gauge!(
             "acutoken_time_to_deadline_seconds",
-            "Scheduled connections whose deadline is within le seconds"
+            "Scheduled connections whose deadline falls within the horizon named by `within` (any: all of them)"
+        );
+        metrics::describe_gauge!(
+            "acutoken_refreshes_in_flight",
+            "Refreshes running now (token requests sent and not yet saved)"
+        );
+        metrics::describe_gauge!(
+            "acutoken_refreshes_ready",
+            "Connections due for a refresh and waiting for a free slot"
+        );
+        metrics::describe_counter!(
+            "acutoken_http_connections_refused_total",
+            "TCP or socket connections closed at once because the listener's cap of open connections was reached"
         );
         metrics::describe_gauge!(
             "acutoken_alerts_undelivered",
@@ -276,8 +305,8 @@ impl Tally {
             let secs = i64::from(e.deadline_s) - now;
             all += 1;
             nearest = Some(nearest.map_or(secs, |n| n.min(secs)));
-            for (n, le) in buckets.iter_mut().zip(DEADLINE_BUCKETS) {
-                if secs as f64 <= le {
+            for (n, (_, within)) in buckets.iter_mut().zip(DEADLINE_BUCKETS) {
+                if secs <= within {
                     *n += 1;
                 }
             }
@@ -286,17 +315,17 @@ impl Tally {
     }
 
     /// Sets the gauges that move with the clock: the nearest deadline and
-    /// the time-to-deadline histogram.
+    /// the deadline counts per horizon.
     fn deadline_gauges(&self, now: Timestamp) {
         let (nearest, buckets, all) = self.deadline_summary(now);
         if let Some(nearest) = nearest {
             metrics::gauge!("acutoken_nearest_deadline_seconds").set(nearest);
         }
-        for (n, le) in buckets.iter().zip(DEADLINE_BUCKETS) {
-            metrics::gauge!("acutoken_time_to_deadline_seconds", "le" => format!("{le}"))
-                .set(*n as f64);
+        for (n, (within, _)) in buckets.iter().zip(DEADLINE_BUCKETS) {
+            metrics::gauge!("acutoken_time_to_deadline_seconds", "within" => within).set(*n as f64);
         }
-        metrics::gauge!("acutoken_time_to_deadline_seconds", "le" => "+Inf").set(all as f64);
+        metrics::gauge!("acutoken_time_to_deadline_seconds", "within" => DEADLINE_ANY)
+            .set(all as f64);
     }
 }
 
@@ -391,11 +420,11 @@ mod tests {
         let (nearest, buckets, all) = t.deadline_summary(now);
         assert_eq!(all, spread.len() as u64);
         assert_eq!(nearest, spread.iter().copied().reduce(f64::min));
-        for (n, le) in buckets.iter().zip(DEADLINE_BUCKETS) {
+        for (n, (within, secs)) in buckets.iter().zip(DEADLINE_BUCKETS) {
             assert_eq!(
                 *n,
-                spread.iter().filter(|d| **d <= le).count() as u64,
-                "le {le}"
+                spread.iter().filter(|d| **d <= secs as f64).count() as u64,
+                "within {within}"
             );
         }
     }
