@@ -9,6 +9,8 @@ use acutoken::alerts::render::{self, MAX_EMBEDS, MAX_TOTAL, Message, Notice, emb
 use acutoken::alerts::{AlertFacts, AlertKind, Status};
 use acutoken::config::ChannelKind;
 use acutoken::model::{Severity, State};
+use acutoken::secret::Secret;
+use acutoken::store::authorizations::Authorization;
 use arbitrary::Arbitrary;
 use chrono::TimeZone;
 use libfuzzer_sys::fuzz_target;
@@ -43,6 +45,8 @@ struct Fact {
     summary: Text,
     action: Text,
     deadline: Option<i32>,
+    /// The authorization link an alert that needs the customer carries.
+    link: Option<Text>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -108,8 +112,12 @@ fn value_chars(v: &Value) -> usize {
     }
 }
 
+fn printable(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
 fn is_printable_ascii(f: &AlertFacts) -> bool {
-    let ok = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
+    let ok = printable;
     ok(&f.connection)
         && ok(&f.summary)
         && ok(&f.action)
@@ -217,18 +225,21 @@ fuzz_target!(|input: Input| {
     let mut notices = Vec::new();
     // A group is of one kind; up to 40 are listed, and `unlisted` stands for
     // the thousands more a mass failure brings (counted, not rendered).
-    let made: Vec<(AlertFacts, bool)> = input
+    let made: Vec<(AlertFacts, bool, Option<String>)> = input
         .facts
         .iter()
         .take(40)
         .map(|f| {
             let mut facts = facts(f);
             facts.kind = AlertKind::ALL[kind as usize % AlertKind::ALL.len()];
-            (facts, f.resolved)
+            // A real link is a few hundred characters (instance, client ID,
+            // redirect URI, state, PKCE challenge).
+            let link = f.link.as_ref().map(|t| t.get().chars().take(600).collect());
+            (facts, f.resolved, link)
         })
         .collect();
     let copies = (input.copies as usize % 40 + 1).max(made.len());
-    for (i, (facts, resolved)) in made.iter().cycle().take(copies).enumerate() {
+    for (i, (facts, resolved, link)) in made.iter().cycle().take(copies).enumerate() {
         notices.push(Notice {
             id: format!("n{i}"),
             status: if *resolved {
@@ -237,9 +248,15 @@ fuzz_target!(|input: Input| {
                 Status::Firing
             },
             facts: facts.clone(),
+            link: link.as_ref().map(|url| Authorization {
+                url: Secret::new(url.clone()),
+                expires_at: sent_at + chrono::Duration::days(14),
+            }),
         });
     }
-    let printable_ascii = made.iter().all(|(f, _)| is_printable_ascii(f));
+    let printable_ascii = made
+        .iter()
+        .all(|(f, _, l)| is_printable_ascii(f) && l.as_deref().is_none_or(printable));
     let mut msg = Message::new(notices, input.group_max as usize % 40, sent_at);
     msg.total += input.unlisted as usize;
     for ch in [
