@@ -133,39 +133,12 @@ impl std::fmt::Display for Fault {
     }
 }
 
-/// The column names of [`COLUMNS`] by index, for faults.
-const COLUMN_NAMES: [&str; 30] = [
-    "id",
-    "name",
-    "instance",
-    "client_id",
-    "labels",
-    "mode",
-    "lifetime_s",
-    "absolute_lifetime_s",
-    "secret_expires_at",
-    "grant_issued_at",
-    "refresh_token_issued_at",
-    "access_expires_at",
-    "deadline",
-    "deadline_source",
-    "next_refresh_at",
-    "last_refresh_at",
-    "last_error",
-    "state",
-    "failures",
-    "failing_since",
-    "outcome_unknown",
-    "client_secret",
-    "refresh_token",
-    "access_token",
-    "token_type",
-    "access_lifetime_s",
-    "claim_owner",
-    "claim_expires_at",
-    "version",
-    "change_seq",
-];
+/// The column a select list names at index `i`: its first word
+/// (`client_secret IS NOT NULL` names `client_secret`). Faults name their
+/// column from the query itself, so the two cannot drift apart.
+fn column_at(select: &'static str, i: usize) -> Option<&'static str> {
+    select.split(',').nth(i)?.split_whitespace().next()
+}
 
 /// A plain value quoted in a fault: short, and printable.
 fn quote(v: rusqlite::types::ValueRef<'_>) -> String {
@@ -185,8 +158,8 @@ struct Decoder<'a, 'r> {
     r: &'a Row<'r>,
     /// Index of the rowid column in this query.
     rowid_at: usize,
-    /// Column names of this query, by index.
-    names: &'a [&'static str],
+    /// This query's select list.
+    select: &'static str,
 }
 
 impl Decoder<'_, '_> {
@@ -200,12 +173,10 @@ impl Decoder<'_, '_> {
             rowid: self.r.get(self.rowid_at).unwrap_or(0),
             id: Uuid::parse_str(&id_text).ok(),
             key: id_text,
-            name: self
-                .names
-                .iter()
-                .position(|n| *n == "name")
-                .and_then(|i| self.r.get::<_, String>(i).ok()),
-            column: self.names.get(i).copied().unwrap_or("?"),
+            name: (0..=self.rowid_at)
+                .position(|k| column_at(self.select, k) == Some("name"))
+                .and_then(|k| self.r.get::<_, String>(k).ok()),
+            column: column_at(self.select, i).unwrap_or("?"),
             reason,
         }
     }
@@ -279,7 +250,7 @@ pub(super) fn decode(r: &Row<'_>) -> Result<ConnectionRow, Fault> {
     let d = Decoder {
         r,
         rowid_at: 30,
-        names: &COLUMN_NAMES,
+        select: COLUMNS,
     };
     let labels = d.text(4)?;
     Ok(ConnectionRow {
@@ -348,35 +319,12 @@ fn one_row(
     }
 }
 
-/// The columns of [`Store::each_for_planning`], by index.
-const PLANNING_NAMES: [&str; 26] = [
-    "id",
-    "instance",
-    "mode",
-    "lifetime_s",
-    "absolute_lifetime_s",
-    "secret_expires_at",
-    "grant_issued_at",
-    "refresh_token_issued_at",
-    "access_expires_at",
-    "deadline",
-    "deadline_source",
-    "next_refresh_at",
-    "last_refresh_at",
-    "state",
-    "failures",
-    "failing_since",
-    "outcome_unknown",
-    "claim_owner",
-    "claim_expires_at",
-    "version",
-    "change_seq",
-    "name",
-    "client_id",
-    "labels",
-    "last_error",
-    "rowid",
-];
+/// The select list of [`Store::each_for_planning`].
+const PLANNING_COLUMNS: &str = "id, instance, mode, lifetime_s, absolute_lifetime_s,
+    secret_expires_at, grant_issued_at, refresh_token_issued_at, access_expires_at, deadline,
+    deadline_source, next_refresh_at, last_refresh_at, state, failures, failing_since,
+    outcome_unknown, claim_owner, claim_expires_at, version, change_seq, name, client_id,
+    labels, last_error, rowid";
 
 /// See [`Store::each_for_planning`]. The checks are those of [`decode`]:
 /// a row that plans also reads whole. Name, client ID, labels and last
@@ -386,7 +334,7 @@ fn planning_row(r: &Row<'_>) -> Result<ConnectionRow, Fault> {
     let d = Decoder {
         r,
         rowid_at: 25,
-        names: &PLANNING_NAMES,
+        select: PLANNING_COLUMNS,
     };
     d.text(21)?;
     d.text(22)?;
@@ -863,14 +811,9 @@ impl Store {
         mut f: impl FnMut(&ConnectionRow),
         mut faulty: impl FnMut(Fault),
     ) -> Result<(), StoreError> {
-        let mut stmt = self.db.prepare(
-            "SELECT id, instance, mode, lifetime_s, absolute_lifetime_s, secret_expires_at,
-                grant_issued_at, refresh_token_issued_at, access_expires_at, deadline,
-                deadline_source, next_refresh_at, last_refresh_at, state, failures,
-                failing_since, outcome_unknown, claim_owner, claim_expires_at, version,
-                change_seq, name, client_id, labels, last_error, rowid
-             FROM connections",
-        )?;
+        let mut stmt = self
+            .db
+            .prepare(&format!("SELECT {PLANNING_COLUMNS} FROM connections"))?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             match planning_row(r) {
@@ -1163,6 +1106,22 @@ mod tests {
     use super::*;
     use crate::crypto::Key;
     use crate::store::Create;
+
+    #[test]
+    fn faults_name_columns_from_the_select_lists() {
+        assert_eq!(column_at(COLUMNS, 0), Some("id"));
+        assert_eq!(column_at(COLUMNS, 17), Some("state"));
+        assert_eq!(column_at(COLUMNS, 21), Some("client_secret"));
+        assert_eq!(column_at(COLUMNS, 30), Some("rowid"), "decode's rowid_at");
+        assert_eq!(column_at(PLANNING_COLUMNS, 13), Some("state"));
+        assert_eq!(column_at(PLANNING_COLUMNS, 23), Some("labels"));
+        assert_eq!(
+            column_at(PLANNING_COLUMNS, 25),
+            Some("rowid"),
+            "planning_row's rowid_at"
+        );
+        assert_eq!(column_at(COLUMNS, 31), None);
+    }
 
     fn new_connection(i: usize) -> NewConnection {
         NewConnection {
