@@ -206,8 +206,8 @@ fn apply_failure(
 
 /// Where a finished request's outcome landed.
 enum Landed {
-    Saved(Box<ConnectionRow>),
-    Failed(Box<ConnectionRow>, String, Option<Duration>),
+    /// Saved, with the detail for the history and the report.
+    Applied(Box<ConnectionRow>, String),
     /// Overtaken by a newer grant or an edit: not applied, said in the history.
     Discarded(Box<ConnectionRow>, String),
     /// The connection is gone.
@@ -754,31 +754,13 @@ impl Engine {
                     if !ours {
                         tracing::error!(connection = %row.conn.name, "claim lost before the save; saved the rotated token anyway");
                     }
-                    Ok(Landed::Saved(Box::new(row)))
+                    Ok(Landed::Applied(Box::new(row), detail.to_string()))
                 }
             })
         })
         .await;
         match res {
-            Ok(Landed::Saved(row)) => {
-                self.hooks.alerts_raised();
-                Ok(report(&row, "refreshed", p.detail.clone(), None))
-            }
-            Ok(Landed::Discarded(row, why)) => {
-                tracing::warn!(connection = %row.conn.name, reason = %why, "refresh outcome discarded");
-                Ok(report(&row, "discarded", why, None))
-            }
-            Ok(Landed::Removed | Landed::Failed(..)) => {
-                tracing::info!(connection = %p.row.conn.name, "the connection was removed while its refresh was in flight; the token it obtained is discarded");
-                let mut r = report(
-                    &p.row,
-                    "discarded",
-                    "the connection was removed while the request was in flight; the token it obtained is discarded".into(),
-                    None,
-                );
-                r.next_refresh_at = None;
-                Ok(r)
-            }
+            Ok(landed) => Ok(self.landed(landed, "refreshed", None, &p.row)),
             Err(e) => {
                 let msg = e.to_string();
                 self.hold(p, &msg);
@@ -864,7 +846,7 @@ impl Engine {
         let claimed = claim.row;
         let policy = policy.clone();
         let jitter: f64 = rand::random();
-        let name = claimed.conn.name.clone();
+        let retry_after = err.retry_after;
         let landed = with_store(&self.store, move |st| {
             st.write(|tx, kr| match claims::reread(tx, kr, &basis)? {
                 Found::Removed => Ok(Landed::Removed),
@@ -917,31 +899,42 @@ impl Engine {
                             row.conn.state.as_str(),
                         )?;
                     }
-                    let retry = err.retry_after;
-                    Ok(Landed::Failed(Box::new(row), reason, retry))
+                    Ok(Landed::Applied(Box::new(row), reason))
                 }
             })
         })
         .await?;
+        Ok(self.landed(landed, "failed", retry_after, &claimed))
+    }
+
+    /// The report of an outcome once the store had its say (see [`Landed`]);
+    /// `claimed` is the row as claimed, for a connection that is gone.
+    fn landed(
+        &self,
+        landed: Landed,
+        outcome: &'static str,
+        retry_after: Option<Duration>,
+        claimed: &ConnectionRow,
+    ) -> RefreshReport {
         match landed {
-            Landed::Failed(row, reason, retry_after) => {
+            Landed::Applied(row, detail) => {
                 self.hooks.alerts_raised();
-                Ok(report(&row, "failed", reason, retry_after))
+                report(&row, outcome, detail, retry_after)
             }
             Landed::Discarded(row, why) => {
                 tracing::warn!(connection = %row.conn.name, reason = %why, "refresh outcome discarded");
-                Ok(report(&row, "discarded", why, None))
+                report(&row, "discarded", why, None)
             }
-            Landed::Removed | Landed::Saved(_) => {
-                tracing::info!(connection = %name, "the connection was removed while its refresh was in flight");
+            Landed::Removed => {
+                tracing::info!(connection = %claimed.conn.name, "the connection was removed while its refresh was in flight; its outcome is discarded");
                 let mut r = report(
-                    &claimed,
+                    claimed,
                     "discarded",
-                    "the connection was removed while the request was in flight".into(),
+                    "the connection was removed while the request was in flight; its outcome is discarded".into(),
                     None,
                 );
                 r.next_refresh_at = None;
-                Ok(r)
+                r
             }
         }
     }
