@@ -5,40 +5,8 @@
 
 mod support_daemon;
 
-use std::collections::HashMap;
-use std::time::Duration;
-
 use acutoken::model::State;
-use support_daemon::{CLIENT, Rig, SITE};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn query(url: &str) -> HashMap<String, String> {
-    url::Url::parse(url)
-        .unwrap()
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
-
-/// `connection authorize NAME`, then the customer approving at the
-/// simulator: the URL the browser lands on (the callback).
-async fn approve(rig: &Rig, name: &str) -> String {
-    let out = rig.cli(&["connection", "authorize", name], None).await.ok();
-    let link = out.stdout.trim().to_string();
-    assert_eq!(query(&link)["client_id"], CLIENT);
-    let r = http().get(&link).send().await.unwrap();
-    assert_eq!(r.status(), 302);
-    let to = r.headers()["location"].to_str().unwrap().to_string();
-    assert!(to.starts_with(&rig.redirect_uri()), "{to}");
-    to
-}
+use support_daemon::{Rig, SITE, authorize, http, query};
 
 /// Disabling closes the link: the customer's later visit connects nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +15,7 @@ async fn disable_closes_open_links() {
     rig.add_pending("acme", SITE).await;
     let mut d = rig.serve(None);
     d.ready().await;
-    let landed = approve(&rig, "acme").await;
+    let landed = authorize(&rig, "acme").await;
     let shown = rig.cli(&["connection", "show", "acme"], None).await.ok();
     assert!(shown.stdout.contains("a link is open"), "{shown:#?}");
 
@@ -86,7 +54,7 @@ async fn a_disabled_connection_refuses_completion() {
     rig.add_pending("acme", SITE).await;
     let mut d = rig.serve(None);
     d.ready().await;
-    let landed = approve(&rig, "acme").await;
+    let landed = authorize(&rig, "acme").await;
     // Disabled without closing its links, as an older acutoken did.
     {
         let mut st = rig.open_store();

@@ -8,33 +8,18 @@
 
 mod support_daemon;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use acutoken::model::{MAX_ACCESS_LIFETIME, State, Timestamp, parse_time};
 use nix::sys::signal::Signal;
-use support_daemon::{CLIENT, Rig, SECRET, SITE, api, api_full, eventually, json};
+use support_daemon::{
+    CLIENT, Rig, SECRET, SITE, api, api_full, authorize_at, eventually, http, json,
+};
 
 /// What the hostile instance answers as `expires_in`: about 317 000 years.
 const HUGE: u64 = 10_000_000_000_000;
 /// A second customer's instance, well behaved.
 const OTHER: &str = "Other";
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn query(url: &str) -> BTreeMap<String, String> {
-    url::Url::parse(url)
-        .unwrap()
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
 
 fn bound() -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(MAX_ACCESS_LIFETIME).unwrap()
@@ -50,20 +35,6 @@ fn assert_bounded(what: &str, expires: Option<Timestamp>, before: Timestamp) {
         "{what}: access_expires_at {expires} is not {} after the grant (between {before} and {after})",
         acutoken::model::fmt_duration(MAX_ACCESS_LIFETIME)
     );
-}
-
-/// `connection authorize NAME`, then the customer approving at the simulator's
-/// `site`: the URL their browser is sent back to.
-async fn authorize(rig: &Rig, name: &str, site: &str) -> String {
-    let out = rig.cli(&["connection", "authorize", name], None).await.ok();
-    let link = out.stdout.trim().to_string();
-    assert!(link.starts_with(&rig.sim.authorize_url(site)), "{link}");
-    let r = http().get(&link).send().await.unwrap();
-    assert_eq!(r.status(), 302);
-    let to = r.headers()["location"].to_str().unwrap().to_string();
-    let q = query(&to);
-    assert!(q.contains_key("code") && q.contains_key("state"), "{to}");
-    to
 }
 
 /// A manual refresh through the daemon succeeds, and the store holds the
@@ -100,7 +71,7 @@ async fn a_huge_expires_in_at_the_code_exchange_is_bounded_and_the_daemon_stays_
     d.ready().await;
 
     // The customer completes the authorization; the exchange answers the huge lifetime.
-    let landed = authorize(&rig, "acme", SITE).await;
+    let landed = authorize_at(&rig, "acme", SITE).await;
     let before = chrono::Utc::now();
     let answer = http().get(&landed).send().await;
     let page = match answer {

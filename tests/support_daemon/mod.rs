@@ -643,10 +643,15 @@ pub fn query(url: &str) -> BTreeMap<String, String> {
 /// `connection authorize NAME`, then the customer approving at the simulator:
 /// returns the URL the browser is redirected to.
 pub async fn authorize(rig: &Rig, name: &str) -> String {
+    authorize_at(rig, name, SITE).await
+}
+
+/// [`authorize`] for a connection on the simulator's `site`.
+pub async fn authorize_at(rig: &Rig, name: &str, site: &str) -> String {
     let out = rig.cli(&["connection", "authorize", name], None).await.ok();
     let link = out.stdout.trim();
     assert!(
-        link.starts_with(&rig.sim.authorize_url(SITE)),
+        link.starts_with(&rig.sim.authorize_url(site)),
         "the authorization URL: {link}"
     );
     let q = query(link);
