@@ -111,6 +111,44 @@ fn teams_is_a_workflows_message_with_an_adaptive_card() {
 }
 
 #[test]
+fn teams_counts_bytes_and_lists_fewer_alerts_when_forty_links_do_not_fit() {
+    // Forty alerts with an open link each, every text in three-byte
+    // characters or six-byte escapes: counted in characters this was 40,751
+    // characters and well over Teams' 28 KB (found by the fuzzer).
+    let notices: Vec<Notice> = (0..40)
+        .map(|i| {
+            let name = format!("{i:02}-{}", "接続\u{1}".repeat(200));
+            let mut n = linked(&name, 0, Status::Firing);
+            n.facts.summary = "失効".repeat(3000);
+            n.link = Some(Authorization {
+                url: Secret::new(format!("https://x.example/{}", "q".repeat(560))),
+                expires_at: now(),
+            });
+            n
+        })
+        .collect();
+    let msg = Message::new(notices, 40, now());
+    let body = render::teams(&msg);
+    let text = body.to_string();
+    assert!(
+        text.len() <= render::TEAMS_BODY_MAX,
+        "{} bytes over Teams' limit",
+        text.len()
+    );
+    let items = body["attachments"][0]["content"]["body"].as_array().unwrap();
+    let listed = items.iter().filter(|i| i["type"] == "Container").count();
+    assert!(
+        (1..40).contains(&listed),
+        "fewer alerts listed, at least one: {listed}"
+    );
+    let more = items.last().unwrap()["text"].as_str().unwrap();
+    assert!(
+        more.contains(&format!("{} more", 40 - listed)),
+        "the rest are counted: {more}"
+    );
+}
+
+#[test]
 fn discord_stays_within_every_limit() {
     for msg in [
         single("acme", 10),

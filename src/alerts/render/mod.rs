@@ -22,7 +22,7 @@ pub use discord::{MAX_EMBEDS, MAX_TOTAL, discord, embed_chars};
 pub use generic::generic;
 pub use google_chat::google_chat;
 pub use slack::slack;
-pub use teams::teams;
+pub use teams::{BODY_MAX as TEAMS_BODY_MAX, teams};
 
 /// One alert in a message: its facts, its status, and an id that stays the
 /// same across retries of the same message.
