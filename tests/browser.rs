@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use acutoken::acumatica::TokenClient;
@@ -14,10 +14,11 @@ use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring};
 use acutoken::model::{Connection, Mode, State};
 use acutoken::renewal::authorize::create_link;
-use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore};
+use acutoken::renewal::engine::{Engine, EngineParts, NoHooks};
 use acutoken::renewal::{client_settings, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::Simulator;
+use acutoken::store::StoreHandle;
 use acutoken::store::claims::Owner;
 use acutoken::store::connections::{self, NewConnection, SecretColumn};
 use acutoken::store::{Create, Store};
@@ -110,7 +111,7 @@ async fn the_callback_pages_render_in_a_browser_and_echo_nothing() {
     .unwrap();
     let mut config = Config::default();
     config.acumatica.allow_insecure_loopback = true;
-    let store: SharedStore = Arc::new(Mutex::new(st));
+    let store = StoreHandle::from_store(st).unwrap();
     let engine = Arc::new(Engine::new(EngineParts {
         store: store.clone(),
         client: TokenClient::new(client_settings(&config)).unwrap(),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use acutoken::acumatica::TokenClient;
@@ -11,10 +11,11 @@ use acutoken::clock::{self, Clock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring, write_key_file};
 use acutoken::model::{Connection, Mode, State};
-use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, Trigger};
+use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
+use acutoken::store::StoreHandle;
 use acutoken::store::claims::Owner;
 use acutoken::store::connections::{self, NewConnection, SecretColumn};
 use acutoken::store::{Create, Store};
@@ -242,9 +243,8 @@ async fn a_rotated_token_the_store_will_not_take_is_held_spilled_and_saved_later
     let (id, site) = conns[0].clone();
     let (other, _) = conns[1].clone();
     let spill = dir.path().join("pending");
-    let store: SharedStore = Arc::new(Mutex::new(
-        Store::open(&path, keyring.clone(), Create::No).unwrap(),
-    ));
+    let store =
+        StoreHandle::from_store(Store::open(&path, keyring.clone(), Create::No).unwrap()).unwrap();
     let engine = Arc::new(Engine::new(EngineParts {
         store,
         client: TokenClient::new(client_settings(&{
@@ -346,9 +346,9 @@ async fn a_spilled_token_is_imported_at_the_next_start() {
     let (id, site) = conns[0].clone();
     let spill = dir.path().join("pending");
     let make = || {
-        let store: SharedStore = Arc::new(Mutex::new(
-            Store::open(&path, keyring.clone(), Create::No).unwrap(),
-        ));
+        let store =
+            StoreHandle::from_store(Store::open(&path, keyring.clone(), Create::No).unwrap())
+                .unwrap();
         Arc::new(Engine::new(EngineParts {
             store,
             client: TokenClient::new(client_settings(&{

@@ -2,7 +2,7 @@
 //! error classes, backoff, deadlines, and concurrency limits.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use acutoken::acumatica::TokenClient;
@@ -10,10 +10,11 @@ use acutoken::clock::{self, SharedClock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring};
 use acutoken::model::{Connection, DeadlineSource, Mode, State, Timestamp};
-use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, TokenAnswer, Trigger};
+use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, TokenAnswer, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Lifetime, Simulator};
+use acutoken::store::StoreHandle;
 use acutoken::store::claims::{self, Owner};
 use acutoken::store::connections::{self, NewConnection, SecretColumn};
 use acutoken::store::{Create, Store};
@@ -106,7 +107,7 @@ impl World {
     }
 
     fn engine(&self, role: &str) -> Arc<Engine> {
-        let store: SharedStore = Arc::new(Mutex::new(self.store()));
+        let store = StoreHandle::from_store(self.store()).unwrap();
         Arc::new(Engine::new(EngineParts {
             store,
             client: TokenClient::new(client_settings(&self.config)).unwrap(),

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use acutoken::acumatica::TokenClient;
@@ -22,10 +22,11 @@ use acutoken::clock::{self, Clock};
 use acutoken::config::{ChannelKind, Config, WebhookConfig};
 use acutoken::crypto::{Key, KeySource, Keyring, write_key_file};
 use acutoken::model::{Connection, Mode, Severity, State};
-use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, Trigger};
+use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
+use acutoken::store::StoreHandle;
 use acutoken::store::claims::Owner;
 use acutoken::store::connections::{self, NewConnection, SecretColumn};
 use acutoken::store::{Create, Store};
@@ -162,9 +163,8 @@ fn engine_config(http_timeout: Duration) -> Config {
 }
 
 fn engine(path: &Path, keyring: &Keyring, config: &Config, spill: PathBuf) -> Arc<Engine> {
-    let store: SharedStore = Arc::new(Mutex::new(
-        Store::open(path, keyring.clone(), Create::No).unwrap(),
-    ));
+    let store =
+        StoreHandle::from_store(Store::open(path, keyring.clone(), Create::No).unwrap()).unwrap();
     Arc::new(Engine::new(EngineParts {
         store,
         client: TokenClient::new(client_settings(config)).unwrap(),

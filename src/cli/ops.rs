@@ -115,7 +115,7 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     }
     let engine = local_engine(ctx)?;
     let n = name.to_string();
-    let row = crate::renewal::engine::with_store(engine.store(), move |st| st.get(&n)).await?;
+    let row = engine.store().read(move |st| st.get(&n)).await?;
     // Another process holds the claim: wait for its outcome rather than send.
     let deadline = tokio::time::Instant::now() + api_timeout(ctx);
     loop {

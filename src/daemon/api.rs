@@ -13,17 +13,18 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::config::Config;
-use crate::renewal::engine::{Engine, EngineError, SharedStore, TokenAnswer, with_store};
+use crate::renewal::engine::{Engine, EngineError, TokenAnswer};
 use crate::secret::Secret;
 use crate::status::{self, DaemonInfo};
 use crate::store::StoreError;
+use crate::store::StoreHandle;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct Api {
     pub engine: Arc<Engine>,
     /// A separate read connection, so listing never waits behind a refresh's write.
-    pub reads: SharedStore,
+    pub store: StoreHandle,
     pub config: tokio::sync::watch::Receiver<Arc<Config>>,
     pub ready: Arc<AtomicBool>,
     pub scheduler: tokio::sync::watch::Receiver<crate::renewal::scheduler::Snapshot>,
@@ -205,8 +206,7 @@ async fn rotate_start(State(api): State<Api>, body: axum::body::Bytes) -> Respon
     };
     drop(req);
     let parts = super::rotate::Parts {
-        engine: api.engine.store().clone(),
-        reads: api.reads.clone(),
+        store: api.store.clone(),
         config: api.config.borrow().clone(),
     };
     match api.rotator.start(key, current, parts).await {
@@ -239,7 +239,7 @@ async fn rotate_progress(State(api): State<Api>) -> Response {
 /// "fault": {"column", "reason"}}` in its place, so one bad row never
 /// hides the others.
 async fn list(State(api): State<Api>) -> Response {
-    match with_store(&api.reads, |st| st.list_with_faults()).await {
+    match api.store.read(|st| st.list_with_faults()).await {
         Ok((rows, faults)) if faults.is_empty() => {
             let conns: Vec<_> = rows.into_iter().map(|r| r.conn).collect();
             axum::Json(conns).into_response()
@@ -250,7 +250,7 @@ async fn list(State(api): State<Api>) -> Response {
 }
 
 async fn show(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    match with_store(&api.reads, move |st| st.get(&name)).await {
+    match api.store.read(move |st| st.get(&name)).await {
         Ok(row) => axum::Json(row.conn).into_response(),
         Err(e) => from_store(e),
     }
@@ -319,7 +319,7 @@ async fn token(State(api): State<Api>, Path(name): Path<String>) -> Response {
 
 async fn refresh(State(api): State<Api>, Path(name): Path<String>) -> Response {
     let n = name.clone();
-    let row = match with_store(&api.reads, move |st| st.get(&n)).await {
+    let row = match api.store.read(move |st| st.get(&n)).await {
         Ok(r) => r,
         Err(e) => return from_store(e),
     };
@@ -351,7 +351,9 @@ pub async fn current_status(api: &Api) -> Result<status::Status, StoreError> {
     };
     let now = api.engine.clock().now();
     let config = api.config.borrow().clone();
-    with_store(&api.reads, move |st| status::gather(st, &config, info, now)).await
+    api.store
+        .read(move |st| status::gather(st, &config, info, now))
+        .await
 }
 
 async fn status_handler(State(api): State<Api>) -> Response {

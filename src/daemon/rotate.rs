@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::crypto::{Key, Keyring};
-use crate::renewal::engine::{SharedStore, with_store};
+use crate::store::StoreHandle;
 use crate::store::connections::ResealCursor;
 use crate::store::{Store, StoreError};
 
@@ -97,11 +97,10 @@ pub struct Rotator {
 
 /// What a rotation job works with.
 pub struct Parts {
-    /// The engine's store: every re-sealing step takes its mutex, so
-    /// refreshes interleave with the steps.
-    pub engine: SharedStore,
-    /// A separate connection for the long reads (counting, claims).
-    pub reads: SharedStore,
+    /// The daemon's store: every re-sealing step runs on its writer between
+    /// batches, so refreshes interleave with the steps; the long reads
+    /// (counting, claims) go to its read connections.
+    pub store: StoreHandle,
     pub config: Arc<Config>,
 }
 
@@ -146,7 +145,10 @@ impl Rotator {
             });
         }
         let k = key.clone();
-        let switched = with_store(&parts.engine, move |st| switch(st, &k, &current)).await;
+        let switched = parts
+            .store
+            .exclusive(move |st| switch(st, &k, &current))
+            .await;
         if let Err(e) = switched {
             *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return Err(e);
@@ -186,7 +188,9 @@ impl Rotator {
     async fn run(&self, key: &Key, parts: &Parts) -> Result<(), String> {
         let new_id = key.id().to_string();
         let id = new_id.clone();
-        let total = with_store(&parts.reads, move |st| old_values(st, &id))
+        let total = parts
+            .store
+            .read(move |st| old_values(st, &id))
             .await
             .map_err(|e| e.to_string())?;
         self.update(|p| {
@@ -198,7 +202,7 @@ impl Rotator {
         self.update(|p| p.phase = "re-sealing spill files".into());
         let config = parts.config.clone();
         let k = key.clone();
-        let from = with_store(&parts.engine, |st| st.keyring()).await;
+        let from = parts.store.exclusive(|st| st.keyring()).await;
         let spills = tokio::task::spawn_blocking(move || {
             reseal_spills(&config, &from, &Keyring::new(k, Vec::new()))
         })
@@ -218,7 +222,9 @@ impl Rotator {
         let me = crate::store::claims::Owner::current("serve");
         loop {
             let mine = me.as_str().to_string();
-            let live = with_store(&parts.reads, move |st| foreign_claim(st, Some(&mine)))
+            let live = parts
+                .store
+                .read(move |st| foreign_claim(st, Some(&mine)))
                 .await
                 .map_err(|e| e.to_string())?;
             let Some((name, holder)) = live else { break };
@@ -239,12 +245,16 @@ impl Rotator {
             self.update(|p| p.phase = "re-sealing what was written meanwhile".into());
             while self.pass(parts).await? > 0 {}
             let k = key.clone();
-            with_store(&parts.engine, move |st| st.retire_keys_except(&k))
+            parts
+                .store
+                .exclusive(move |st| st.retire_keys_except(&k))
                 .await
                 .map_err(|e| e.to_string())?;
             self.update(|p| p.phase = "counting".into());
             let id = new_id.clone();
-            let left = with_store(&parts.reads, move |st| old_values(st, &id))
+            let left = parts
+                .store
+                .read(move |st| old_values(st, &id))
                 .await
                 .map_err(|e| e.to_string())?;
             if left == 0 {
@@ -261,16 +271,18 @@ impl Rotator {
         while !cursor.finished {
             let before = cursor.resealed;
             let c = cursor.clone();
-            let (c, n) = with_store(&parts.engine, move |st| {
-                let mut c = c;
-                st.reseal_step(&mut c, STEP_ROWS).map(|_| c)
-            })
-            .await
-            .map(|c| {
-                let n = c.resealed - before;
-                (c, n)
-            })
-            .map_err(|e| e.to_string())?;
+            let (c, n) = parts
+                .store
+                .exclusive(move |st| {
+                    let mut c = c;
+                    st.reseal_step(&mut c, STEP_ROWS).map(|_| c)
+                })
+                .await
+                .map(|c| {
+                    let n = c.resealed - before;
+                    (c, n)
+                })
+                .map_err(|e| e.to_string())?;
             cursor = c;
             self.update(|p| p.resealed += n);
         }
@@ -385,10 +397,8 @@ mod tests {
             crate::store::Create::Yes,
         )
         .unwrap();
-        let st: SharedStore = Arc::new(std::sync::Mutex::new(st));
         let parts = Parts {
-            engine: st.clone(),
-            reads: st,
+            store: StoreHandle::from_store(st).unwrap(),
             config: Arc::new(Config::default()),
         };
         let err = r

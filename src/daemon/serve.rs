@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,7 +19,7 @@ use crate::acumatica::TokenClient;
 use crate::alerts::{self, AlertFacts, AlertKind, Wake};
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::renewal::engine::{Engine, EngineParts, Hooks, SharedStore, import_spilled, with_store};
+use crate::renewal::engine::{Engine, EngineParts, Hooks, import_spilled};
 use crate::renewal::scheduler::{Input, Scheduler};
 use crate::renewal::{self, policy_from};
 use crate::secret::Secret;
@@ -133,7 +133,6 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             "a key rotation did not finish (the store has more than one key): run `acutoken key rotate --new-key-file FILE` again with the same new key; until then a value it re-sealed opens only if that key is in store.previous_key_files"
         );
     }
-    let reads = open(Create::No)?;
     let watcher_store = open(Create::No)?;
     let alerts_store = open(Create::No)?;
 
@@ -152,7 +151,8 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     let wake = Wake::new();
     let metrics = Metrics::install()?;
     let client = TokenClient::new(renewal::client_settings(&config))?;
-    let engine_store: SharedStore = Arc::new(Mutex::new(engine_store));
+    // The one handle every task writes through (group commit) and reads from.
+    let engine_store = store::StoreHandle::from_store(engine_store)?;
     let engine = Arc::new(Engine::new(EngineParts {
         store: engine_store.clone(),
         client: client.clone(),
@@ -189,9 +189,8 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         let st = engine_store.clone();
         let policy = policy_from(&config);
         let now = clock.now();
-        tokio::task::spawn_blocking(move || -> Result<_, store::StoreError> {
+        st.read(move |st| -> Result<_, store::StoreError> {
             let mut scheduler = scheduler;
-            let st = st.lock().unwrap_or_else(|e| e.into_inner());
             let firing: HashSet<uuid::Uuid> = store::alerts::firing_connection_ids(st.db())?
                 .iter()
                 .filter_map(|k| uuid::Uuid::parse_str(k).ok())
@@ -223,16 +222,15 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             scheduler.finish_load();
             Ok((scheduler, to_sync, n, faults))
         })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?
+        .await?
     };
     {
         let policy = policy_from(&config);
         let now = clock.now();
         for chunk in to_sync.chunks(500) {
             let (policy, chunk) = (policy.clone(), chunk.to_vec());
-            with_store(&engine_store, move |st| {
-                st.write(|tx, _| {
+            engine_store
+                .write(move |tx, _| {
                     for id in chunk {
                         match store::connections::get_by_id_tx(tx, id) {
                             Ok(Some(row)) => {
@@ -247,13 +245,12 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                     }
                     Ok(())
                 })
-            })
-            .await?;
+                .await?;
         }
         // Rows that do not read: one alert each (kept, not repeated, while
         // it fires), and those fixed or removed while no daemon ran resolve.
-        with_store(&engine_store, move |st| {
-            st.write(|tx, _| {
+        engine_store
+            .write(move |tx, _| {
                 let keys: HashSet<String> = faults.iter().map(|f| f.key.clone()).collect();
                 store::alerts::resolve_unreadable_except(tx, &keys, now)?;
                 for fault in &faults {
@@ -266,8 +263,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 }
                 Ok(())
             })
-        })
-        .await?;
+            .await?;
     }
     // Tokens are served from memory while the store is unchanged.
     engine.cache_tokens(open(Create::No)?);
@@ -411,7 +407,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     let tokens = Arc::new(std::sync::RwLock::new(read_api_tokens(&config)?));
     let api = Api {
         engine: engine.clone(),
-        reads: Arc::new(Mutex::new(reads)),
+        store: engine_store.clone(),
         config: config_rx.clone(),
         ready: ready.clone(),
         scheduler: snapshot,
@@ -509,7 +505,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                         config_tx.send_replace(Arc::new(new.clone()));
                         current = new;
                         let now = clock.now();
-                        let _ = with_store(&engine_store, move |st| st.write(|tx, _| store::alerts::resolve_global(tx, AlertKind::ConfigReloadFailed, now))).await;
+                        let _ = engine_store.write(move |tx, _| store::alerts::resolve_global(tx, AlertKind::ConfigReloadFailed, now)).await;
                         wake.poke();
                         metrics.reloaded(now);
                         tracing::info!("configuration reloaded");
@@ -520,7 +516,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                         tracing::error!(alert.kind = "config_reload_failed", error = %msg, "reload refused; the previous configuration stays in force");
                         let now = clock.now();
                         let facts = AlertFacts::config_reload_failed(&msg);
-                        let _ = with_store(&engine_store, move |st| st.write(|tx, _| store::alerts::raise(tx, &facts, now))).await;
+                        let _ = engine_store.write(move |tx, _| store::alerts::raise(tx, &facts, now)).await;
                         wake.poke();
                     }
                 }

@@ -8,7 +8,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use super::engine::{SharedStore, with_store};
 use super::planning;
 use super::policy::Policy;
 use crate::acumatica::{TokenClient, pkce_pair};
@@ -16,7 +15,7 @@ use crate::cli::Ctx;
 use crate::model::{State, Timestamp, fmt_time};
 use crate::secret::Secret;
 use crate::store::connections::{self, SecretColumn};
-use crate::store::{CallbackLookup, Create, StoreError, authorizations, events};
+use crate::store::{CallbackLookup, Create, StoreError, StoreHandle, authorizations, events};
 
 /// The hash under which a state is stored: the state itself is never stored.
 pub fn hash_state(state: &str) -> String {
@@ -70,7 +69,7 @@ fn new_link(client: &TokenClient, instance: &str, client_id: &str, redirect: &st
 
 /// Creates (or replaces) the connection's open authorization link.
 pub async fn create_link(
-    store: &SharedStore,
+    store: &StoreHandle,
     client: &TokenClient,
     redirect_uri: Option<&str>,
     ttl: Duration,
@@ -79,7 +78,7 @@ pub async fn create_link(
 ) -> Result<Link, LinkError> {
     let redirect = redirect_uri.ok_or(LinkError::NoRedirectUri)?.to_string();
     let n = name.to_string();
-    let row = with_store(store, move |st| st.get(&n)).await?;
+    let row = store.read(move |st| st.get(&n)).await?;
     if row.conn.state == State::Disabled {
         return Err(LinkError::Disabled(name.to_string()));
     }
@@ -92,8 +91,8 @@ pub async fn create_link(
     let expires_at = crate::model::add_saturating(now, ttl);
     let id = row.conn.id;
     let u = url.clone();
-    let replaced = with_store(store, move |st| {
-        st.write(|tx, kr| {
+    let replaced = store
+        .write(move |tx, kr| {
             let n = authorizations::create(
                 tx, kr, id, &hash, &verifier, &redirect, &u, now, expires_at,
             )?;
@@ -109,8 +108,7 @@ pub async fn create_link(
             )?;
             Ok(n)
         })
-    })
-    .await?;
+        .await?;
     Ok(Link {
         url,
         expires_at,
@@ -254,7 +252,7 @@ pub enum Completion {
 
 /// Exchanges `code` for the connection that `state` belongs to and stores the grant.
 pub async fn complete(
-    store: &SharedStore,
+    store: &StoreHandle,
     client: &TokenClient,
     policy: &Policy,
     state: &str,
@@ -264,12 +262,13 @@ pub async fn complete(
 ) -> Result<Completion, StoreError> {
     let hash = hash_state(state);
     let h = hash.clone();
-    let lookup = with_store(store, move |st| st.lookup_state(&h, now)).await?;
+    let lookup = store.read(move |st| st.lookup_state(&h, now)).await?;
     let (id, verifier, redirect_uri) = match lookup {
         CallbackLookup::Unknown => return Ok(Completion::UnknownState),
         CallbackLookup::Expired => return Ok(Completion::Expired),
         CallbackLookup::Used { connection } => {
-            let name = with_store(store, move |st| st.get_by_id(connection))
+            let name = store
+                .read(move |st| st.get_by_id(connection))
                 .await?
                 .map(|r| r.conn.name)
                 .unwrap_or_default();
@@ -281,7 +280,7 @@ pub async fn complete(
             redirect_uri,
         } => (connection, verifier, redirect_uri),
     };
-    let Some(row) = with_store(store, move |st| st.get_by_id(id)).await? else {
+    let Some(row) = store.read(move |st| st.get_by_id(id)).await? else {
         return Ok(Completion::UnknownState);
     };
     if let Some(expected) = expect_connection
@@ -296,7 +295,9 @@ pub async fn complete(
             name: row.conn.name,
         });
     }
-    let secret = with_store(store, move |st| st.secret(id, SecretColumn::ClientSecret)).await?;
+    let secret = store
+        .read(move |st| st.secret(id, SecretColumn::ClientSecret))
+        .await?;
     let Some(secret) = secret else {
         return Ok(Completion::ExchangeFailed {
             name: row.conn.name,
@@ -330,33 +331,31 @@ pub async fn complete(
     };
     let policy = policy.clone();
     let name = row.conn.name.clone();
-    let stored = with_store(store, move |st| {
-        st.write(|tx, kr| {
-            let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
-                return Ok(Stored::AlreadyUsed);
-            };
-            // Disabled while the code was being exchanged (which also closed
-            // the link): the grant is dropped and the connection stays off.
-            if row.conn.state == State::Disabled {
-                return Ok(Stored::Disabled);
-            }
-            if !authorizations::mark_used(tx, &hash, now)? {
-                return Ok(Stored::AlreadyUsed);
-            }
-            planning::granted(&mut row, grant.expires_in, &grant.token_type, &policy, now);
-            connections::put(tx, &row)?;
-            connections::set_secret(tx, kr, id, SecretColumn::RefreshToken, Some(&refresh_token))?;
-            connections::set_secret(tx, kr, id, SecretColumn::AccessToken, Some(&grant.access_token))?;
-            // A stale claim would block the new token; nothing was sent with it.
-            tx.execute(
-                "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL, outcome_unknown = 0 WHERE id = ?1",
-                [id.to_string()],
-            )?;
-            events::record(tx, id, now, "authorized", "the customer authorized; grant stored")?;
-            let desired = crate::alerts::desired(&row, &policy, now);
-            crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-            Ok(Stored::Granted)
-        })
+    let stored = store.write(move |tx, kr| {
+        let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
+            return Ok(Stored::AlreadyUsed);
+        };
+        // Disabled while the code was being exchanged (which also closed
+        // the link): the grant is dropped and the connection stays off.
+        if row.conn.state == State::Disabled {
+            return Ok(Stored::Disabled);
+        }
+        if !authorizations::mark_used(tx, &hash, now)? {
+            return Ok(Stored::AlreadyUsed);
+        }
+        planning::granted(&mut row, grant.expires_in, &grant.token_type, &policy, now);
+        connections::put(tx, &row)?;
+        connections::set_secret(tx, kr, id, SecretColumn::RefreshToken, Some(&refresh_token))?;
+        connections::set_secret(tx, kr, id, SecretColumn::AccessToken, Some(&grant.access_token))?;
+        // A stale claim would block the new token; nothing was sent with it.
+        tx.execute(
+            "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL, outcome_unknown = 0 WHERE id = ?1",
+            [id.to_string()],
+        )?;
+        events::record(tx, id, now, "authorized", "the customer authorized; grant stored")?;
+        let desired = crate::alerts::desired(&row, &policy, now);
+        crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+        Ok(Stored::Granted)
     })
     .await?;
     Ok(match stored {
@@ -374,10 +373,10 @@ enum Stored {
 }
 
 /// Opens the store and a token client for a CLI command that works without the daemon.
-pub(crate) fn cli_parts(ctx: &Ctx) -> anyhow::Result<(SharedStore, TokenClient)> {
+pub(crate) fn cli_parts(ctx: &Ctx) -> anyhow::Result<(StoreHandle, TokenClient)> {
     let st = ctx.open_store(Create::No)?;
     let client = TokenClient::new(super::client_settings(&ctx.config))?;
-    Ok((std::sync::Arc::new(std::sync::Mutex::new(st)), client))
+    Ok((StoreHandle::from_store(st)?, client))
 }
 
 /// `connection authorize NAME`.

@@ -26,27 +26,7 @@ use crate::secret::Secret;
 pub use crate::store::claims::Trigger;
 use crate::store::claims::{self, ClaimOutcome, Found, Owner, RefreshSave};
 use crate::store::connections::{ConnectionRow, SecretColumn};
-use crate::store::{Store, StoreError};
-
-/// A store shared by the engine's tasks; SQLite calls are short and blocking.
-pub type SharedStore = Arc<Mutex<Store>>;
-
-/// Runs `f` on the store from async code without stalling the runtime.
-pub async fn with_store<T: Send + 'static>(
-    store: &SharedStore,
-    f: impl FnOnce(&mut Store) -> T + Send + 'static,
-) -> T {
-    let store = store.clone();
-    match tokio::task::spawn_blocking(move || {
-        let mut guard = store.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut guard)
-    })
-    .await
-    {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
+use crate::store::{Store, StoreError, StoreHandle};
 
 /// What a refresh attempt came to.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -234,7 +214,7 @@ const LOCK_SWEEP_AT: usize = 4096;
 
 /// What an engine is made of.
 pub struct EngineParts {
-    pub store: SharedStore,
+    pub store: StoreHandle,
     pub client: TokenClient,
     pub policy: Policy,
     pub clock: SharedClock,
@@ -251,7 +231,7 @@ pub struct EngineParts {
 
 /// The renewal engine.
 pub struct Engine {
-    store: SharedStore,
+    store: StoreHandle,
     client: std::sync::RwLock<TokenClient>,
     policy: Mutex<Arc<Policy>>,
     clock: SharedClock,
@@ -449,7 +429,7 @@ impl Engine {
         Ok(Some(issued))
     }
 
-    pub fn store(&self) -> &SharedStore {
+    pub fn store(&self) -> &StoreHandle {
         &self.store
     }
 
@@ -580,7 +560,7 @@ impl Engine {
         }
         // The place within the limits is taken before the claim: a claim must
         // never wait in a queue while its expiry runs.
-        let instance = with_store(&self.store, move |st| st.get_by_id(id)).await?;
+        let instance = self.store.read(move |st| st.get_by_id(id)).await?;
         let Some(instance) = instance.map(|r| r.conn.instance) else {
             return Err(StoreError::UnknownConnection(id.to_string()).into());
         };
@@ -593,8 +573,9 @@ impl Engine {
         let ttl = self.claim_ttl;
         let policy = self.policy();
         let claim_policy = policy.clone();
-        let outcome = with_store(&self.store, move |st| {
-            st.write(|tx, kr| {
+        let outcome = self
+            .store
+            .write(move |tx, kr| {
                 let out = claims::claim(tx, kr, id, &owner, ttl, trigger, now)?;
                 if let ClaimOutcome::Lost(row) = &out {
                     let desired = crate::alerts::desired(row, &claim_policy, now);
@@ -602,8 +583,7 @@ impl Engine {
                 }
                 Ok(out)
             })
-        })
-        .await?;
+            .await?;
         let claim = match outcome {
             ClaimOutcome::Claimed(c) => c,
             ClaimOutcome::Busy { owner, until } => {
@@ -722,43 +702,43 @@ impl Engine {
         let rt = p.refresh_token.clone();
         let at = p.access_token.clone();
         let detail = p.detail.clone();
-        let res = with_store(&self.store, move |st| {
-            st.write(|tx, kr| match claims::reread(tx, kr, &basis)? {
-                Found::Removed => Ok(Landed::Removed),
-                Found::Overtaken { row, reason, .. } => {
-                    let why = format!("{reason}: the token it obtained is discarded");
-                    claims::discard(tx, &basis, &why, now)?;
-                    Ok(Landed::Discarded(Box::new(row), why))
+        let res = self
+            .store
+            .write(move |tx, kr| match claims::reread(tx, kr, &basis)? {
+            Found::Removed => Ok(Landed::Removed),
+            Found::Overtaken { row, reason, .. } => {
+                let why = format!("{reason}: the token it obtained is discarded");
+                claims::discard(tx, &basis, &why, now)?;
+                Ok(Landed::Discarded(Box::new(row), why))
+            }
+            Found::Current { mut row, ours, .. } => {
+                facts.apply(&mut row, &policy);
+                let taken_over;
+                let detail = if ours {
+                    detail.as_str()
+                } else {
+                    // Only possible when this process stalled past the claim's
+                    // expiry. The token is still the newest one: keep it.
+                    taken_over = format!("{detail}; saved after the claim was taken over");
+                    taken_over.as_str()
+                };
+                let save = RefreshSave {
+                    row: &row,
+                    refresh_token: rt.as_ref(),
+                    access_token: Some(&at),
+                    event: "refreshed",
+                    detail,
+                };
+                claims::finish(tx, kr, &basis, &save, ours, now)?;
+                let desired = crate::alerts::desired(&row, &policy, now);
+                crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+                if !ours {
+                    tracing::error!(connection = %row.conn.name, "claim lost before the save; saved the rotated token anyway");
                 }
-                Found::Current { mut row, ours, .. } => {
-                    facts.apply(&mut row, &policy);
-                    let taken_over;
-                    let detail = if ours {
-                        detail.as_str()
-                    } else {
-                        // Only possible when this process stalled past the claim's
-                        // expiry. The token is still the newest one: keep it.
-                        taken_over = format!("{detail}; saved after the claim was taken over");
-                        taken_over.as_str()
-                    };
-                    let save = RefreshSave {
-                        row: &row,
-                        refresh_token: rt.as_ref(),
-                        access_token: Some(&at),
-                        event: "refreshed",
-                        detail,
-                    };
-                    claims::finish(tx, kr, &basis, &save, ours, now)?;
-                    let desired = crate::alerts::desired(&row, &policy, now);
-                    crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-                    if !ours {
-                        tracing::error!(connection = %row.conn.name, "claim lost before the save; saved the rotated token anyway");
-                    }
-                    Ok(Landed::Applied(Box::new(row), detail.to_string()))
-                }
-            })
+                Ok(Landed::Applied(Box::new(row), detail.to_string()))
+            }
         })
-        .await;
+            .await;
         match res {
             Ok(landed) => Ok(self.landed(landed, "refreshed", None, &p.row)),
             Err(e) => {
@@ -774,12 +754,7 @@ impl Engine {
         tracing::error!(connection = %name, error, "cannot save a rotated refresh token: holding it in memory and retrying; no other refresh starts");
         self.blocked.store(true, Ordering::SeqCst);
         if let Some(dir) = &self.spill_dir {
-            let keyring = self
-                .store
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keyring()
-                .clone();
+            let keyring = self.store.keyring();
             let s = Spilled::new(
                 &keyring,
                 p.basis.attempt,
@@ -847,63 +822,63 @@ impl Engine {
         let policy = policy.clone();
         let jitter: f64 = rand::random();
         let retry_after = err.retry_after;
-        let landed = with_store(&self.store, move |st| {
-            st.write(|tx, kr| match claims::reread(tx, kr, &basis)? {
-                Found::Removed => Ok(Landed::Removed),
-                Found::Overtaken { row, reason, .. } => {
-                    let why = format!("{reason}: its failure ({}) is not applied", err.reason);
-                    claims::discard(tx, &basis, &why, now)?;
-                    Ok(Landed::Discarded(Box::new(row), why))
+        let landed = self
+            .store
+            .write(move |tx, kr| match claims::reread(tx, kr, &basis)? {
+            Found::Removed => Ok(Landed::Removed),
+            Found::Overtaken { row, reason, .. } => {
+                let why = format!("{reason}: its failure ({}) is not applied", err.reason);
+                claims::discard(tx, &basis, &why, now)?;
+                Ok(Landed::Discarded(Box::new(row), why))
+            }
+            Found::Current {
+                row,
+                secret_changed: true,
+                ..
+            } if err.kind == FailureKind::InvalidClient => {
+                // The refusal was of the old secret; the new one is proven by the next try.
+                let why = format!(
+                    "the instance refused the client secret the request was sent with ({}), but a new secret was entered meanwhile; it is tried next",
+                    err.reason
+                );
+                let mut row = row;
+                if row.conn.state.is_scheduled() {
+                    row.conn.next_refresh_at = Some(now);
+                    crate::store::connections::put_refresh(tx, &row)?;
                 }
-                Found::Current {
-                    row,
-                    secret_changed: true,
-                    ..
-                } if err.kind == FailureKind::InvalidClient => {
-                    // The refusal was of the old secret; the new one is proven by the next try.
-                    let why = format!(
-                        "the instance refused the client secret the request was sent with ({}), but a new secret was entered meanwhile; it is tried next",
-                        err.reason
-                    );
-                    let mut row = row;
-                    if row.conn.state.is_scheduled() {
-                        row.conn.next_refresh_at = Some(now);
-                        crate::store::connections::put_refresh(tx, &row)?;
-                    }
-                    claims::discard(tx, &basis, &why, now)?;
-                    Ok(Landed::Discarded(Box::new(row), why))
+                claims::discard(tx, &basis, &why, now)?;
+                Ok(Landed::Discarded(Box::new(row), why))
+            }
+            Found::Current { mut row, ours, .. } => {
+                let reason = apply_failure(&mut row, &err, after_unknown, &policy, now, jitter);
+                let event = if err.kind == FailureKind::Transient {
+                    "refresh_failed"
+                } else {
+                    "refresh_refused"
+                };
+                let save = RefreshSave {
+                    row: &row,
+                    refresh_token: None,
+                    access_token: None,
+                    event,
+                    detail: &reason,
+                };
+                claims::finish(tx, kr, &basis, &save, ours, now)?;
+                let desired = crate::alerts::desired(&row, &policy, now);
+                crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+                if row.conn.state != State::Retrying {
+                    crate::store::events::record(
+                        tx,
+                        row.conn.id,
+                        now,
+                        "state",
+                        row.conn.state.as_str(),
+                    )?;
                 }
-                Found::Current { mut row, ours, .. } => {
-                    let reason = apply_failure(&mut row, &err, after_unknown, &policy, now, jitter);
-                    let event = if err.kind == FailureKind::Transient {
-                        "refresh_failed"
-                    } else {
-                        "refresh_refused"
-                    };
-                    let save = RefreshSave {
-                        row: &row,
-                        refresh_token: None,
-                        access_token: None,
-                        event,
-                        detail: &reason,
-                    };
-                    claims::finish(tx, kr, &basis, &save, ours, now)?;
-                    let desired = crate::alerts::desired(&row, &policy, now);
-                    crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-                    if row.conn.state != State::Retrying {
-                        crate::store::events::record(
-                            tx,
-                            row.conn.id,
-                            now,
-                            "state",
-                            row.conn.state.as_str(),
-                        )?;
-                    }
-                    Ok(Landed::Applied(Box::new(row), reason))
-                }
-            })
+                Ok(Landed::Applied(Box::new(row), reason))
+            }
         })
-        .await?;
+            .await?;
         Ok(self.landed(landed, "failed", retry_after, &claimed))
     }
 
@@ -949,7 +924,7 @@ impl Engine {
             return Ok(TokenAnswer::Token(Box::new(t)));
         }
         let n = name.to_string();
-        let row = with_store(&self.store, move |st| st.get(&n)).await?;
+        let row = self.store.read(move |st| st.get(&n)).await?;
         let id = row.conn.id;
         if let Some(a) = self.usable_token(&row).await? {
             return Ok(a);
@@ -960,7 +935,7 @@ impl Engine {
         let lock = self.lock_for(id);
         let mut last = lock.lock().await;
         // Someone may have refreshed while we waited for the lock.
-        let row = with_store(&self.store, move |st| st.get_by_id(id)).await?;
+        let row = self.store.read(move |st| st.get_by_id(id)).await?;
         let Some(row) = row else {
             return Err(StoreError::UnknownConnection(name.to_string()).into());
         };
@@ -982,7 +957,7 @@ impl Engine {
         }
         *last = Some(now);
         let rep = self.refresh_locked(id, Trigger::OnDemand).await?;
-        let row = with_store(&self.store, move |st| st.get_by_id(id)).await?;
+        let row = self.store.read(move |st| st.get_by_id(id)).await?;
         let Some(row) = row else {
             return Err(StoreError::UnknownConnection(name.to_string()).into());
         };
@@ -1022,10 +997,10 @@ impl Engine {
             return Ok(None);
         }
         let id = row.conn.id;
-        let token = with_store(&self.store, move |st| {
-            st.secret(id, SecretColumn::AccessToken)
-        })
-        .await?;
+        let token = self
+            .store
+            .read(move |st| st.secret(id, SecretColumn::AccessToken))
+            .await?;
         Ok(token.map(|t| {
             TokenAnswer::Token(Box::new(IssuedToken {
                 access_token: t,
@@ -1233,7 +1208,7 @@ mod tests {
         .unwrap();
         let config = Config::default();
         let engine = Engine::new(EngineParts {
-            store: Arc::new(Mutex::new(st)),
+            store: crate::store::StoreHandle::from_store(st).unwrap(),
             client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
             policy: crate::renewal::policy_from(&config),
             clock: Arc::new(clock.clone()),

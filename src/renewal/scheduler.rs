@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::engine::{Engine, Trigger, with_store};
+use super::engine::{Engine, Trigger};
 use super::policy;
 use crate::alerts::AlertFacts;
 use crate::model::{State, Timestamp};
@@ -630,8 +630,10 @@ impl Scheduler {
         }
         let ops = std::mem::take(&mut self.alert_ops);
         let now = self.engine.clock().now();
-        let res = with_store(self.engine.store(), move |st| {
-            st.write(|tx, _| {
+        let res = self
+            .engine
+            .store()
+            .write(move |tx, _| {
                 for op in &ops {
                     match op {
                         AlertOp::Raise { key, facts } => {
@@ -644,8 +646,7 @@ impl Scheduler {
                 }
                 Ok(())
             })
-        })
-        .await;
+            .await;
         match res {
             Ok(()) => self.poke(),
             Err(e) => {
@@ -673,11 +674,14 @@ impl Scheduler {
             }
             return;
         }
-        let read = with_store(self.engine.store(), move |st| match key {
-            AsideKey::Id(id) => st.read_by_id(id),
-            AsideKey::Row(rowid) => st.row_at(rowid),
-        })
-        .await;
+        let read = self
+            .engine
+            .store()
+            .read(move |st| match key {
+                AsideKey::Id(id) => st.read_by_id(id),
+                AsideKey::Row(rowid) => st.row_at(rowid),
+            })
+            .await;
         match read {
             Ok(Some(Ok(row))) => {
                 self.unpark(key);
@@ -754,51 +758,44 @@ impl Scheduler {
         let engine = self.engine.clone();
         let now = engine.clock().now();
         let policy = engine.policy();
-        let row = with_store(
-            engine.store(),
-            move |st| -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
-                let mut row = match st.read_by_id(id)? {
-                    None => return Ok(None),
-                    Some(Err(fault)) => return Ok(Some(Err(fault))),
-                    Some(Ok(row)) => row,
-                };
-                let mut changed = false;
-                if row.conn.state.is_scheduled()
-                    && row.claim.is_none()
-                    && let Some(d) = policy::expired_secret_decision(&row.conn, now)
-                {
-                    d.apply(&mut row.conn);
-                    changed = true;
-                }
-                if row.conn.state.is_scheduled()
-                    && row.conn.next_refresh_at.is_none_or(|t| t <= now)
-                    && !changed
-                {
-                    return Ok(Some(Ok(row)));
-                }
-                // Time alone changed something: state (secret expired) or alert conditions.
-                st.write(|tx, _| {
-                    if changed {
-                        crate::store::connections::put(tx, &row)?;
-                        crate::store::events::record(
-                            tx,
-                            id,
-                            now,
-                            "state",
-                            &format!(
-                                "{}: {}",
-                                row.conn.state,
-                                row.conn.last_error.clone().unwrap_or_default()
-                            ),
-                        )?;
-                    }
-                    let desired = crate::alerts::desired(&row, &policy, now);
-                    crate::store::alerts::sync_connection(tx, &row, &desired, now)
-                })?;
-                Ok(Some(Ok(row)))
-            },
-        )
-        .await;
+        let read = engine.store().read(move |st| st.read_by_id(id)).await;
+        let row = match read {
+            Ok(Some(Ok(row))) if !quiet(&row, now) => {
+                // Time alone changed something (state or alert conditions):
+                // decided again on the row as it is in the write, never
+                // written back from the read above.
+                engine
+                    .store()
+                    .write(move |tx, _| {
+                        let mut row = match crate::store::connections::read_by_id_tx(tx, id)? {
+                            Some(Ok(row)) => row,
+                            other => return Ok(other),
+                        };
+                        let settled = settle_by_time(&mut row, now);
+                        if settled.changed {
+                            crate::store::connections::put(tx, &row)?;
+                            crate::store::events::record(
+                                tx,
+                                id,
+                                now,
+                                "state",
+                                &format!(
+                                    "{}: {}",
+                                    row.conn.state,
+                                    row.conn.last_error.clone().unwrap_or_default()
+                                ),
+                            )?;
+                        }
+                        if !settled.quiet {
+                            let desired = crate::alerts::desired(&row, &policy, now);
+                            crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
+                        }
+                        Ok(Some(Ok(row)))
+                    })
+                    .await
+            }
+            other => other,
+        };
         match row {
             Ok(Some(Err(fault))) => self.park_unreadable(&fault, now),
             Ok(Some(Ok(row))) => {
@@ -893,7 +890,7 @@ impl Scheduler {
                 };
                 // The row as it stands: the claim the task may have taken is
                 // left to expire (its outcome then counts as unknown).
-                let row = with_store(self.engine.store(), move |st| st.read_by_id(id)).await;
+                let row = self.engine.store().read(move |st| st.read_by_id(id)).await;
                 self.finished(Done {
                     id,
                     fault: Some(reason),
@@ -956,6 +953,43 @@ impl Scheduler {
     }
 }
 
+/// What time alone did to a connection at a wake-up.
+struct Settled {
+    /// Its state changed (the client secret expired).
+    changed: bool,
+    /// Nothing to write: a refresh is simply due.
+    quiet: bool,
+}
+
+/// True when a wake-up needs no write: a refresh is simply due and time
+/// alone changed nothing.
+fn quiet(row: &ConnectionRow, now: Timestamp) -> bool {
+    let expired = row.conn.state.is_scheduled()
+        && row.claim.is_none()
+        && policy::expired_secret_decision(&row.conn, now).is_some();
+    !expired && row.conn.state.is_scheduled() && row.conn.next_refresh_at.is_none_or(|t| t <= now)
+}
+
+/// Applies what time alone decides to `row` (an expired client secret), and
+/// says whether the store must hear of it (the state, or the alert
+/// conditions of a connection that is not simply due for a refresh).
+fn settle_by_time(row: &mut ConnectionRow, now: Timestamp) -> Settled {
+    let mut changed = false;
+    if row.conn.state.is_scheduled()
+        && row.claim.is_none()
+        && let Some(d) = policy::expired_secret_decision(&row.conn, now)
+    {
+        d.apply(&mut row.conn);
+        changed = true;
+    }
+    let refresh_due =
+        row.conn.state.is_scheduled() && row.conn.next_refresh_at.is_none_or(|t| t <= now);
+    Settled {
+        changed,
+        quiet: refresh_due && !changed,
+    }
+}
+
 /// One refresh, run as its own task: what it came to, and the row after it.
 async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
     let (mut fault, mut error, mut sent) = (None, None, false);
@@ -968,16 +1002,24 @@ async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
         Err(e) => tracing::error!(error = %e, "refresh could not run"),
     }
     let now = engine.clock().now();
-    let row = with_store(engine.store(), move |st| {
-        let row = st.read_by_id(id)?;
-        // A connection set aside in an earlier run whose refresh now gets
-        // through: its alert resolves (one indexed read otherwise).
-        if sent && crate::store::alerts::faulty_fires(st.db(), &id.to_string())? {
-            st.write(|tx, _| crate::store::alerts::resolve_faulty(tx, &id.to_string(), now))?;
-        }
-        Ok(row)
-    })
-    .await;
+    let read = engine
+        .store()
+        .read(move |st| -> Result<_, StoreError> {
+            // A connection set aside in an earlier run whose refresh now gets
+            // through: its alert resolves (one indexed read otherwise).
+            let fires = sent && crate::store::alerts::faulty_fires(st.db(), &id.to_string())?;
+            Ok((st.read_by_id(id)?, fires))
+        })
+        .await;
+    let row = match read {
+        Ok((row, true)) => engine
+            .store()
+            .write(move |tx, _| crate::store::alerts::resolve_faulty(tx, &id.to_string(), now))
+            .await
+            .map(|()| row),
+        Ok((row, false)) => Ok(row),
+        Err(e) => Err(e),
+    };
     Done {
         id,
         fault,
@@ -990,7 +1032,6 @@ async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::Mutex;
 
     use super::*;
     use crate::acumatica::TokenClient;
@@ -1059,7 +1100,7 @@ mod tests {
         let beta = add(&mut st, "beta", now);
         let config = Config::default();
         let engine = Arc::new(Engine::new(EngineParts {
-            store: Arc::new(Mutex::new(st)),
+            store: crate::store::StoreHandle::from_store(st).unwrap(),
             client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
             policy: crate::renewal::policy_from(&config),
             clock,
@@ -1073,9 +1114,8 @@ mod tests {
         for id in [acme, beta] {
             let row = engine
                 .store()
-                .lock()
-                .unwrap()
-                .get_by_id(id)
+                .read(move |st| st.get_by_id(id))
+                .await
                 .unwrap()
                 .unwrap();
             sched.upsert(&row, now);
@@ -1106,8 +1146,11 @@ mod tests {
         assert_eq!(aside.backoff, ASIDE_FIRST);
 
         sched.flush_alerts().await;
-        let set_aside =
-            crate::store::alerts::set_aside(engine.store().lock().unwrap().db()).unwrap();
+        let set_aside = engine
+            .store()
+            .read(|st| crate::store::alerts::set_aside(st.db()))
+            .await
+            .unwrap();
         assert_eq!(set_aside.len(), 1);
         assert_eq!(set_aside[0].key, started.to_string());
         let summary = &set_aside[0].facts.summary;

@@ -674,6 +674,25 @@ pub fn get_by_id_tx(tx: &Transaction<'_>, id: Uuid) -> Result<Option<ConnectionR
     one_row(tx, "id = ?1", &id.to_string())
 }
 
+/// One connection by id inside a transaction, or the fault that keeps it
+/// from reading.
+pub fn read_by_id_tx(
+    tx: &Transaction<'_>,
+    id: Uuid,
+) -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
+    read_by_id_on(tx, id)
+}
+
+fn read_by_id_on(
+    db: &rusqlite::Connection,
+    id: Uuid,
+) -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
+    let mut stmt =
+        db.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?;
+    let mut rows = stmt.query([id.to_string()])?;
+    Ok(rows.next()?.map(decode))
+}
+
 /// Removes a connection, its history and its authorizations.
 pub fn remove(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
     let id_s = id.to_string();
@@ -743,11 +762,7 @@ impl Store {
 
     /// One connection by id, or the fault that keeps it from reading.
     pub fn read_by_id(&self, id: Uuid) -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
-        let mut stmt = self
-            .db
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?;
-        let mut rows = stmt.query([id.to_string()])?;
-        Ok(rows.next()?.map(decode))
+        read_by_id_on(&self.db, id)
     }
 
     /// The row at SQLite rowid `rowid` (how a row whose id does not read is

@@ -12,6 +12,7 @@ pub mod claims;
 pub mod connections;
 pub mod events;
 mod fresh;
+mod handle;
 pub mod keys;
 mod migrations;
 
@@ -32,6 +33,7 @@ pub use claims::{Claim, ClaimOutcome, Owner, RefreshSave};
 pub use connections::{ConnectionPatch, ConnectionRow, NewConnection, SecretColumn};
 pub use events::Event;
 pub use fresh::{Fresh, Leftovers};
+pub use handle::{BATCH_MAX, StoreHandle, WriterStats};
 pub use keys::{
     KeyResolution, PendingKey, SharedKeyring, resolve_keyring, resolve_keyring_deferred,
 };
@@ -280,6 +282,11 @@ impl Store {
     /// Read access for queries that need no transaction.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The connection itself, for the group-commit writer's transactions.
+    fn db_mut(&mut self) -> &mut Db {
+        &mut self.db
     }
 
     /// SQLite's `data_version`: changes when another connection commits.
