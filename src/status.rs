@@ -5,8 +5,8 @@ use std::io::IsTerminal;
 
 use serde::Serialize;
 
+use crate::model::ConnectionRow;
 use crate::model::{State, Timestamp, fmt_time};
-use crate::store::connections::ConnectionRow;
 use crate::store::{Store, StoreError};
 
 /// How many connections each list shows.
@@ -319,10 +319,7 @@ pub fn print_human(s: &Status) {
 /// connection objects by name, and each row that does not read as
 /// `{"id", "name", "fault": {"column", "reason"}}` (name `null` when it does
 /// not read either) after them.
-pub fn listing(
-    rows: &[ConnectionRow],
-    faults: &[crate::store::connections::Fault],
-) -> Vec<serde_json::Value> {
+pub fn listing(rows: &[ConnectionRow], faults: &[crate::model::Fault]) -> Vec<serde_json::Value> {
     let mut out: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| serde_json::to_value(&r.conn).unwrap_or(serde_json::Value::Null))

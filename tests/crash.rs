@@ -10,13 +10,14 @@ use acutoken::acumatica::TokenClient;
 use acutoken::clock::{self, Clock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring, write_key_file};
+use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, State};
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, SharedStore, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
 use acutoken::store::claims::Owner;
-use acutoken::store::connections::{self, NewConnection, SecretColumn};
+use acutoken::store::connections::{self, SecretColumn};
 use acutoken::store::{Create, Store};
 use uuid::Uuid;
 

@@ -14,8 +14,9 @@ use crate::config::Config;
 use crate::model::{
     self, Connection, Mode, State, Timestamp, fmt_time, parse_date, parse_duration, parse_time,
 };
+use crate::model::{ConnectionRow, NewConnection};
 use crate::renewal::{self, planning};
-use crate::store::connections::{self, ConnectionRow, NewConnection, SecretColumn};
+use crate::store::connections::{self, SecretColumn};
 use crate::store::{Create, Store, authorizations, events};
 
 pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Result<i32> {

@@ -145,7 +145,7 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
 /// the command stays offline, like `connection add`: the next start proves it.
 pub async fn prove_secret(
     ctx: &Ctx,
-    row: &crate::store::connections::ConnectionRow,
+    row: &crate::model::ConnectionRow,
     stored_at: crate::model::Timestamp,
 ) -> anyhow::Result<i32> {
     let name = row.conn.name.clone();

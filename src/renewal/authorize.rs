@@ -171,11 +171,11 @@ pub fn link_for_alert(
     tx: &rusqlite::Transaction<'_>,
     keyring: &crate::crypto::Keyring,
     links: Option<&AlertLinks>,
-    kind: crate::alerts::AlertKind,
+    kind: crate::model::AlertKind,
     id: uuid::Uuid,
     now: Timestamp,
 ) -> Result<AlertLink, StoreError> {
-    use crate::alerts::AlertKind;
+    use crate::model::AlertKind;
     let Some(row) = connections::get_by_id_tx(tx, id)? else {
         return Ok(AlertLink::None);
     };
@@ -353,7 +353,7 @@ pub async fn complete(
                 [id.to_string()],
             )?;
             events::record(tx, id, now, "authorized", "the customer authorized; grant stored")?;
-            let desired = crate::alerts::desired(&row, &policy, now);
+            let desired = crate::renewal::alert_conditions::desired(&row, &policy, now);
             crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
             Ok(Stored::Granted)
         })
@@ -469,11 +469,12 @@ pub async fn cli_complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::AlertKind;
     use crate::config::Config;
     use crate::crypto::{Key, Keyring};
+    use crate::model::AlertKind;
+    use crate::model::NewConnection;
     use crate::model::{Connection, Mode};
-    use crate::store::{Create, NewConnection, Store};
+    use crate::store::{Create, Store};
     use uuid::Uuid;
 
     fn store(dir: &tempfile::TempDir, state: State, mode: Mode) -> (Store, Uuid) {
