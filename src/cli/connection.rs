@@ -393,10 +393,10 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
             Ok(0)
         }
         ConnectionCommand::Authorize { name } => {
-            renewal::authorize::cli_authorize(&ctx, &name, now).await
+            super::authorize::authorize(&ctx, &name, now).await
         }
         ConnectionCommand::Complete { name, redirect_url } => {
-            renewal::authorize::cli_complete(&ctx, &name, &redirect_url).await
+            super::authorize::complete(&ctx, &name, &redirect_url).await
         }
         ConnectionCommand::Refresh { name } => super::ops::refresh(&ctx, &name).await,
     }
