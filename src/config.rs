@@ -1312,7 +1312,7 @@ fn check_webhook_url(key: &str, raw: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(raw.trim()).map_err(|_| invalid(key, "is not an absolute URL"))?;
     // A metadata or link-local address (an IP literal no resolver would see):
     // refused here, so the mistake shows at `config check` and at start.
-    crate::alerts::http::check_destination(&url)
+    crate::acumatica::address::check_webhook_destination(&url)
         .map_err(|e| invalid(key, format!("must not go to {e}")))?;
     match url.scheme() {
         "https" => Ok(()),

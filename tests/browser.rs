@@ -12,6 +12,7 @@ use acutoken::acumatica::TokenClient;
 use acutoken::clock::{self, Clock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring};
+use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, State};
 use acutoken::renewal::authorize::create_link;
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks};
@@ -20,7 +21,7 @@ use acutoken::secret::Secret;
 use acutoken::sim::Simulator;
 use acutoken::store::StoreHandle;
 use acutoken::store::claims::Owner;
-use acutoken::store::connections::{self, NewConnection, SecretColumn};
+use acutoken::store::connections::{self, SecretColumn};
 use acutoken::store::{Create, Store};
 
 fn chromium() -> Option<PathBuf> {

@@ -10,6 +10,7 @@ use acutoken::acumatica::TokenClient;
 use acutoken::clock::{self, Clock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring, write_key_file};
+use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, State};
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
@@ -17,7 +18,7 @@ use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
 use acutoken::store::StoreHandle;
 use acutoken::store::claims::Owner;
-use acutoken::store::connections::{self, NewConnection, SecretColumn};
+use acutoken::store::connections::{self, SecretColumn};
 use acutoken::store::{Create, Store};
 use uuid::Uuid;
 

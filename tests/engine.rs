@@ -9,6 +9,7 @@ use acutoken::acumatica::TokenClient;
 use acutoken::clock::{self, SharedClock};
 use acutoken::config::Config;
 use acutoken::crypto::{Key, Keyring};
+use acutoken::model::NewConnection;
 use acutoken::model::{Connection, DeadlineSource, Mode, State, Timestamp};
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, TokenAnswer, Trigger};
 use acutoken::renewal::{client_settings, planning, policy_from};
@@ -16,7 +17,7 @@ use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Lifetime, Simulator};
 use acutoken::store::StoreHandle;
 use acutoken::store::claims::{self, Owner};
-use acutoken::store::connections::{self, NewConnection, SecretColumn};
+use acutoken::store::connections::{self, SecretColumn};
 use acutoken::store::{Create, Store};
 use uuid::Uuid;
 
@@ -121,7 +122,7 @@ impl World {
         }))
     }
 
-    fn row(&self, id: Uuid) -> connections::ConnectionRow {
+    fn row(&self, id: Uuid) -> acutoken::model::ConnectionRow {
         self.store().get_by_id(id).unwrap().unwrap()
     }
 

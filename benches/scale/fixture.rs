@@ -13,10 +13,11 @@ use nix::unistd::Pid;
 
 use acutoken::config::Config;
 use acutoken::crypto::{Key, KeySource, Keyring, write_key_file};
+use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, State, Timestamp};
 use acutoken::renewal::{planning, policy_from};
 use acutoken::secret::Secret;
-use acutoken::store::connections::{self, NewConnection};
+use acutoken::store::connections;
 use acutoken::store::{Create, Store};
 
 /// Environment that would point a child at another store, key or config.

@@ -13,7 +13,7 @@ use acutoken::acumatica::response::AcumaticaTokenResponse;
 use acutoken::model::{Connection, MAX_ACCESS_LIFETIME, Mode, State, Timestamp, add_saturating};
 use acutoken::renewal::planning;
 use acutoken::renewal::policy::{self, Policy};
-use acutoken::store::connections::ConnectionRow;
+use acutoken::model::ConnectionRow;
 use arbitrary::Arbitrary;
 use chrono::{DateTime, TimeZone, Utc};
 use libfuzzer_sys::fuzz_target;

@@ -93,6 +93,26 @@ impl AddressPolicy {
     }
 }
 
+/// Where webhooks may go (the alerts' HTTP client, and `config check` for
+/// the URLs it is given): the token client's rules with loopback and private
+/// addresses allowed (webhooks are configured by the operator), so never a
+/// cloud metadata service, a link-local address or a non-unicast one.
+pub const WEBHOOK_POLICY: AddressPolicy = AddressPolicy {
+    allow_private_networks: true,
+    allow_loopback: true,
+};
+
+/// Checks a webhook URL's host against [`WEBHOOK_POLICY`] before anything is
+/// sent. The resolver checks every name's addresses, but a URL whose host is
+/// an IP literal is never resolved, so this is its only check. The reason names
+/// the host, never the URL's path or query (they carry the webhook's secret).
+pub fn check_webhook_destination(url: &url::Url) -> Result<(), String> {
+    match url.host() {
+        Some(host) => WEBHOOK_POLICY.check_host(&host).map_err(|e| e.to_string()),
+        None => Err("the URL has no host".to_string()),
+    }
+}
+
 /// True for 127.0.0.0/8, ::1 (also IPv4-mapped).
 pub fn is_loopback(ip: IpAddr) -> bool {
     classify(ip) == Class::Loopback

@@ -13,9 +13,9 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Outcome};
-use super::text::clip;
 use crate::clock::SharedClock;
 use crate::config::{ChannelKind, Config};
+use crate::model::clip;
 use crate::model::{State, Timestamp, fmt_time};
 use crate::store::Store;
 use crate::store::alerts::{self as outbox, DigestData, DigestEntry};

@@ -13,11 +13,11 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::render::{Message, Notice, render};
-use super::{AlertFacts, AlertKind, Status};
-use crate::acumatica::address::{AddressPolicy, GuardedResolver};
+use crate::acumatica::address::{GuardedResolver, WEBHOOK_POLICY, check_webhook_destination};
 use crate::acumatica::classify::retry_after;
 use crate::config::{Config, WebhookConfig};
 use crate::model::Timestamp;
+use crate::model::{AlertFacts, AlertKind, Status};
 use crate::secret::Secret;
 
 /// The whole-request bound of one webhook post: a hanging endpoint costs its
@@ -52,25 +52,6 @@ pub fn client() -> Result<reqwest::Client, ClientError> {
         .dns_resolver(Arc::new(GuardedResolver { policy }))
         .build()
         .map_err(|e| ClientError::Build(e.without_url().to_string()))
-}
-
-/// Where webhooks may go: the token client's rules with loopback and private
-/// addresses allowed (webhooks are configured by the operator), so never a
-/// cloud metadata service, a link-local address or a non-unicast one.
-pub const WEBHOOK_POLICY: AddressPolicy = AddressPolicy {
-    allow_private_networks: true,
-    allow_loopback: true,
-};
-
-/// Checks a webhook URL's host against [`WEBHOOK_POLICY`] before anything is
-/// sent. The resolver checks every name's addresses, but a URL whose host is
-/// an IP literal is never resolved, so this is its only check. The reason names
-/// the host, never the URL's path or query (they carry the webhook's secret).
-pub fn check_destination(url: &url::Url) -> Result<(), String> {
-    match url.host() {
-        Some(host) => WEBHOOK_POLICY.check_host(&host).map_err(|e| e.to_string()),
-        None => Err("the URL has no host".to_string()),
-    }
 }
 
 /// The host (and port, when given) of a webhook URL: all that may be shown of it.
@@ -168,7 +149,7 @@ pub async fn post(
             };
         }
     };
-    if let Err(why) = check_destination(&target) {
+    if let Err(why) = check_webhook_destination(&target) {
         return Outcome::Failed {
             status: None,
             error: format!("refused before sending: {why}"),

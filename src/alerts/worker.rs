@@ -21,12 +21,12 @@ use uuid::Uuid;
 
 use super::http::{self, ClientError, Outcome};
 use super::render::{Message, Notice, notice_id, render};
-use super::{AlertKind, Status, Wake, evaluate, text};
+use super::text;
 use crate::clock::SharedClock;
 use crate::config::{AlertsConfig, ChannelKind, Config, WebhookConfig};
-use crate::model::Timestamp;
+use crate::model::{AlertKind, Status, Timestamp};
 use crate::renewal::authorize::{AlertLink, AlertLinks, link_for_alert};
-use crate::store::alerts::{self as outbox, Accepted, Due};
+use crate::store::alerts::{self as outbox, Accepted, Due, Wake};
 use crate::store::authorizations::Authorization;
 use crate::store::{Store, StoreError, connections};
 
@@ -141,7 +141,7 @@ pub fn reconcile(
                     Ok(Some(row)) => outbox::sync_connection(
                         tx,
                         &row,
-                        &evaluate::desired(&row, &policy, now),
+                        &crate::renewal::alert_conditions::desired(&row, &policy, now),
                         now,
                     )?,
                     Ok(None) => outbox::remove_connection(tx, id, now)?,

@@ -14,8 +14,9 @@ use crate::config::Config;
 use crate::model::{
     self, Connection, Mode, State, Timestamp, fmt_time, parse_date, parse_duration, parse_time,
 };
+use crate::model::{ConnectionRow, NewConnection};
 use crate::renewal::{self, planning};
-use crate::store::connections::{self, ConnectionRow, NewConnection, SecretColumn};
+use crate::store::connections::{self, SecretColumn};
 use crate::store::{Create, Store, authorizations, events};
 
 pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Result<i32> {
@@ -392,10 +393,10 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
             Ok(0)
         }
         ConnectionCommand::Authorize { name } => {
-            renewal::authorize::cli_authorize(&ctx, &name, now).await
+            super::authorize::authorize(&ctx, &name, now).await
         }
         ConnectionCommand::Complete { name, redirect_url } => {
-            renewal::authorize::cli_complete(&ctx, &name, &redirect_url).await
+            super::authorize::complete(&ctx, &name, &redirect_url).await
         }
         ConnectionCommand::Refresh { name } => super::ops::refresh(&ctx, &name).await,
     }

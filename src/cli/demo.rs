@@ -11,11 +11,12 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{self, Clock};
 use crate::config::{ChannelKind, Config, WebhookConfig};
 use crate::crypto::{Key, Keyring};
+use crate::model::NewConnection;
 use crate::model::{Connection, Mode, Severity, State};
 use crate::renewal::{planning, policy_from};
 use crate::secret::Secret;
 use crate::sim::Simulator;
-use crate::store::connections::{self, NewConnection, SecretColumn};
+use crate::store::connections::{self, SecretColumn};
 use crate::store::{Create, Store, events};
 
 fn say(msg: &str) {

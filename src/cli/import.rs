@@ -26,9 +26,10 @@ use tokio::signal::unix::Signal;
 use super::Ctx;
 use super::connection::Spec;
 use crate::config::Config;
+use crate::model::NewConnection;
 use crate::model::{State, Timestamp};
 use crate::secret::Secret;
-use crate::store::connections::{self, NewConnection, Sealed};
+use crate::store::connections::{self, Sealed};
 use crate::store::{self, Create, Leftovers, Store, StoreError, events};
 
 /// Records per chunk: the unit of checking, sealing and writing.

@@ -1,12 +1,14 @@
 //! The command line: one file per command group, all calling into the library.
 
 mod args;
+mod authorize;
 pub mod connection;
 mod demo;
 pub mod import;
 mod io;
 mod keys;
 mod ops;
+mod status_text;
 
 pub use io::print_table;
 

@@ -14,8 +14,8 @@ use crate::clock::{self, Clock};
 use crate::daemon::client::{Answer, ClientError, call};
 use crate::daemon::{self, serve};
 use crate::model::fmt_time;
+use crate::renewal;
 use crate::renewal::engine::{Engine, EngineParts, NoHooks, RefreshReport, TokenAnswer, Trigger};
-use crate::renewal::{self, authorize};
 use crate::status::{self, DaemonInfo};
 use crate::store::claims::Owner;
 use crate::store::{Create, StoreError};
@@ -56,7 +56,7 @@ fn api_error(a: &Answer) -> String {
 
 /// An engine working on the store directly (no daemon running).
 fn local_engine(ctx: &Ctx) -> anyhow::Result<Arc<Engine>> {
-    let (store, client) = authorize::cli_parts(ctx)?;
+    let (store, client) = super::authorize::store_and_client(ctx)?;
     Ok(Arc::new(Engine::new(EngineParts {
         store,
         client,
@@ -145,7 +145,7 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
 /// the command stays offline, like `connection add`: the next start proves it.
 pub async fn prove_secret(
     ctx: &Ctx,
-    row: &crate::store::connections::ConnectionRow,
+    row: &crate::model::ConnectionRow,
     stored_at: crate::model::Timestamp,
 ) -> anyhow::Result<i32> {
     let name = row.conn.name.clone();
@@ -316,7 +316,7 @@ pub async fn status(ctx: &Ctx, json: bool) -> anyhow::Result<i32> {
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        status::print_human(&st);
+        super::status_text::print_human(&st);
     }
     Ok(st.exit_code())
 }

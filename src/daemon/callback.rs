@@ -16,11 +16,11 @@ use crate::renewal::engine::Engine;
 #[derive(Clone)]
 struct Cb {
     engine: Arc<Engine>,
-    wake: crate::alerts::Wake,
+    wake: crate::store::alerts::Wake,
 }
 
 /// The callback route at `path`.
-pub fn router(engine: Arc<Engine>, wake: crate::alerts::Wake, path: &str) -> Router {
+pub fn router(engine: Arc<Engine>, wake: crate::store::alerts::Wake, path: &str) -> Router {
     Router::new()
         .route(path, get(callback))
         .with_state(Cb { engine, wake })

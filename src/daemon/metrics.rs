@@ -367,8 +367,9 @@ fn store_gauges(
 mod tests {
     use super::*;
     use crate::crypto::{Key, Keyring};
+    use crate::model::NewConnection;
     use crate::model::{Connection, Mode};
-    use crate::store::connections::{self, NewConnection};
+    use crate::store::connections;
     use crate::store::{Create, Store};
 
     fn new_connection(i: usize, now: Timestamp) -> NewConnection {

@@ -203,7 +203,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 |row| {
                     n += 1;
                     if firing.contains(&row.conn.id)
-                        || !alerts::desired(row, &policy, now).is_empty()
+                        || !crate::renewal::alert_conditions::desired(row, &policy, now).is_empty()
                     {
                         to_sync.push(row.conn.id);
                     }
@@ -234,7 +234,8 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                     for id in chunk {
                         match store::connections::get_by_id_tx(tx, id) {
                             Ok(Some(row)) => {
-                                let desired = alerts::desired(&row, &policy, now);
+                                let desired =
+                                    crate::renewal::alert_conditions::desired(&row, &policy, now);
                                 store::alerts::sync_connection(tx, &row, &desired, now)?;
                             }
                             // Changed under us into a row that does not read:

@@ -6,16 +6,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
-use url::Url;
 
 use super::planning;
 use super::policy::Policy;
 use crate::acumatica::{TokenClient, pkce_pair};
-use crate::cli::Ctx;
 use crate::model::{State, Timestamp, fmt_time};
 use crate::secret::Secret;
 use crate::store::connections::{self, SecretColumn};
-use crate::store::{CallbackLookup, Create, StoreError, StoreHandle, authorizations, events};
+use crate::store::{CallbackLookup, StoreError, StoreHandle, authorizations, events};
 
 /// The hash under which a state is stored: the state itself is never stored.
 pub fn hash_state(state: &str) -> String {
@@ -169,11 +167,11 @@ pub fn link_for_alert(
     tx: &rusqlite::Transaction<'_>,
     keyring: &crate::crypto::Keyring,
     links: Option<&AlertLinks>,
-    kind: crate::alerts::AlertKind,
+    kind: crate::model::AlertKind,
     id: uuid::Uuid,
     now: Timestamp,
 ) -> Result<AlertLink, StoreError> {
-    use crate::alerts::AlertKind;
+    use crate::model::AlertKind;
     let Some(row) = connections::get_by_id_tx(tx, id)? else {
         return Ok(AlertLink::None);
     };
@@ -353,7 +351,7 @@ pub async fn complete(
             [id.to_string()],
         )?;
         events::record(tx, id, now, "authorized", "the customer authorized; grant stored")?;
-        let desired = crate::alerts::desired(&row, &policy, now);
+        let desired = crate::renewal::alert_conditions::desired(&row, &policy, now);
         crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
         Ok(Stored::Granted)
     })
@@ -372,107 +370,15 @@ enum Stored {
     Disabled,
 }
 
-/// Opens the store and a token client for a CLI command that works without the daemon.
-pub(crate) fn cli_parts(ctx: &Ctx) -> anyhow::Result<(StoreHandle, TokenClient)> {
-    let st = ctx.open_store(Create::No)?;
-    let client = TokenClient::new(super::client_settings(&ctx.config))?;
-    Ok((StoreHandle::from_store(st)?, client))
-}
-
-/// `connection authorize NAME`.
-pub async fn cli_authorize(ctx: &Ctx, name: &str, now: Timestamp) -> anyhow::Result<i32> {
-    let (store, client) = cli_parts(ctx)?;
-    let link = create_link(
-        &store,
-        &client,
-        ctx.config.acumatica.redirect_uri.as_deref(),
-        ctx.config.callback.state_ttl,
-        name,
-        now,
-    )
-    .await?;
-    println!("{}", link.url.expose());
-    eprintln!(
-        "send this link to the customer; it stays valid until {}{}",
-        fmt_time(link.expires_at),
-        if link.replaced > 0 {
-            " (the previous link no longer works)"
-        } else {
-            ""
-        }
-    );
-    Ok(0)
-}
-
-/// `connection complete NAME --redirect-url URL`.
-pub async fn cli_complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyhow::Result<i32> {
-    let url = Url::parse(redirect_url).map_err(|_| {
-        anyhow::anyhow!(
-            "--redirect-url is not a URL: paste the whole address the browser landed on"
-        )
-    })?;
-    let mut code = None;
-    let mut state = None;
-    let mut error = None;
-    for (k, v) in url.query_pairs() {
-        match k.as_ref() {
-            "code" => code = Some(v.into_owned()),
-            "state" => state = Some(v.into_owned()),
-            "error" => error = Some(v.into_owned()),
-            _ => {}
-        }
-    }
-    if let Some(e) = error {
-        anyhow::bail!(
-            "the authorization was not granted ({}): send the customer a new link",
-            e.chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect::<String>()
-        );
-    }
-    let (Some(code), Some(state)) = (code, state) else {
-        anyhow::bail!(
-            "--redirect-url has no code and state: paste the address the browser landed on after the customer approved"
-        );
-    };
-    let (store, client) = cli_parts(ctx)?;
-    let policy = super::policy_from(&ctx.config);
-    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
-    match complete(&store, &client, &policy, &state, &code, Some(name), now).await? {
-        Completion::Connected { name } => {
-            println!("{name} is connected: grant stored, state active");
-            Ok(0)
-        }
-        Completion::AlreadyConnected { name } => {
-            println!("{name}: this link was already used; nothing changed");
-            Ok(0)
-        }
-        Completion::UnknownState => anyhow::bail!(
-            "that URL's state does not belong to an open authorization of `{name}`: nothing stored"
-        ),
-        Completion::Expired => anyhow::bail!(
-            "that authorization link expired or was replaced: run `acutoken connection authorize {name}` and send the new link"
-        ),
-        Completion::Denied { error } => {
-            anyhow::bail!("the authorization was not granted ({error})")
-        }
-        Completion::ExchangeFailed { name, reason } => {
-            anyhow::bail!("exchanging the code for {name} failed: {reason}")
-        }
-        Completion::Disabled { name } => anyhow::bail!(
-            "`{name}` is disabled, so this authorization was refused and nothing changed: run `acutoken connection enable {name}`, then `acutoken connection authorize {name}` and send the new link"
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::AlertKind;
     use crate::config::Config;
     use crate::crypto::{Key, Keyring};
+    use crate::model::AlertKind;
+    use crate::model::NewConnection;
     use crate::model::{Connection, Mode};
-    use crate::store::{Create, NewConnection, Store};
+    use crate::store::{Create, Store};
     use uuid::Uuid;
 
     fn store(dir: &tempfile::TempDir, state: State, mode: Mode) -> (Store, Uuid) {

@@ -21,11 +21,12 @@ use super::policy::{self, Failure, Policy};
 use super::spill::{self, Spilled};
 use crate::acumatica::{TokenClient, TokenError, TokenGrant};
 use crate::clock::SharedClock;
+use crate::model::ConnectionRow;
 use crate::model::{FailureKind, State, Timestamp, fmt_time};
 use crate::secret::Secret;
 pub use crate::store::claims::Trigger;
 use crate::store::claims::{self, ClaimOutcome, Found, Owner, RefreshSave};
-use crate::store::connections::{ConnectionRow, SecretColumn};
+use crate::store::connections::SecretColumn;
 use crate::store::{Store, StoreError, StoreHandle};
 
 /// What a refresh attempt came to.
@@ -578,7 +579,8 @@ impl Engine {
             .write(move |tx, kr| {
                 let out = claims::claim(tx, kr, id, &owner, ttl, trigger, now)?;
                 if let ClaimOutcome::Lost(row) = &out {
-                    let desired = crate::alerts::desired(row, &claim_policy, now);
+                    let desired =
+                        crate::renewal::alert_conditions::desired(row, &claim_policy, now);
                     crate::store::alerts::sync_connection(tx, row, &desired, now)?;
                 }
                 Ok(out)
@@ -730,7 +732,7 @@ impl Engine {
                     detail,
                 };
                 claims::finish(tx, kr, &basis, &save, ours, now)?;
-                let desired = crate::alerts::desired(&row, &policy, now);
+                let desired = crate::renewal::alert_conditions::desired(&row, &policy, now);
                 crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
                 if !ours {
                     tracing::error!(connection = %row.conn.name, "claim lost before the save; saved the rotated token anyway");
@@ -864,7 +866,7 @@ impl Engine {
                     detail: &reason,
                 };
                 claims::finish(tx, kr, &basis, &save, ours, now)?;
-                let desired = crate::alerts::desired(&row, &policy, now);
+                let desired = crate::renewal::alert_conditions::desired(&row, &policy, now);
                 crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
                 if row.conn.state != State::Retrying {
                     crate::store::events::record(
@@ -1129,8 +1131,9 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::config::Config;
     use crate::crypto::{Key, Keyring};
+    use crate::model::NewConnection;
     use crate::model::{Connection, Mode};
-    use crate::store::connections::{self, NewConnection};
+    use crate::store::connections;
     use crate::store::{Create, Store};
 
     const TOKEN: &str = "access-token-value-1";

@@ -1,5 +1,6 @@
-//! Renewal: the pure policy, the scheduler and the engine.
+//! Renewal: the pure policy and alert conditions, the scheduler and the engine.
 
+pub mod alert_conditions;
 pub mod authorize;
 pub mod engine;
 pub mod limits;

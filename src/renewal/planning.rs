@@ -1,8 +1,8 @@
 //! Applying the pure policy to stored connections: first plans, resumes after
 //! a human acted, re-plans after edits.
 
+use crate::model::ConnectionRow;
 use crate::model::{Connection, MAX_ACCESS_LIFETIME, State, Timestamp, add_saturating};
-use crate::store::connections::ConnectionRow;
 
 use super::policy::{self, Policy};
 

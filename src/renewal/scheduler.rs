@@ -30,10 +30,10 @@ use uuid::Uuid;
 
 use super::engine::{Engine, Trigger};
 use super::policy;
-use crate::alerts::AlertFacts;
+use crate::model::AlertFacts;
+use crate::model::{ConnectionRow, Fault};
 use crate::model::{State, Timestamp};
 use crate::store::StoreError;
-use crate::store::connections::{ConnectionRow, Fault};
 
 /// The first look again at a connection set aside...
 pub const ASIDE_FIRST: Duration = Duration::from_secs(60);
@@ -151,7 +151,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into());
-    crate::alerts::clip(s.lines().next().unwrap_or(""), 200)
+    crate::model::clip(s.lines().next().unwrap_or(""), 200)
 }
 
 /// Counters for status and metrics.
@@ -223,7 +223,7 @@ pub struct Scheduler {
     /// Which connection each refresh task refreshes (a panicked task
     /// returns nothing else).
     spawned: HashMap<tokio::task::Id, Uuid>,
-    wake: Option<crate::alerts::Wake>,
+    wake: Option<crate::store::alerts::Wake>,
 }
 
 impl Scheduler {
@@ -286,7 +286,7 @@ impl Scheduler {
     fn wake_at(&self, row: &ConnectionRow, now: Timestamp) -> Option<Timestamp> {
         let policy = self.engine.policy();
         let c = &row.conn;
-        let mut at = crate::alerts::next_change(row, &policy, now);
+        let mut at = crate::renewal::alert_conditions::next_change(row, &policy, now);
         if c.state.is_scheduled() {
             let mut take = |t: Option<Timestamp>| {
                 if let Some(t) = t {
@@ -574,7 +574,7 @@ impl Scheduler {
 
     /// The handle that wakes the alert worker after the scheduler raises or
     /// resolves an alert.
-    pub fn set_wake(&mut self, wake: crate::alerts::Wake) {
+    pub fn set_wake(&mut self, wake: crate::store::alerts::Wake) {
         self.wake = Some(wake);
     }
 
@@ -787,7 +787,8 @@ impl Scheduler {
                             )?;
                         }
                         if !settled.quiet {
-                            let desired = crate::alerts::desired(&row, &policy, now);
+                            let desired =
+                                crate::renewal::alert_conditions::desired(&row, &policy, now);
                             crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
                         }
                         Ok(Some(Ok(row)))
@@ -1037,11 +1038,12 @@ mod tests {
     use crate::acumatica::TokenClient;
     use crate::config::Config;
     use crate::crypto::{Key, Keyring};
+    use crate::model::NewConnection;
     use crate::model::{Connection, Mode};
     use crate::renewal::engine::{EngineParts, NoHooks};
     use crate::secret::Secret;
     use crate::store::claims::Owner;
-    use crate::store::connections::{self, NewConnection};
+    use crate::store::connections;
     use crate::store::{Create, Store};
 
     fn add(st: &mut Store, name: &str, now: Timestamp) -> Uuid {

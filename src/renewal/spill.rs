@@ -15,10 +15,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::crypto::Keyring;
+use crate::model::ConnectionRow;
 use crate::model::{Connection, Timestamp};
 use crate::secret::Secret;
 use crate::store::StoreError;
-use crate::store::connections::{self, ConnectionRow, SecretColumn};
+use crate::store::connections::{self, SecretColumn};
 
 /// One spilled outcome.
 #[derive(Debug, Serialize, Deserialize)]

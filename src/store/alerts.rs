@@ -14,9 +14,10 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection as Db, OptionalExtension, Transaction, params};
 use uuid::Uuid;
 
-use super::{ConnectionRow, StoreError, events, from_ms, to_ms};
-use crate::alerts::{AlertFacts, AlertKind, Status};
-use crate::model::{Severity, State, Timestamp};
+use super::{StoreError, events, from_ms, to_ms};
+use crate::model::{
+    AlertFacts, AlertKind, ConnectionRow, NO_CONNECTION, Severity, State, Status, Timestamp,
+};
 
 /// Schema version 2: the alert outbox.
 pub(crate) const SCHEMA: &str = r#"
@@ -95,10 +96,8 @@ fn facts_json(f: &AlertFacts) -> Result<String, StoreError> {
 }
 
 fn key_of(f: &AlertFacts) -> String {
-    f.connection_id.map_or_else(
-        || crate::alerts::NO_CONNECTION.to_string(),
-        |id| id.to_string(),
-    )
+    f.connection_id
+        .map_or_else(|| NO_CONNECTION.to_string(), |id| id.to_string())
 }
 
 /// A firing alert as stored.
@@ -254,7 +253,7 @@ fn resolve(
 }
 
 /// Brings a connection's alerts in line with `desired` (from
-/// [`crate::alerts::desired`]), inside the caller's transaction.
+/// [`crate::renewal::alert_conditions::desired`]), inside the caller's transaction.
 ///
 /// De-duplicated per (connection, kind): a new condition fires; one still
 /// firing at the same or a lower severity only has its text refreshed; an
@@ -423,7 +422,7 @@ pub fn resolve_global(
     kind: AlertKind,
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    for old in firing_for(tx, crate::alerts::NO_CONNECTION)? {
+    for old in firing_for(tx, NO_CONNECTION)? {
         if old.facts.kind == kind {
             resolve(tx, &old, None, now)?;
         }
@@ -897,4 +896,26 @@ pub fn delivered_counts(db: &Db) -> Result<BTreeMap<String, u64>, StoreError> {
         out.insert(c, n.max(0) as u64);
     }
     Ok(out)
+}
+
+/// The outbox's doorbell: whoever commits alert changes (the renewal engine,
+/// the scheduler, the callback) pokes it, so the delivery worker looks at the
+/// outbox at once instead of at its next wake.
+#[derive(Debug, Clone, Default)]
+pub struct Wake(std::sync::Arc<tokio::sync::Notify>);
+
+impl Wake {
+    /// A new handle; clone it for every writer.
+    pub fn new() -> Wake {
+        Wake::default()
+    }
+
+    /// Asks the worker to look at the outbox now (cheap; coalesces).
+    pub fn poke(&self) {
+        self.0.notify_one();
+    }
+
+    pub(crate) async fn wait(&self) {
+        self.0.notified().await;
+    }
 }

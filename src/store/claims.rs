@@ -13,9 +13,10 @@ use std::time::Duration;
 use rusqlite::{Transaction, params};
 use uuid::Uuid;
 
-use super::connections::{self, COLUMNS, ConnectionRow, SecretColumn};
+use super::connections::{self, COLUMNS, SecretColumn};
 use super::{Store, StoreError, events, to_ms};
 use crate::crypto::Keyring;
+use crate::model::ConnectionRow;
 use crate::model::{State, Timestamp};
 use crate::secret::Secret;
 

@@ -30,7 +30,7 @@ use crate::model::Timestamp;
 
 pub use authorizations::{Authorization, CallbackLookup};
 pub use claims::{Claim, ClaimOutcome, Owner, RefreshSave};
-pub use connections::{ConnectionPatch, ConnectionRow, NewConnection, SecretColumn};
+pub use connections::SecretColumn;
 pub use events::Event;
 pub use fresh::{Fresh, Leftovers};
 pub use handle::{BATCH_MAX, StoreHandle, WriterStats};

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use acutoken::config::{ChannelKind, Config, WebhookConfig};
 use acutoken::crypto::{Key, Keyring};
+use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, Severity, State, Timestamp};
 use acutoken::secret::Secret;
-use acutoken::store::{self, Create, NewConnection, Store};
+use acutoken::store::{self, Create, Store};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path as AxPath, State as AxState};
@@ -265,7 +266,7 @@ pub fn set_state(
                 row.conn.last_error = error.map(str::to_string);
                 store::connections::put(tx, &row)?;
                 let row = store::connections::get_by_id_tx(tx, *id)?.unwrap();
-                let desired = acutoken::alerts::desired(&row, &policy, now);
+                let desired = acutoken::renewal::alert_conditions::desired(&row, &policy, now);
                 store::alerts::sync_connection(tx, &row, &desired, now)?;
             }
             Ok(())

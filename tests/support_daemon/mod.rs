@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use acutoken::crypto::{Key, KeySource, Keyring};
 use acutoken::daemon::client::{Answer, call};
+use acutoken::model::ConnectionRow;
 use acutoken::sim::Simulator;
-use acutoken::store::connections::{ConnectionRow, SecretColumn};
+use acutoken::store::connections::SecretColumn;
 use acutoken::store::{Create, Store};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

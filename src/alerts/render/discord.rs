@@ -3,8 +3,8 @@
 use serde_json::{Value, json};
 
 use super::{Message, action, button_link, facts_list, notice_headline, summary};
-use crate::alerts::Status;
-use crate::alerts::text::clip;
+use crate::model::Status;
+use crate::model::clip;
 use crate::model::{Severity, fmt_time};
 
 /// Discord's limits (characters): per message 10 embeds and 6,000 characters

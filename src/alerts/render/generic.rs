@@ -22,8 +22,8 @@ fn object(n: &Notice, sent_at: &str) -> Value {
         "summary": f.summary,
         "action": match n.status {
             // Resolved keeps the action it fired with, as before.
-            crate::alerts::Status::Firing => action(n),
-            crate::alerts::Status::Resolved => f.action.clone(),
+            crate::model::Status::Firing => action(n),
+            crate::model::Status::Resolved => f.action.clone(),
         },
         "deadline": f.deadline.map(fmt_time),
     });

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::{BUTTON_TEXT, Message, action, button_link, facts_list, notice_headline, summary};
-use crate::alerts::text::clip;
+use crate::model::clip;
 
 /// Google Chat refuses texts over 4,096 characters; stay below with room.
 const TEXT_MAX: usize = 4000;

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use super::{BUTTON_TEXT, Message, action, button_link, facts_list, notice_headline, summary};
-use crate::alerts::text::clip;
+use crate::model::clip;
 
 /// Slack's limits: header text 150 characters, section text 3,000, 50 blocks.
 const HEADER_MAX: usize = 150;

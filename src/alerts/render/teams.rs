@@ -9,8 +9,8 @@
 use serde_json::{Value, json};
 
 use super::{BUTTON_TEXT, Message, action, button_link, facts_list, notice_headline, summary};
-use crate::alerts::Status;
 use crate::model::Severity;
+use crate::model::Status;
 
 /// The budget for the card's text: below the limit, leaving room for the
 /// card's own structure.

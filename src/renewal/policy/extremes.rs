@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use super::*;
 use crate::acumatica::response::{AcumaticaTokenResponse, ExpiresIn};
+use crate::model::ConnectionRow;
 use crate::model::MAX_ACCESS_LIFETIME;
 use crate::renewal::planning;
-use crate::store::connections::ConnectionRow;
 use crate::store::{from_ms, to_ms};
 
 const YEAR: u64 = 365 * 24 * 3600;

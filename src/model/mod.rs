@@ -12,6 +12,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod alert;
+mod connection;
+
+pub use alert::{AlertFacts, AlertKind, ERROR_TEXT_MAX, NO_CONNECTION, Status, authorize_step};
+pub use connection::{ConnectionPatch, ConnectionRow, Fault, NewConnection};
+
 /// Wall-clock UTC time, the only time type stored or planned with.
 pub type Timestamp = DateTime<Utc>;
 
@@ -374,6 +380,16 @@ pub fn span(from: Timestamp, to: Timestamp) -> Duration {
     to.signed_duration_since(from)
         .to_std()
         .unwrap_or(Duration::ZERO)
+}
+
+/// `s` cut to at most `max` characters, with an ellipsis when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
 }
 
 #[cfg(test)]

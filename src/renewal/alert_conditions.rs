@@ -2,17 +2,17 @@
 //!
 //! Pure: a connection row, the renewal policy and `now` in, facts out. The
 //! rules themselves (warn points, the secret warning, the refresh-failed
-//! urgency) are the renewal policy's; this module only words them.
+//! urgency) are the renewal policy's, the words are the model's
+//! ([`AlertFacts`]); this module decides which apply. The engine and the
+//! scheduler hand the answer to the store with the state change that caused
+//! it; the alerts worker delivers what the store then holds.
 
 use std::time::Duration;
 
 use chrono::TimeDelta;
 
-use crate::model::{State, Timestamp};
-use crate::renewal::policy::{self, Policy, REFRESH_FAILED_AFTER, REFRESH_FAILED_CRITICAL_WITHIN};
-use crate::store::ConnectionRow;
-
-use super::{AlertFacts, text};
+use super::policy::{self, Policy, REFRESH_FAILED_AFTER, REFRESH_FAILED_CRITICAL_WITHIN};
+use crate::model::{AlertFacts, ConnectionRow, State, Timestamp};
 
 fn sub(t: Timestamp, d: Duration) -> Option<Timestamp> {
     t.checked_sub_signed(TimeDelta::from_std(d).ok()?)
@@ -45,13 +45,13 @@ pub fn desired(row: &ConnectionRow, policy: &Policy, now: Timestamp) -> Vec<Aler
     let mut out = Vec::new();
     match c.state {
         State::Disabled => return out,
-        State::NeedsSecret => out.push(text::needs_secret(row, deadline)),
-        State::NeedsReauthorization => out.push(text::needs_reauthorization(row)),
+        State::NeedsSecret => out.push(AlertFacts::needs_secret(row, deadline)),
+        State::NeedsReauthorization => out.push(AlertFacts::needs_reauthorization(row)),
         State::Active | State::Retrying => {
             if let Some(d) = deadline
                 && let Some(point) = policy::expiry_warning(d, &policy.warn_before, now)
             {
-                out.push(text::expiry_approaching(
+                out.push(AlertFacts::expiry_approaching(
                     row,
                     d,
                     point.before,
@@ -62,7 +62,7 @@ pub fn desired(row: &ConnectionRow, policy: &Policy, now: Timestamp) -> Vec<Aler
                 row.failing_since,
                 policy::refresh_failed_alert(row.failing_since, deadline, now),
             ) {
-                out.push(text::refresh_failed(row, deadline, since, severity));
+                out.push(AlertFacts::refresh_failed(row, deadline, since, severity));
             }
         }
         State::PendingAuthorization => {}
@@ -71,7 +71,7 @@ pub fn desired(row: &ConnectionRow, policy: &Policy, now: Timestamp) -> Vec<Aler
         && policy::secret_warning(c.secret_expires_at, policy.secret_warn_before, now)
         && let Some(expires) = c.secret_expires_at
     {
-        out.push(text::secret_expiring(row, expires));
+        out.push(AlertFacts::secret_expiring(row, expires));
     }
     out
 }
@@ -109,8 +109,7 @@ pub fn next_change(row: &ConnectionRow, policy: &Policy, now: Timestamp) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::AlertKind;
-    use crate::model::{Connection, Mode, Severity};
+    use crate::model::{AlertKind, Connection, Mode, Severity};
     use chrono::TimeZone;
     use std::collections::BTreeMap;
     use uuid::Uuid;
