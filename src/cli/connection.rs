@@ -210,7 +210,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 "client secret",
                 "--client-secret-file",
             )?;
-            let policy = renewal::policy_from(&ctx.config);
+            let policy = ctx.config.renewal.policy();
             let row = st.write(|tx, kr| {
                 let mut row = connections::get_tx(tx, &name)?;
                 connections::set_secret(
@@ -311,7 +311,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
         }
         ConnectionCommand::Enable { name } => {
             let mut st = ctx.open_store(Create::No)?;
-            let policy = renewal::policy_from(&ctx.config);
+            let policy = ctx.config.renewal.policy();
             let row = st.write(|tx, _| {
                 let mut row = connections::get_tx(tx, &name)?;
                 if row.conn.state == State::Disabled {
@@ -597,12 +597,7 @@ impl Spec {
             last_error: None,
             state: State::PendingAuthorization,
         };
-        planning::initial(
-            &mut conn,
-            has_refresh_token,
-            &renewal::policy_from(config),
-            now,
-        );
+        planning::initial(&mut conn, has_refresh_token, &config.renewal.policy(), now);
         Ok(conn)
     }
 }
@@ -655,7 +650,7 @@ fn set(
     if let Some(id) = &new_client_id {
         model::validate_client_id(id).map_err(anyhow::Error::msg)?;
     }
-    let policy = renewal::policy_from(&ctx.config);
+    let policy = ctx.config.renewal.policy();
     let mut st = ctx.open_store(Create::No)?;
     let (row, changed) = st.write(|tx, kr| {
         let mut row = connections::get_tx(tx, name)?;

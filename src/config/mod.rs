@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Mode, Severity};
+use crate::renewal::policy::Policy;
 use crate::secret::Secret;
 
 mod env;
@@ -152,25 +153,52 @@ const DAY: u64 = 24 * HOUR;
 
 impl Default for RenewalConfig {
     fn default() -> Self {
+        // The keys the renewal policy reads take their defaults from the
+        // policy itself, so each default is written once. The patterns name
+        // every field: a field added to `Policy` fails to compile here until
+        // the config carries it.
+        let Policy {
+            renew_at,
+            probe_interval,
+            jitter,
+            retry_min,
+            retry_max,
+            access_token_margin,
+            warn_before,
+            secret_warn_before,
+        } = Policy::default();
         RenewalConfig {
             mode: Mode::Absolute,
             lifetime: Duration::from_secs(30 * DAY),
             absolute_lifetime: None,
-            renew_at: 0.66,
-            probe_interval: Duration::from_secs(DAY),
-            jitter: Duration::from_secs(6 * HOUR),
-            retry_min: Duration::from_secs(60),
-            retry_max: Duration::from_secs(HOUR),
+            renew_at,
+            probe_interval,
+            jitter,
+            retry_min,
+            retry_max,
             max_concurrent: 16,
             per_instance_concurrent: 2,
             http_timeout: Duration::from_secs(30),
-            access_token_margin: Duration::from_secs(5 * 60),
-            warn_before: vec![
-                Duration::from_secs(7 * DAY),
-                Duration::from_secs(3 * DAY),
-                Duration::from_secs(DAY),
-            ],
-            secret_warn_before: Duration::from_secs(14 * DAY),
+            access_token_margin,
+            warn_before,
+            secret_warn_before,
+        }
+    }
+}
+
+impl RenewalConfig {
+    /// The renewal policy this section sets: its tunables, as the pure
+    /// decisions of `renewal::policy` take them.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            renew_at: self.renew_at,
+            probe_interval: self.probe_interval,
+            jitter: self.jitter,
+            retry_min: self.retry_min,
+            retry_max: self.retry_max,
+            access_token_margin: self.access_token_margin,
+            warn_before: self.warn_before.clone(),
+            secret_warn_before: self.secret_warn_before,
         }
     }
 }

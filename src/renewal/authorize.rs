@@ -437,7 +437,7 @@ pub async fn cli_complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyhow::
         );
     };
     let (store, client) = cli_parts(ctx)?;
-    let policy = super::policy_from(&ctx.config);
+    let policy = ctx.config.renewal.policy();
     let now = crate::clock::Clock::now(&crate::clock::SystemClock);
     match complete(&store, &client, &policy, &state, &code, Some(name), now).await? {
         Completion::Connected { name } => {

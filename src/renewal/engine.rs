@@ -1235,7 +1235,7 @@ mod tests {
         let engine = Engine::new(EngineParts {
             store: Arc::new(Mutex::new(st)),
             client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
-            policy: crate::renewal::policy_from(&config),
+            policy: config.renewal.policy(),
             clock: Arc::new(clock.clone()),
             owner: Owner::current("test"),
             http_timeout: Duration::from_secs(5),

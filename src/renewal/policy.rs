@@ -51,6 +51,10 @@ pub const BACKOFF_FLOOR: Duration = Duration::from_secs(5);
 const DEFAULT_RENEW_AT: f64 = 0.66;
 
 /// The tunables of renewal, as DESIGN §6 names them under `renewal.*`.
+///
+/// The config's `[renewal]` section builds one (`RenewalConfig::policy`) and
+/// takes the defaults of these keys from [`Policy::default`], so each default
+/// is written here once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// Sliding mode: refresh when this fraction of the lifetime has passed.
