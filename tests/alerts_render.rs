@@ -135,7 +135,9 @@ fn teams_counts_bytes_and_lists_fewer_alerts_when_forty_links_do_not_fit() {
         "{} bytes over Teams' limit",
         text.len()
     );
-    let items = body["attachments"][0]["content"]["body"].as_array().unwrap();
+    let items = body["attachments"][0]["content"]["body"]
+        .as_array()
+        .unwrap();
     let listed = items.iter().filter(|i| i["type"] == "Container").count();
     assert!(
         (1..40).contains(&listed),
