@@ -15,8 +15,8 @@ use acutoken::crypto::{Key, Keyring};
 use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, State};
 use acutoken::renewal::authorize::create_link;
+use acutoken::renewal::client_settings;
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks};
-use acutoken::renewal::{client_settings, policy_from};
 use acutoken::secret::Secret;
 use acutoken::sim::Simulator;
 use acutoken::store::StoreHandle;
@@ -116,7 +116,7 @@ async fn the_callback_pages_render_in_a_browser_and_echo_nothing() {
     let engine = Arc::new(Engine::new(EngineParts {
         store: store.clone(),
         client: TokenClient::new(client_settings(&config)).unwrap(),
-        policy: policy_from(&config),
+        policy: config.renewal.policy(),
         clock: clock::system(),
         owner: Owner::current("serve"),
         http_timeout: Duration::from_secs(10),

@@ -11,6 +11,7 @@ use acutoken::config::{
     locate,
 };
 use acutoken::model::Mode;
+use acutoken::renewal::policy::Policy;
 
 const EXAMPLE: &str = include_str!("../config/acutoken.toml");
 
@@ -674,6 +675,42 @@ fn lookup_order() {
         ConfigSource::Named {
             path: absent.clone(),
             by: "--config"
+        }
+    );
+}
+
+/// The renewal policy is the `[renewal]` section's: every policy key set in
+/// the file reaches it, and unset keys take the policy's own defaults (each
+/// written once, in `renewal::policy`), which are also the config's.
+#[test]
+fn renewal_section_builds_the_policy() {
+    let text = "[renewal]\nrenew_at = 0.5\nprobe_interval = \"12h\"\njitter = \"1h\"\n\
+                retry_min = \"30s\"\nretry_max = \"20m\"\naccess_token_margin = \"2m\"\n\
+                warn_before = [\"5d\", \"1d\"]\nsecret_warn_before = \"10d\"\n";
+    let policy = Config::from_toml_str(text).unwrap().renewal.policy();
+    assert_eq!(
+        policy,
+        Policy {
+            renew_at: 0.5,
+            probe_interval: Duration::from_secs(12 * 3600),
+            jitter: Duration::from_secs(3600),
+            retry_min: Duration::from_secs(30),
+            retry_max: Duration::from_secs(20 * 60),
+            access_token_margin: Duration::from_secs(120),
+            warn_before: vec![Duration::from_secs(5 * 86400), Duration::from_secs(86400)],
+            secret_warn_before: Duration::from_secs(10 * 86400),
+        }
+    );
+
+    let defaults = Config::from_toml_str("").unwrap().renewal;
+    assert_eq!(defaults.policy(), Policy::default());
+    assert_eq!(defaults.retry_max, Policy::default().retry_max);
+    let only_jitter = Config::from_toml_str("[renewal]\njitter = \"2h\"\n").unwrap();
+    assert_eq!(
+        only_jitter.renewal.policy(),
+        Policy {
+            jitter: Duration::from_secs(7200),
+            ..Policy::default()
         }
     );
 }

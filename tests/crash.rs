@@ -13,7 +13,7 @@ use acutoken::crypto::{Key, Keyring, write_key_file};
 use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, State};
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, Trigger};
-use acutoken::renewal::{client_settings, planning, policy_from};
+use acutoken::renewal::{client_settings, planning};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
 use acutoken::store::StoreHandle;
@@ -39,7 +39,7 @@ fn add_many(
 ) -> Vec<(Uuid, String)> {
     let mut st = Store::open(path, keyring.clone(), Create::Yes).unwrap();
     let now = clock::SystemClock.now();
-    let policy = policy_from(&Config::default());
+    let policy = Config::default().renewal.policy();
     let mut out = Vec::new();
     st.write(|tx, kr| {
         for i in 0..n {
@@ -254,7 +254,7 @@ async fn a_rotated_token_the_store_will_not_take_is_held_spilled_and_saved_later
             c
         }))
         .unwrap(),
-        policy: policy_from(&Config::default()),
+        policy: Config::default().renewal.policy(),
         clock: clock::system(),
         owner: Owner::current("serve"),
         http_timeout: Duration::from_secs(30),
@@ -358,7 +358,7 @@ async fn a_spilled_token_is_imported_at_the_next_start() {
                 c
             }))
             .unwrap(),
-            policy: policy_from(&Config::default()),
+            policy: Config::default().renewal.policy(),
             clock: clock::system(),
             owner: Owner::current("serve"),
             http_timeout: Duration::from_secs(30),

@@ -12,7 +12,7 @@ use acutoken::crypto::{Key, Keyring};
 use acutoken::model::NewConnection;
 use acutoken::model::{Connection, DeadlineSource, Mode, State, Timestamp};
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, TokenAnswer, Trigger};
-use acutoken::renewal::{client_settings, planning, policy_from};
+use acutoken::renewal::{client_settings, planning};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Lifetime, Simulator};
 use acutoken::store::StoreHandle;
@@ -94,7 +94,7 @@ impl World {
             last_error: None,
             state: State::Active,
         };
-        planning::initial(&mut conn, true, &policy_from(&self.config), now);
+        planning::initial(&mut conn, true, &self.config.renewal.policy(), now);
         let id = conn.id;
         let new = NewConnection {
             conn,
@@ -112,7 +112,7 @@ impl World {
         Arc::new(Engine::new(EngineParts {
             store,
             client: TokenClient::new(client_settings(&self.config)).unwrap(),
-            policy: policy_from(&self.config),
+            policy: self.config.renewal.policy(),
             clock: self.clock.clone(),
             owner: Owner::current(role),
             http_timeout: self.config.renewal.http_timeout,

@@ -24,7 +24,7 @@ use acutoken::crypto::{Key, KeySource, Keyring, write_key_file};
 use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, Severity, State};
 use acutoken::renewal::engine::{Engine, EngineParts, NoHooks, Trigger};
-use acutoken::renewal::{client_settings, planning, policy_from};
+use acutoken::renewal::{client_settings, planning};
 use acutoken::secret::Secret;
 use acutoken::sim::{Fault, Simulator};
 use acutoken::store::StoreHandle;
@@ -142,7 +142,7 @@ fn add_due(store: &mut Store, sim: &Simulator, name: &str) -> (Uuid, String, Str
         last_error: None,
         state: State::Active,
     };
-    planning::initial(&mut conn, true, &policy_from(&Config::default()), now);
+    planning::initial(&mut conn, true, &Config::default().renewal.policy(), now);
     conn.next_refresh_at = Some(now - chrono::Duration::minutes(1));
     let id = conn.id;
     let new = NewConnection {
@@ -169,7 +169,7 @@ fn engine(path: &Path, keyring: &Keyring, config: &Config, spill: PathBuf) -> Ar
     Arc::new(Engine::new(EngineParts {
         store,
         client: TokenClient::new(client_settings(config)).unwrap(),
-        policy: policy_from(config),
+        policy: config.renewal.policy(),
         clock: clock::system(),
         owner: Owner::current("serve"),
         http_timeout: config.renewal.http_timeout,

@@ -15,7 +15,7 @@ use acutoken::config::Config;
 use acutoken::crypto::{Key, KeySource, Keyring, write_key_file};
 use acutoken::model::NewConnection;
 use acutoken::model::{Connection, Mode, State, Timestamp};
-use acutoken::renewal::{planning, policy_from};
+use acutoken::renewal::planning;
 use acutoken::secret::Secret;
 use acutoken::store::connections;
 use acutoken::store::{Create, Store};
@@ -189,7 +189,7 @@ pub fn seed(
     now: Timestamp,
     spec: impl Fn(usize) -> Spec,
 ) -> anyhow::Result<()> {
-    let policy = policy_from(&Config::default());
+    let policy = Config::default().renewal.policy();
     let mut i = from;
     while i < n {
         let end = (i + SEED_BATCH).min(n);

@@ -128,7 +128,7 @@ pub fn reconcile(
     config: &Config,
     now: Timestamp,
 ) -> Result<Reconciled, StoreError> {
-    let policy = crate::renewal::policy_from(config);
+    let policy = config.renewal.policy();
     let ids = outbox::firing_connection_ids(store.db())?;
     // Short transactions: the engine and the CLI write too.
     for chunk in ids.chunks(500) {

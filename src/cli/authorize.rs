@@ -74,7 +74,7 @@ pub(super) async fn complete(ctx: &Ctx, name: &str, redirect_url: &str) -> anyho
         );
     };
     let (store, client) = store_and_client(ctx)?;
-    let policy = renewal::policy_from(&ctx.config);
+    let policy = ctx.config.renewal.policy();
     let now = crate::clock::Clock::now(&crate::clock::SystemClock);
     match authorize::complete(&store, &client, &policy, &state, &code, Some(name), now).await? {
         authorize::Completion::Connected { name } => {

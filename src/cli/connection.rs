@@ -15,7 +15,7 @@ use crate::model::{
     self, Connection, Mode, State, Timestamp, fmt_time, parse_date, parse_duration, parse_time,
 };
 use crate::model::{ConnectionRow, NewConnection};
-use crate::renewal::{self, planning};
+use crate::renewal::planning;
 use crate::store::connections::{self, SecretColumn};
 use crate::store::{Create, Store, authorizations, events};
 
@@ -211,7 +211,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
                 "client secret",
                 "--client-secret-file",
             )?;
-            let policy = renewal::policy_from(&ctx.config);
+            let policy = ctx.config.renewal.policy();
             let row = st.write(|tx, kr| {
                 let mut row = connections::get_tx(tx, &name)?;
                 connections::set_secret(
@@ -312,7 +312,7 @@ pub async fn run(explicit: Option<&Path>, cmd: ConnectionCommand) -> anyhow::Res
         }
         ConnectionCommand::Enable { name } => {
             let mut st = ctx.open_store(Create::No)?;
-            let policy = renewal::policy_from(&ctx.config);
+            let policy = ctx.config.renewal.policy();
             let row = st.write(|tx, _| {
                 let mut row = connections::get_tx(tx, &name)?;
                 if row.conn.state == State::Disabled {
@@ -598,12 +598,7 @@ impl Spec {
             last_error: None,
             state: State::PendingAuthorization,
         };
-        planning::initial(
-            &mut conn,
-            has_refresh_token,
-            &renewal::policy_from(config),
-            now,
-        );
+        planning::initial(&mut conn, has_refresh_token, &config.renewal.policy(), now);
         Ok(conn)
     }
 }
@@ -656,7 +651,7 @@ fn set(
     if let Some(id) = &new_client_id {
         model::validate_client_id(id).map_err(anyhow::Error::msg)?;
     }
-    let policy = renewal::policy_from(&ctx.config);
+    let policy = ctx.config.renewal.policy();
     let mut st = ctx.open_store(Create::No)?;
     let (row, changed) = st.write(|tx, kr| {
         let mut row = connections::get_tx(tx, name)?;

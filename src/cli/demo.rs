@@ -13,7 +13,7 @@ use crate::config::{ChannelKind, Config, WebhookConfig};
 use crate::crypto::{Key, Keyring};
 use crate::model::NewConnection;
 use crate::model::{Connection, Mode, Severity, State};
-use crate::renewal::{planning, policy_from};
+use crate::renewal::planning;
 use crate::secret::Secret;
 use crate::sim::Simulator;
 use crate::store::connections::{self, SecretColumn};
@@ -85,7 +85,7 @@ async fn run_in(dir: &std::path::Path, webhook: Option<String>) -> anyhow::Resul
     let key = Key::generate();
     crate::crypto::write_key_file(&crate::store::keys::beside(&config.store_path()), &key)?;
     let mut store = Store::open(&config.store_path(), Keyring::new(key, vec![]), Create::Yes)?;
-    let policy = policy_from(&config);
+    let policy = config.renewal.policy();
     let customers = [
         ("acme", "Acme Corp"),
         ("globex", "Globex"),
@@ -191,7 +191,7 @@ fn open_demo_store(config: &Config) -> anyhow::Result<Store> {
 
 async fn set_secret(config: &Config, name: &str, secret: &str) -> anyhow::Result<()> {
     let mut st = open_demo_store(config)?;
-    let policy = policy_from(config);
+    let policy = config.renewal.policy();
     let now = clock::SystemClock.now();
     let secret = Secret::new(secret);
     st.write(|tx, kr| {

@@ -60,7 +60,7 @@ fn local_engine(ctx: &Ctx) -> anyhow::Result<Arc<Engine>> {
     Ok(Arc::new(Engine::new(EngineParts {
         store,
         client,
-        policy: renewal::policy_from(&ctx.config),
+        policy: ctx.config.renewal.policy(),
         clock: clock::system(),
         owner: Owner::current("cli"),
         http_timeout: ctx.config.renewal.http_timeout,

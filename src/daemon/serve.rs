@@ -19,9 +19,9 @@ use crate::acumatica::TokenClient;
 use crate::alerts::{self, AlertFacts, AlertKind, Wake};
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::renewal;
 use crate::renewal::engine::{Engine, EngineParts, Hooks, import_spilled};
 use crate::renewal::scheduler::{Input, Scheduler};
-use crate::renewal::{self, policy_from};
 use crate::secret::Secret;
 use crate::store::claims::Owner;
 use crate::store::{self, Create, Store};
@@ -156,7 +156,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     let engine = Arc::new(Engine::new(EngineParts {
         store: engine_store.clone(),
         client: client.clone(),
-        policy: policy_from(&config),
+        policy: config.renewal.policy(),
         clock: clock.clone(),
         owner: Owner::current("serve"),
         http_timeout: config.renewal.http_timeout,
@@ -187,7 +187,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     // not read is set aside (logged, alerted below) and the pass goes on.
     let (scheduler, to_sync, scheduled, faults) = {
         let st = engine_store.clone();
-        let policy = policy_from(&config);
+        let policy = config.renewal.policy();
         let now = clock.now();
         st.read(move |st| -> Result<_, store::StoreError> {
             let mut scheduler = scheduler;
@@ -225,7 +225,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         .await?
     };
     {
-        let policy = policy_from(&config);
+        let policy = config.renewal.policy();
         let now = clock.now();
         for chunk in to_sync.chunks(500) {
             let (policy, chunk) = (policy.clone(), chunk.to_vec());
@@ -484,7 +484,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 notify::reloading();
                 match reload(&opts.explicit_config, &current) {
                     Ok((new, client)) => {
-                        engine.set_policy(policy_from(&new));
+                        engine.set_policy(new.renewal.policy());
                         engine.limits().set(
                             new.renewal.max_concurrent,
                             new.renewal.per_instance_concurrent,

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 mod alert;
 mod connection;
+pub mod policy;
 
 pub use alert::{AlertFacts, AlertKind, ERROR_TEXT_MAX, NO_CONNECTION, Status, authorize_step};
 pub use connection::{ConnectionPatch, ConnectionRow, Fault, NewConnection};

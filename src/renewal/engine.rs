@@ -1213,7 +1213,7 @@ mod tests {
         let engine = Engine::new(EngineParts {
             store: crate::store::StoreHandle::from_store(st).unwrap(),
             client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
-            policy: crate::renewal::policy_from(&config),
+            policy: config.renewal.policy(),
             clock: Arc::new(clock.clone()),
             owner: Owner::current("test"),
             http_timeout: Duration::from_secs(5),

@@ -11,23 +11,6 @@ pub mod spill;
 
 use crate::acumatica::ClientSettings;
 use crate::config::Config;
-use policy::Policy;
-
-/// The renewal policy the configuration asks for.
-pub fn policy_from(config: &Config) -> Policy {
-    let r = &config.renewal;
-    Policy {
-        renew_at: r.renew_at,
-        probe_interval: r.probe_interval,
-        jitter: r.jitter,
-        retry_min: r.retry_min,
-        retry_max: r.retry_max,
-        access_token_margin: r.access_token_margin,
-        warn_before: r.warn_before.clone(),
-        secret_warn_before: r.secret_warn_before,
-    }
-}
-
 /// The token client settings the configuration asks for.
 pub fn client_settings(config: &Config) -> ClientSettings {
     ClientSettings {

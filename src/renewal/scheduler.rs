@@ -1104,7 +1104,7 @@ mod tests {
         let engine = Arc::new(Engine::new(EngineParts {
             store: crate::store::StoreHandle::from_store(st).unwrap(),
             client: TokenClient::new(crate::renewal::client_settings(&config)).unwrap(),
-            policy: crate::renewal::policy_from(&config),
+            policy: config.renewal.policy(),
             clock,
             owner: Owner::current("test"),
             http_timeout: Duration::from_secs(5),

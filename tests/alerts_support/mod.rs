@@ -257,7 +257,7 @@ pub fn set_state(
     error: Option<&str>,
     now: Timestamp,
 ) {
-    let policy = acutoken::renewal::policy_from(&Config::default());
+    let policy = Config::default().renewal.policy();
     store
         .write(|tx, _| {
             for id in ids {

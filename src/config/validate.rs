@@ -1,0 +1,318 @@
+//! The rules of DESIGN §6 that single values and pairs of values must
+//! satisfy. Nothing here reads a file.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::error::{ConfigError, invalid};
+use super::{ChannelKind, Config};
+use crate::secret::Secret;
+
+const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+impl Config {
+    /// Checks every rule of DESIGN §6 that a single value or a pair of values
+    /// must satisfy; the first broken rule is returned, naming the key. Reads
+    /// no files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_renewal()?;
+        self.validate_alerts()?;
+        self.validate_listeners()?;
+        if !LOG_LEVELS.contains(&self.log.level.as_str()) {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "must be one of trace, debug, info, warn, error (is `{}`)",
+                    self.log.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_renewal(&self) -> Result<(), ConfigError> {
+        let r = &self.renewal;
+        if !(r.renew_at > 0.0 && r.renew_at < 1.0) {
+            return Err(invalid(
+                "renewal.renew_at",
+                format!("must be greater than 0 and less than 1 (is {})", r.renew_at),
+            ));
+        }
+        if r.lifetime.is_zero() {
+            return Err(invalid("renewal.lifetime", "must be greater than 0"));
+        }
+        if let Some(cap) = r.absolute_lifetime
+            && cap < r.lifetime
+        {
+            return Err(invalid(
+                "renewal.absolute_lifetime",
+                format!(
+                    "must be at least renewal.lifetime ({}), or \"none\" (is {})",
+                    crate::model::fmt_duration(r.lifetime),
+                    crate::model::fmt_duration(cap)
+                ),
+            ));
+        }
+        check_backoff("renewal", r.retry_min, r.retry_max)?;
+        if r.max_concurrent < 1 {
+            return Err(invalid("renewal.max_concurrent", "must be at least 1"));
+        }
+        if r.per_instance_concurrent < 1 {
+            return Err(invalid(
+                "renewal.per_instance_concurrent",
+                "must be at least 1",
+            ));
+        }
+        if r.http_timeout.is_zero() {
+            return Err(invalid("renewal.http_timeout", "must be greater than 0"));
+        }
+        if self.serve.shutdown_timeout <= r.http_timeout {
+            return Err(invalid(
+                "serve.shutdown_timeout",
+                format!(
+                    "must exceed renewal.http_timeout ({}) so refreshes in flight can be saved (is {})",
+                    crate::model::fmt_duration(r.http_timeout),
+                    crate::model::fmt_duration(self.serve.shutdown_timeout)
+                ),
+            ));
+        }
+        if r.warn_before.is_empty() {
+            return Err(invalid(
+                "renewal.warn_before",
+                "must list at least one duration",
+            ));
+        }
+        if r.warn_before.iter().any(Duration::is_zero) {
+            return Err(invalid(
+                "renewal.warn_before",
+                "entries must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_alerts(&self) -> Result<(), ConfigError> {
+        let a = &self.alerts;
+        if a.repeat_interval.is_zero() {
+            return Err(invalid("alerts.repeat_interval", "must be greater than 0"));
+        }
+        if a.group_max < 1 {
+            return Err(invalid("alerts.group_max", "must be at least 1"));
+        }
+        check_backoff("alerts", a.retry_min, a.retry_max)?;
+        if let Some(expr) = &a.digest {
+            cron_six_fields(expr).map_err(|reason| invalid("alerts.digest", reason))?;
+        }
+        if a.digest_timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(invalid(
+                "alerts.digest_timezone",
+                format!(
+                    "`{}` is not an IANA time zone name such as `Europe/Berlin`",
+                    a.digest_timezone
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, w) in a.webhooks.iter().enumerate() {
+            let key = |field: &str| format!("alerts.webhooks[{i}].{field}");
+            if w.name.trim().is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(w.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{}` is already used by an earlier webhook", w.name),
+                ));
+            }
+            match (&w.url, &w.url_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        key("url"),
+                        "both `url` and `url_file` are set; set only one",
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        key("url"),
+                        "one of `url` or `url_file` is required",
+                    ));
+                }
+                (Some(url), None) => check_webhook_url(&key("url"), url.expose())?,
+                (None, Some(_)) => {}
+            }
+            let has_secret = w.secret.is_some() || w.secret_file.is_some();
+            if has_secret && w.kind != ChannelKind::Generic {
+                return Err(invalid(
+                    key("secret"),
+                    format!(
+                        "a signing secret is only for kind `generic`, not `{}`",
+                        w.kind.as_str()
+                    ),
+                ));
+            }
+            if w.secret.is_some() && w.secret_file.is_some() {
+                return Err(invalid(
+                    key("secret"),
+                    "both `secret` and `secret_file` are set; set only one",
+                ));
+            }
+            if w.secret.as_ref().is_some_and(Secret::is_empty) {
+                return Err(invalid(key("secret"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        if let Some(uri) = &self.acumatica.redirect_uri {
+            let url = url::Url::parse(uri).map_err(|e| {
+                invalid(
+                    "acumatica.redirect_uri",
+                    format!("is not an absolute URL: {e}"),
+                )
+            })?;
+            if !(url.scheme() == "https" || (url.scheme() == "http" && is_loopback(&url))) {
+                return Err(invalid(
+                    "acumatica.redirect_uri",
+                    "must be an https URL (http only for localhost or a loopback address)",
+                ));
+            }
+        }
+        if let Some(path) = &self.callback.path
+            && !path.starts_with('/')
+        {
+            return Err(invalid(
+                "callback.path",
+                format!("must start with `/` (is `{path}`)"),
+            ));
+        }
+        if self.callback.state_ttl.is_zero() {
+            return Err(invalid("callback.state_ttl", "must be greater than 0"));
+        }
+        let api = &self.api;
+        match (&api.tls_cert_file, &api.tls_key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "api.tls_key_file",
+                    "is required with `api.tls_cert_file`",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "api.tls_cert_file",
+                    "is required with `api.tls_key_file`",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(listen) = api.listen {
+            if api.token_file.is_none() {
+                return Err(invalid(
+                    "api.token_file",
+                    "is required when `api.listen` is set: every request on it needs a bearer token",
+                ));
+            }
+            if !listen.ip().is_loopback() && api.tls_cert_file.is_none() {
+                return Err(invalid(
+                    "api.tls_cert_file",
+                    format!(
+                        "and `api.tls_key_file` are required because `api.listen` ({listen}) is not a loopback address"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The digest schedule in the six-field form (seconds first) that
+    /// tokio-cron-scheduler parses, or `None` when no digest is configured or
+    /// the expression is invalid (which [`Config::validate`] refuses).
+    pub fn digest_schedule(&self) -> Option<String> {
+        self.alerts
+            .digest
+            .as_deref()
+            .and_then(|e| cron_six_fields(e).ok())
+    }
+}
+
+fn check_backoff(section: &str, min: Duration, max: Duration) -> Result<(), ConfigError> {
+    if min.is_zero() {
+        return Err(invalid(
+            format!("{section}.retry_min"),
+            "must be greater than 0",
+        ));
+    }
+    if max < min {
+        return Err(invalid(
+            format!("{section}.retry_max"),
+            format!(
+                "must be at least {section}.retry_min ({}) (is {})",
+                crate::model::fmt_duration(min),
+                crate::model::fmt_duration(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// A webhook URL is a secret: the reasons given never include any of it.
+pub(super) fn check_webhook_url(key: &str, raw: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(raw.trim()).map_err(|_| invalid(key, "is not an absolute URL"))?;
+    // A metadata or link-local address (an IP literal no resolver would see):
+    // refused here, so the mistake shows at `config check` and at start.
+    crate::acumatica::address::check_webhook_destination(&url)
+        .map_err(|e| invalid(key, format!("must not go to {e}")))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(&url) => Ok(()),
+        "http" => Err(invalid(
+            key,
+            "must use https (plain http only for localhost or a loopback address)",
+        )),
+        _ => Err(invalid(key, "must be an https URL")),
+    }
+}
+
+/// Returns the six-field form (seconds first) of a 5- or 6-field cron
+/// expression, checked by tokio-cron-scheduler itself.
+fn cron_six_fields(expr: &str) -> Result<String, String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let six = match fields.len() {
+        5 => format!("0 {}", fields.join(" ")),
+        6 => fields.join(" "),
+        n => {
+            return Err(format!(
+                "`{expr}` has {n} fields; expected 5 (minute hour day-of-month month day-of-week), \
+                 optionally preceded by seconds"
+            ));
+        }
+    };
+    // The same constructor (and so the same parser settings) the digest
+    // schedules with; building a job needs no runtime.
+    tokio_cron_scheduler::Job::new_tz(six.as_str(), chrono_tz::UTC, |_, _| {})
+        .map_err(|_| format!("`{expr}` is not a valid cron expression"))?;
+    Ok(six)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cron_takes_five_or_six_fields() {
+        assert_eq!(cron_six_fields("*/15 * * * *").unwrap(), "0 */15 * * * *");
+        assert_eq!(cron_six_fields(" 5  0 8 * * * ").unwrap(), "5 0 8 * * *");
+        assert!(cron_six_fields("0 8 * * * * *").is_err());
+        assert!(cron_six_fields("0 8 32 * *").is_err());
+        assert!(cron_six_fields("x 8 * * *").is_err());
+    }
+}
