@@ -10,9 +10,12 @@ use sha2::{Digest, Sha256};
 use super::planning;
 use super::policy::Policy;
 use crate::acumatica::{TokenClient, pkce_pair};
+use crate::model::ConnectionRow;
 use crate::model::{State, Timestamp, fmt_time};
 use crate::secret::Secret;
+use crate::store::authorizations::{GrantStored, NewAuthorization};
 use crate::store::connections::{self, SecretColumn};
+use crate::store::refresh::DesiredAlerts;
 use crate::store::{CallbackLookup, StoreError, StoreHandle, authorizations, events};
 
 /// The hash under which a state is stored: the state itself is never stored.
@@ -87,26 +90,14 @@ pub async fn create_link(
     } = new_link(client, &row.conn.instance, &row.conn.client_id, &redirect);
     // `callback.state_ttl` comes from a file: a huge one saturates, never panics.
     let expires_at = crate::model::add_saturating(now, ttl);
-    let id = row.conn.id;
-    let u = url.clone();
-    let replaced = store
-        .write(move |tx, kr| {
-            let n = authorizations::create(
-                tx, kr, id, &hash, &verifier, &redirect, &u, now, expires_at,
-            )?;
-            events::record(
-                tx,
-                id,
-                now,
-                "authorize",
-                &format!(
-                    "authorization link created, valid until {}",
-                    fmt_time(expires_at)
-                ),
-            )?;
-            Ok(n)
-        })
-        .await?;
+    let link = NewAuthorization {
+        connection: row.conn.id,
+        state_hash: hash,
+        verifier,
+        redirect_uri: redirect,
+        url: url.clone(),
+    };
+    let replaced = store.open_link(link, now, expires_at).await?;
     Ok(Link {
         url,
         expires_at,
@@ -329,45 +320,30 @@ pub async fn complete(
     };
     let policy = policy.clone();
     let name = row.conn.name.clone();
-    let stored = store.write(move |tx, kr| {
-        let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
-            return Ok(Stored::AlreadyUsed);
-        };
-        // Disabled while the code was being exchanged (which also closed
-        // the link): the grant is dropped and the connection stays off.
-        if row.conn.state == State::Disabled {
-            return Ok(Stored::Disabled);
-        }
-        if !authorizations::mark_used(tx, &hash, now)? {
-            return Ok(Stored::AlreadyUsed);
-        }
-        planning::granted(&mut row, grant.expires_in, &grant.token_type, &policy, now);
-        connections::put(tx, &row)?;
-        connections::set_secret(tx, kr, id, SecretColumn::RefreshToken, Some(&refresh_token))?;
-        connections::set_secret(tx, kr, id, SecretColumn::AccessToken, Some(&grant.access_token))?;
-        // A stale claim would block the new token; nothing was sent with it.
-        tx.execute(
-            "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL, outcome_unknown = 0 WHERE id = ?1",
-            [id.to_string()],
-        )?;
-        events::record(tx, id, now, "authorized", "the customer authorized; grant stored")?;
-        let desired = crate::renewal::alert_conditions::desired(&row, &policy, now);
-        crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-        Ok(Stored::Granted)
-    })
-    .await?;
+    let alerts: DesiredAlerts = {
+        let policy = policy.clone();
+        Box::new(move |row| crate::renewal::alert_conditions::desired(row, &policy, now))
+    };
+    let (expires_in, token_type) = (grant.expires_in, grant.token_type.clone());
+    let plan = move |row: &mut ConnectionRow| {
+        planning::granted(row, expires_in, &token_type, &policy, now);
+    };
+    let stored = store
+        .store_grant(
+            id,
+            hash,
+            refresh_token,
+            grant.access_token,
+            plan,
+            now,
+            alerts,
+        )
+        .await?;
     Ok(match stored {
-        Stored::Granted => Completion::Connected { name },
-        Stored::AlreadyUsed => Completion::AlreadyConnected { name },
-        Stored::Disabled => Completion::Disabled { name },
+        GrantStored::Granted => Completion::Connected { name },
+        GrantStored::AlreadyUsed => Completion::AlreadyConnected { name },
+        GrantStored::Disabled => Completion::Disabled { name },
     })
-}
-
-/// What the grant's write came to.
-enum Stored {
-    Granted,
-    AlreadyUsed,
-    Disabled,
 }
 
 #[cfg(test)]

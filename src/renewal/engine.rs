@@ -25,8 +25,9 @@ use crate::model::ConnectionRow;
 use crate::model::{FailureKind, State, Timestamp, fmt_time};
 use crate::secret::Secret;
 pub use crate::store::claims::Trigger;
-use crate::store::claims::{self, ClaimOutcome, Found, Owner, RefreshSave};
+use crate::store::claims::{self, ClaimOutcome, Found, Owner};
 use crate::store::connections::SecretColumn;
+use crate::store::refresh::{DesiredAlerts, Settled, Settlement};
 use crate::store::{Store, StoreError, StoreHandle};
 
 /// What a refresh attempt came to.
@@ -185,14 +186,9 @@ fn apply_failure(
     reason
 }
 
-/// Where a finished request's outcome landed.
-enum Landed {
-    /// Saved, with the detail for the history and the report.
-    Applied(Box<ConnectionRow>, String),
-    /// Overtaken by a newer grant or an edit: not applied, said in the history.
-    Discarded(Box<ConnectionRow>, String),
-    /// The connection is gone.
-    Removed,
+/// The alerts a row calls for under `policy` at `now`, as the store asks for them.
+fn desired(policy: Arc<Policy>, now: Timestamp) -> DesiredAlerts {
+    Box::new(move |row| crate::renewal::alert_conditions::desired(row, &policy, now))
 }
 
 /// Hooks the daemon gives the engine: raised alerts wake the delivery worker,
@@ -576,15 +572,7 @@ impl Engine {
         let claim_policy = policy.clone();
         let outcome = self
             .store
-            .write(move |tx, kr| {
-                let out = claims::claim(tx, kr, id, &owner, ttl, trigger, now)?;
-                if let ClaimOutcome::Lost(row) = &out {
-                    let desired =
-                        crate::renewal::alert_conditions::desired(row, &claim_policy, now);
-                    crate::store::alerts::sync_connection(tx, row, &desired, now)?;
-                }
-                Ok(out)
-            })
+            .claim(id, owner, ttl, trigger, now, desired(claim_policy, now))
             .await?;
         let claim = match outcome {
             ClaimOutcome::Claimed(c) => c,
@@ -704,42 +692,42 @@ impl Engine {
         let rt = p.refresh_token.clone();
         let at = p.access_token.clone();
         let detail = p.detail.clone();
+        let alerts = desired(Arc::new(policy.clone()), now);
         let res = self
             .store
-            .write(move |tx, kr| match claims::reread(tx, kr, &basis)? {
-            Found::Removed => Ok(Landed::Removed),
-            Found::Overtaken { row, reason, .. } => {
-                let why = format!("{reason}: the token it obtained is discarded");
-                claims::discard(tx, &basis, &why, now)?;
-                Ok(Landed::Discarded(Box::new(row), why))
-            }
-            Found::Current { mut row, ours, .. } => {
-                facts.apply(&mut row, &policy);
-                let taken_over;
-                let detail = if ours {
-                    detail.as_str()
-                } else {
-                    // Only possible when this process stalled past the claim's
-                    // expiry. The token is still the newest one: keep it.
-                    taken_over = format!("{detail}; saved after the claim was taken over");
-                    taken_over.as_str()
-                };
-                let save = RefreshSave {
-                    row: &row,
-                    refresh_token: rt.as_ref(),
-                    access_token: Some(&at),
-                    event: "refreshed",
-                    detail,
-                };
-                claims::finish(tx, kr, &basis, &save, ours, now)?;
-                let desired = crate::renewal::alert_conditions::desired(&row, &policy, now);
-                crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-                if !ours {
-                    tracing::error!(connection = %row.conn.name, "claim lost before the save; saved the rotated token anyway");
-                }
-                Ok(Landed::Applied(Box::new(row), detail.to_string()))
-            }
-        })
+            .settle(
+                basis,
+                now,
+                move |found| match found {
+                    Found::Removed => Settlement::Removed,
+                    Found::Overtaken { row, reason, .. } => Settlement::Discard {
+                        row: Box::new(row),
+                        why: format!("{reason}: the token it obtained is discarded"),
+                        replan: false,
+                    },
+                    Found::Current { mut row, ours, .. } => {
+                        facts.apply(&mut row, &policy);
+                        let detail = if ours {
+                            detail
+                        } else {
+                            // Only possible when this process stalled past the claim's
+                            // expiry. The token is still the newest one: keep it.
+                            tracing::error!(connection = %row.conn.name, "claim lost before the save; saved the rotated token anyway");
+                            format!("{detail}; saved after the claim was taken over")
+                        };
+                        Settlement::Finish {
+                            row: Box::new(row),
+                            ours,
+                            refresh_token: rt,
+                            access_token: Some(at),
+                            event: "refreshed",
+                            detail,
+                            state_event: None,
+                        }
+                    }
+                },
+                alerts,
+            )
             .await;
         match res {
             Ok(landed) => Ok(self.landed(landed, "refreshed", None, &p.row)),
@@ -824,85 +812,84 @@ impl Engine {
         let policy = policy.clone();
         let jitter: f64 = rand::random();
         let retry_after = err.retry_after;
+        let alerts = desired(Arc::new(policy.clone()), now);
         let landed = self
             .store
-            .write(move |tx, kr| match claims::reread(tx, kr, &basis)? {
-            Found::Removed => Ok(Landed::Removed),
-            Found::Overtaken { row, reason, .. } => {
-                let why = format!("{reason}: its failure ({}) is not applied", err.reason);
-                claims::discard(tx, &basis, &why, now)?;
-                Ok(Landed::Discarded(Box::new(row), why))
-            }
-            Found::Current {
-                row,
-                secret_changed: true,
-                ..
-            } if err.kind == FailureKind::InvalidClient => {
-                // The refusal was of the old secret; the new one is proven by the next try.
-                let why = format!(
-                    "the instance refused the client secret the request was sent with ({}), but a new secret was entered meanwhile; it is tried next",
-                    err.reason
-                );
-                let mut row = row;
-                if row.conn.state.is_scheduled() {
-                    row.conn.next_refresh_at = Some(now);
-                    crate::store::connections::put_refresh(tx, &row)?;
-                }
-                claims::discard(tx, &basis, &why, now)?;
-                Ok(Landed::Discarded(Box::new(row), why))
-            }
-            Found::Current { mut row, ours, .. } => {
-                let reason = apply_failure(&mut row, &err, after_unknown, &policy, now, jitter);
-                let event = if err.kind == FailureKind::Transient {
-                    "refresh_failed"
-                } else {
-                    "refresh_refused"
-                };
-                let save = RefreshSave {
-                    row: &row,
-                    refresh_token: None,
-                    access_token: None,
-                    event,
-                    detail: &reason,
-                };
-                claims::finish(tx, kr, &basis, &save, ours, now)?;
-                let desired = crate::renewal::alert_conditions::desired(&row, &policy, now);
-                crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-                if row.conn.state != State::Retrying {
-                    crate::store::events::record(
-                        tx,
-                        row.conn.id,
-                        now,
-                        "state",
-                        row.conn.state.as_str(),
-                    )?;
-                }
-                Ok(Landed::Applied(Box::new(row), reason))
-            }
-        })
+            .settle(
+                basis,
+                now,
+                move |found| match found {
+                    Found::Removed => Settlement::Removed,
+                    Found::Overtaken { row, reason, .. } => Settlement::Discard {
+                        row: Box::new(row),
+                        why: format!("{reason}: its failure ({}) is not applied", err.reason),
+                        replan: false,
+                    },
+                    Found::Current {
+                        mut row,
+                        secret_changed: true,
+                        ..
+                    } if err.kind == FailureKind::InvalidClient => {
+                        // The refusal was of the old secret; the new one is proven by the next try.
+                        let replan = row.conn.state.is_scheduled();
+                        if replan {
+                            row.conn.next_refresh_at = Some(now);
+                        }
+                        Settlement::Discard {
+                            row: Box::new(row),
+                            why: format!(
+                                "the instance refused the client secret the request was sent with ({}), but a new secret was entered meanwhile; it is tried next",
+                                err.reason
+                            ),
+                            replan,
+                        }
+                    }
+                    Found::Current { mut row, ours, .. } => {
+                        let reason =
+                            apply_failure(&mut row, &err, after_unknown, &policy, now, jitter);
+                        let event = if err.kind == FailureKind::Transient {
+                            "refresh_failed"
+                        } else {
+                            "refresh_refused"
+                        };
+                        let state_event = (row.conn.state != State::Retrying)
+                            .then(|| row.conn.state.as_str().to_string());
+                        Settlement::Finish {
+                            row: Box::new(row),
+                            ours,
+                            refresh_token: None,
+                            access_token: None,
+                            event,
+                            detail: reason,
+                            state_event,
+                        }
+                    }
+                },
+                alerts,
+            )
             .await?;
         Ok(self.landed(landed, "failed", retry_after, &claimed))
     }
 
-    /// The report of an outcome once the store had its say (see [`Landed`]);
+    /// The report of an outcome once the store had its say (see [`Settled`]);
     /// `claimed` is the row as claimed, for a connection that is gone.
     fn landed(
         &self,
-        landed: Landed,
+        landed: Settled,
         outcome: &'static str,
         retry_after: Option<Duration>,
         claimed: &ConnectionRow,
     ) -> RefreshReport {
         match landed {
-            Landed::Applied(row, detail) => {
+            Settled::Applied(row, detail) => {
                 self.hooks.alerts_raised();
                 report(&row, outcome, detail, retry_after)
             }
-            Landed::Discarded(row, why) => {
+            Settled::Discarded(row, why) => {
                 tracing::warn!(connection = %row.conn.name, reason = %why, "refresh outcome discarded");
                 report(&row, "discarded", why, None)
             }
-            Landed::Removed => {
+            Settled::Removed => {
                 tracing::info!(connection = %claimed.conn.name, "the connection was removed while its refresh was in flight; its outcome is discarded");
                 let mut r = report(
                     claimed,
@@ -1094,9 +1081,9 @@ pub fn import_spilled(
     let mut out = SpillImport::default();
     for dir in dirs {
         for (path, read) in spill::read_all(dir) {
-            let opened = read.and_then(|s| s.open(&store.keyring()).map(|_| s));
-            let s = match opened {
-                Ok(s) => s,
+            let opened = read.and_then(|s| s.landing(&store.keyring()));
+            let landing = match opened {
+                Ok(t) => t,
                 Err(why) => {
                     let why = format!("the spill file {why}");
                     match spill::set_aside(&path) {
@@ -1112,7 +1099,7 @@ pub fn import_spilled(
                     continue;
                 }
             };
-            let applied = store.write(|tx, kr| s.apply(tx, kr, now))?;
+            let applied = store.land_spilled(&landing, now)?;
             if applied {
                 out.imported += 1;
                 tracing::info!(path = %path.display(), "imported a spilled refresh token");

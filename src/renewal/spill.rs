@@ -10,16 +10,15 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use rusqlite::{OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::crypto::Keyring;
+use crate::model::Connection;
 use crate::model::ConnectionRow;
-use crate::model::{Connection, Timestamp};
 use crate::secret::Secret;
-use crate::store::StoreError;
-use crate::store::connections::{self, SecretColumn};
+use crate::store::connections::SecretColumn;
+use crate::store::refresh::SpilledToken;
 
 /// One spilled outcome.
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,71 +93,18 @@ impl Spilled {
         }
     }
 
-    /// Applies the spilled outcome if the connection still carries the claim it
-    /// was made under (nothing newer was saved since). Returns whether it applied.
-    pub fn apply(
-        &self,
-        tx: &Transaction<'_>,
-        keyring: &Keyring,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        let id = self.conn.id;
-        let claim: Option<Option<String>> = tx
-            .query_row(
-                "SELECT claim_id FROM connections WHERE id = ?1",
-                [id.to_string()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if claim.flatten().as_deref() != Some(self.attempt.to_string().as_str()) {
-            return Ok(false);
-        }
-        let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
-            return Ok(false);
-        };
-        let (access, refresh) = self.open(keyring).map_err(StoreError::Corrupt)?;
-        if row.conn.instance != self.conn.instance || row.conn.client_id != self.conn.client_id {
-            // Pointed at another instance or application since: the token belongs to a grant that is gone.
-            return Ok(false);
-        }
-        // Only what a refresh owns: an operator's edits made while the daemon
-        // was down stand, and a connection disabled meanwhile stays disabled
-        // (keeping the token, so enabling it works).
-        let s = &self.conn;
-        let c = &mut row.conn;
-        c.refresh_token_issued_at = s.refresh_token_issued_at;
-        c.access_expires_at = s.access_expires_at;
-        c.deadline = s.deadline;
-        c.deadline_source = s.deadline_source;
-        c.last_refresh_at = s.last_refresh_at;
-        if c.state.is_scheduled() {
-            c.state = s.state;
-            c.next_refresh_at = s.next_refresh_at;
-            c.last_error = s.last_error.clone();
-        }
-        row.failures = 0;
-        row.failing_since = None;
-        row.outcome_unknown = false;
-        row.has_access_token = true;
-        row.token_type = self.token_type.clone();
-        row.access_lifetime = self.access_lifetime_s.map(std::time::Duration::from_secs);
-        connections::put_refresh(tx, &row)?;
-        if let Some(rt) = &refresh {
-            connections::set_secret(tx, keyring, id, SecretColumn::RefreshToken, Some(rt))?;
-        }
-        connections::set_secret(tx, keyring, id, SecretColumn::AccessToken, Some(&access))?;
-        tx.execute(
-            "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL WHERE id = ?1",
-            params![id.to_string()],
-        )?;
-        crate::store::events::record(
-            tx,
-            id,
-            now,
-            "refreshed",
-            "imported the rotated token spilled when the store could not be written",
-        )?;
-        Ok(true)
+    /// The spilled outcome, opened, as the store lands it; the reason when
+    /// its values do not open.
+    pub fn landing(&self, keyring: &Keyring) -> Result<SpilledToken, String> {
+        let (access_token, refresh_token) = self.open(keyring)?;
+        Ok(SpilledToken {
+            attempt: self.attempt,
+            conn: self.conn.clone(),
+            token_type: self.token_type.clone(),
+            access_lifetime: self.access_lifetime_s.map(std::time::Duration::from_secs),
+            refresh_token,
+            access_token,
+        })
     }
 }
 

@@ -3,9 +3,11 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 use uuid::Uuid;
 
-use super::{Store, StoreError, from_ms, to_ms};
+use super::connections::{self, SecretColumn};
+use super::refresh::DesiredAlerts;
+use super::{Store, StoreError, StoreHandle, claims, events, from_ms, to_ms};
 use crate::crypto::Keyring;
-use crate::model::Timestamp;
+use crate::model::{ConnectionRow, State, Timestamp, fmt_time};
 use crate::secret::Secret;
 
 const VERIFIER: &str = "pkce_verifier";
@@ -201,5 +203,108 @@ impl Store {
             verifier: self.keyring.open_secret(connection, VERIFIER, &verifier)?,
             redirect_uri,
         })
+    }
+}
+
+/// What storing a customer's grant came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantStored {
+    /// Stored: the connection holds the new grant.
+    Granted,
+    /// The link was used already, or the connection is gone: nothing changed.
+    AlreadyUsed,
+    /// Disabled while the code was exchanged: the grant is dropped.
+    Disabled,
+}
+
+/// A link to open: everything but the connection and the times is the caller's.
+#[derive(Debug)]
+pub struct NewAuthorization {
+    pub connection: Uuid,
+    pub state_hash: String,
+    pub verifier: Secret,
+    pub redirect_uri: String,
+    pub url: Secret,
+}
+
+impl StoreHandle {
+    /// Opens an authorization link for a connection (replacing an open one),
+    /// with its history line; returns how many open links it replaced.
+    pub async fn open_link(
+        &self,
+        link: NewAuthorization,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<usize, StoreError> {
+        self.write(move |tx, kr| {
+            let l = &link;
+            let n = create(
+                tx,
+                kr,
+                l.connection,
+                &l.state_hash,
+                &l.verifier,
+                &l.redirect_uri,
+                &l.url,
+                now,
+                expires_at,
+            )?;
+            events::record(
+                tx,
+                l.connection,
+                now,
+                "authorize",
+                &format!(
+                    "authorization link created, valid until {}",
+                    fmt_time(expires_at)
+                ),
+            )?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Stores the grant a customer's authorization gave, once per link:
+    /// `grant` plans the row from it; any stale claim goes (nothing was sent
+    /// with the new token).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn store_grant(
+        &self,
+        id: Uuid,
+        state_hash: String,
+        refresh_token: Secret,
+        access_token: Secret,
+        grant: impl FnOnce(&mut ConnectionRow) + Send + 'static,
+        now: Timestamp,
+        desired: DesiredAlerts,
+    ) -> Result<GrantStored, StoreError> {
+        self.write(move |tx, kr| {
+            let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
+                return Ok(GrantStored::AlreadyUsed);
+            };
+            // Disabled while the code was being exchanged (which also closed
+            // the link): the grant is dropped and the connection stays off.
+            if row.conn.state == State::Disabled {
+                return Ok(GrantStored::Disabled);
+            }
+            if !mark_used(tx, &state_hash, now)? {
+                return Ok(GrantStored::AlreadyUsed);
+            }
+            grant(&mut row);
+            connections::put(tx, &row)?;
+            connections::set_secret(tx, kr, id, SecretColumn::RefreshToken, Some(&refresh_token))?;
+            connections::set_secret(tx, kr, id, SecretColumn::AccessToken, Some(&access_token))?;
+            claims::clear(tx, id, true)?;
+            events::record(
+                tx,
+                id,
+                now,
+                "authorized",
+                "the customer authorized; grant stored",
+            )?;
+            super::alerts::sync_connection(tx, &row, &desired(&row), now)?;
+            Ok(GrantStored::Granted)
+        })
+        .await
     }
 }

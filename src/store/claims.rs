@@ -464,6 +464,19 @@ pub fn release(tx: &Transaction<'_>, id: Uuid, attempt: Uuid) -> Result<(), Stor
     Ok(())
 }
 
+/// Clears whatever claim the connection carries: its outcome was landed by
+/// other means (an imported spill), or a new grant makes it moot (nothing
+/// was sent with the new token; `new_grant` also forgets an unknown outcome).
+pub fn clear(tx: &Transaction<'_>, id: Uuid, new_grant: bool) -> Result<(), StoreError> {
+    let sql = if new_grant {
+        "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL, outcome_unknown = 0 WHERE id = ?1"
+    } else {
+        "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL WHERE id = ?1"
+    };
+    tx.execute(sql, params![id.to_string()])?;
+    Ok(())
+}
+
 impl Store {
     /// Connections with a claim (live or stale), for start-up recovery.
     pub fn claimed(&self) -> Result<Vec<ConnectionRow>, StoreError> {

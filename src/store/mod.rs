@@ -15,6 +15,7 @@ mod fresh;
 mod handle;
 pub mod keys;
 mod migrations;
+pub mod refresh;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
