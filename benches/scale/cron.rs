@@ -331,6 +331,7 @@ pub fn catchup_beside_cron(
     let m = |row: &str, field: &str| report.median(row, backlog, field).unwrap_or(f64::NAN);
     let (dw, dc) = (m(&daemon_row, "wall_s"), m(&daemon_row, "cpu_s"));
     let (cw, cc) = (m(&cron_row, "wall_s"), m(&cron_row, "cpu_s"));
+    let ce = m(&cron_row, "exit_s");
     let f = |row: &str, n: usize| {
         report
             .median(&format!("{bench}/{row}"), n, "fsyncs_per_refresh")
@@ -338,7 +339,8 @@ pub fn catchup_beside_cron(
     };
     let note = format!(
         "side by side, medians of {runs}: acutoken wall {dw:.3} s ({:.2} x ideal {ideal:.4} s), \
-         CPU {dc:.2} s | cron script wall {cw:.3} s ({:.2} x ideal), CPU {cc:.2} s | \
+         CPU {dc:.2} s | cron script wall {cw:.3} s ({:.2} x ideal; exit, every token \
+         saved, {ce:.3} s), CPU {cc:.2} s | \
          acutoken / cron: wall {:.2}, CPU {:.2} | fsyncs per refresh: acutoken {:.2} \
          (lone refresh {:.0}), cron {:.2}",
         dw / ideal,

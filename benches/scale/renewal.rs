@@ -68,7 +68,9 @@ pub struct Fsyncs {
     pub wal: u64,
     /// A database file itself (`*.db`): checkpoints.
     pub db: u64,
-    /// Anything else (lock files, directories, journals).
+    /// Anything else: a directory (SQLite syncs the store's directory once,
+    /// when the WAL file is first written after it was opened), the daemon's
+    /// lock file, a journal.
     pub other: u64,
 }
 
