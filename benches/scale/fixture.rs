@@ -364,21 +364,7 @@ impl Daemon {
 
     /// CPU time used so far (user + system, all threads, dead ones included).
     pub fn cpu(&self) -> anyhow::Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // The command name may hold spaces: fields count from the last ')'.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("unreadable /proc stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        // Fields 14 and 15 of stat(5) are 11 and 12 after the ')'.
-        let total = ticks(11) + ticks(12);
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as u64;
-        Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+        cpu_of(self.pid)
     }
 
     /// Stops the daemon and waits for it.
@@ -395,6 +381,26 @@ impl Daemon {
         let _ = self.child.wait();
         bail!("serve did not stop within 60 s of SIGTERM")
     }
+}
+
+/// CPU time process `pid` used so far: utime + stime of `/proc/PID/stat`
+/// (all threads, dead ones included; still readable while it is a zombie).
+pub fn cpu_of(pid: Pid) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields count from the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unreadable /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Fields 14 and 15 of stat(5) are 11 and 12 after the ')'.
+    let total = ticks(11) + ticks(12);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
 }
 
 impl Drop for Daemon {

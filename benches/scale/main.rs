@@ -9,6 +9,7 @@
 //! `$BENCH_DIR/results.jsonl`), then as medians. Nothing here asserts a
 //! timing: the figures go into BENCHMARKS.md.
 
+mod cron;
 mod daemon;
 mod fixture;
 mod load;
@@ -26,10 +27,14 @@ const USAGE: &str = "usage: scale <command> [args]
   serve N [RUNS] [IDLE_SECS]       start to READY=1, RSS, idle CPU, SIGHUP reload
   token N [RUNS] [SECS]            token path with oha at 1, 8, 64 clients, and nginx
   catchup [BACKLOG] [SITES] [LATENCY_MS] [RUNS]
+  catchup64 [BACKLOG] [SITES] [LATENCY_MS] [RUNS] [MAX_CONCURRENT] [PER_INSTANCE]
+                                   catch-up under these limits (default 2000 100 50 3 64 2),
+                                   runs alternated with benches/cron_refresh.py
   lateness N [DUE] [WINDOW_SECS] [RUNS]
   cost N [REFRESHES] [RUNS]
 env: ACUTOKEN_BIN (default target/release/acutoken), BENCH_DIR (default target/bench),
-     OHA, NGINX, SERVE_METRICS=1 (serve with the metrics listener on)";
+     OHA, NGINX, SERVE_METRICS=1 (serve with the metrics listener on),
+     PYTHON (default python3, runs benches/cron_refresh.py)";
 
 /// Milliseconds of `d`, as figures are reported.
 pub fn ms(d: Duration) -> f64 {
@@ -43,6 +48,8 @@ type Figures = Vec<(String, f64)>;
 #[derive(Default)]
 pub struct Report {
     rows: BTreeMap<(String, usize), Vec<Figures>>,
+    /// Lines printed after the medians (comparisons drawn from them).
+    notes: Vec<String>,
 }
 
 impl Report {
@@ -71,7 +78,30 @@ impl Report {
             .push(fields.iter().map(|(k, v)| (k.to_string(), *v)).collect());
     }
 
-    /// Prints the median of every figure over the runs.
+    /// The median of figure `field` of `bench` at `n` over its runs so far.
+    pub fn median(&self, bench: &str, n: usize, field: &str) -> Option<f64> {
+        let runs = self.rows.get(&(bench.to_string(), n))?;
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.iter().find(|(k, _)| k == field).map(|x| x.1))
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        })
+    }
+
+    /// A line to print after the medians.
+    pub fn note(&mut self, line: String) {
+        self.notes.push(line);
+    }
+
+    /// Prints the median of every figure over the runs, then the notes.
     pub fn medians(&self) {
         for ((bench, n), runs) in &self.rows {
             let Some(first) = runs.first() else { continue };
@@ -91,6 +121,9 @@ impl Report {
                 runs.len(),
                 parts.join(" ")
             );
+        }
+        for line in &self.notes {
+            println!("{line}");
         }
     }
 }
@@ -180,6 +213,17 @@ fn main() -> anyhow::Result<()> {
             let latency = Duration::from_millis(arg(&args, 3, 50u64)?);
             let runs = arg(&args, 4, 3usize)?;
             renewal::catchup(&rt, backlog, sites, latency, runs, &mut report)?;
+        }
+        "catchup64" => {
+            let backlog = arg(&args, 1, 2_000usize)?;
+            let sites = arg(&args, 2, 100usize)?;
+            let latency = Duration::from_millis(arg(&args, 3, 50u64)?);
+            let runs = arg(&args, 4, 3usize)?;
+            let limits = cron::Limits {
+                global: arg(&args, 5, 64usize)?,
+                per_instance: arg(&args, 6, 2usize)?,
+            };
+            cron::catchup_beside_cron(&rt, backlog, sites, latency, runs, limits, &mut report)?;
         }
         "lateness" => {
             let n = arg(&args, 1, 100_000usize)?;

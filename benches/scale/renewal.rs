@@ -4,7 +4,7 @@
 //! CPU time and fsyncs one refresh costs.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -16,7 +16,7 @@ use crate::daemon::settle;
 use crate::fixture::{Daemon, Dir, Notify, Spec, idle_store, seed};
 use crate::{Report, ms};
 
-const SECRET: &str = "bench-client-secret";
+pub const SECRET: &str = "bench-client-secret";
 
 /// One renewal scenario.
 pub struct Scenario {
@@ -30,6 +30,8 @@ pub struct Scenario {
     pub latency: Duration,
     /// Count fsyncs with strace attached from READY on.
     pub strace: bool,
+    /// Lines added to the config's `[renewal]` (limits); empty for the defaults.
+    pub renewal: String,
 }
 
 /// What a scenario came to.
@@ -44,43 +46,151 @@ pub struct Outcome {
     pub max_per_site: u64,
     pub max_all: u64,
     pub requests: u64,
+    /// Requests answered 200.
+    pub answered_ok: u64,
+    /// Requests that sent a refresh token already used (the grant died).
+    pub replays: u64,
     pub refreshed_ok: usize,
     /// Daemon CPU from settled after READY until settled after the last refresh.
     pub cpu: Duration,
+    /// Daemon CPU from the same start until the last answer.
+    pub cpu_to_drain: Duration,
     /// The span `cpu` was measured over.
     pub cpu_span: Duration,
     pub cpu_idle_rate: f64,
-    pub fsyncs: Option<u64>,
+    pub fsyncs: Option<Fsyncs>,
 }
 
-fn client_of(i: usize) -> String {
+/// fsync and fdatasync calls an strace run saw, by the file they flushed.
+#[derive(Clone, Copy, Default)]
+pub struct Fsyncs {
+    /// A SQLite write-ahead log (`*-wal`): one per commit.
+    pub wal: u64,
+    /// A database file itself (`*.db`): checkpoints.
+    pub db: u64,
+    /// Anything else: a directory (SQLite syncs the store's directory once,
+    /// when the WAL file is first written after it was opened), the daemon's
+    /// lock file, a journal.
+    pub other: u64,
+}
+
+impl Fsyncs {
+    pub fn total(&self) -> u64 {
+        self.wal + self.db + self.other
+    }
+
+    /// Counts the calls in a trace written by `strace -y` (without `-c`): a
+    /// call is the line that starts it (`fsync(9</path>) = 0`, or the same
+    /// with `<unfinished ...>`); a `<... fsync resumed>` line is not another.
+    pub fn parse(trace: &str) -> Fsyncs {
+        let mut n = Fsyncs::default();
+        for line in trace.lines() {
+            let Some(at) = line.find("fsync(").or_else(|| line.find("fdatasync(")) else {
+                continue;
+            };
+            let args = &line[at..];
+            let path = args
+                .split_once('<')
+                .and_then(|(_, r)| r.split_once('>'))
+                .map_or("", |(p, _)| p);
+            if path.ends_with("-wal") {
+                n.wal += 1;
+            } else if path.ends_with(".db") {
+                n.db += 1;
+            } else {
+                n.other += 1;
+            }
+        }
+        n
+    }
+}
+
+pub fn client_of(i: usize) -> String {
     format!("{i:08X}-A48D-A50E-F710-39C1636C30F6@Bench")
 }
 
-fn site_of(i: usize, sites: usize) -> String {
+pub fn site_of(i: usize, sites: usize) -> String {
     format!("s{}", i % sites)
+}
+
+/// The sites `n` connections are spread over.
+pub fn site_names(n: usize, sites: usize) -> Vec<String> {
+    (0..sites.min(n)).map(|k| site_of(k, sites)).collect()
+}
+
+/// A simulator with `n` clients over `sites` sites answering after
+/// `latency`, each holding a grant issued at `issued`; and their refresh tokens.
+pub fn simulator(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    sites: usize,
+    latency: Duration,
+    issued: Timestamp,
+) -> anyhow::Result<(Simulator, Vec<String>)> {
+    let clock = acutoken::clock::system();
+    let sim = rt.block_on(Simulator::start(clock))?;
+    let mut tokens = Vec::with_capacity(n);
+    for i in 0..n {
+        let site = site_of(i, sites);
+        sim.add_client(&site, &client_of(i), SECRET, None);
+        tokens.push(sim.issue_grant(&site, &client_of(i), issued)?);
+    }
+    for site in site_names(n, sites) {
+        sim.set_latency(&site, latency);
+    }
+    Ok((sim, tokens))
+}
+
+/// Token requests the simulator has finished answering on `sites`.
+pub fn answered(sim: &Simulator, sites: &[String]) -> u64 {
+    sites
+        .iter()
+        .map(|s| sim.token_requests(s) - sim.in_flight(s))
+        .sum()
+}
+
+/// The strace arguments that log every fsync and fdatasync with the file
+/// it flushed (`-y`) into the file named next.
+pub const STRACE_FSYNCS: [&str; 6] = ["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"];
+
+/// Starts strace logging the fsyncs of `pid` and its threads into `out`;
+/// attached once this returns.
+pub fn attach_strace(pid: nix::unistd::Pid, out: &std::path::Path) -> anyhow::Result<Child> {
+    let child = Command::new("strace")
+        .args(STRACE_FSYNCS)
+        .arg(out)
+        .arg("-p")
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run strace (apt-get install strace)")?;
+    // strace attaches every thread before it counts anything.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
+}
+
+/// Stops an attached strace and returns the fsyncs it saw.
+pub fn detach_strace(mut child: Child, out: &std::path::Path) -> anyhow::Result<Fsyncs> {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id())?),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = child.wait();
+    Ok(Fsyncs::parse(&std::fs::read_to_string(out)?))
 }
 
 /// Runs one scenario in directory `name`.
 pub fn run(rt: &tokio::runtime::Runtime, name: &str, sc: &Scenario) -> anyhow::Result<Outcome> {
-    let clock = acutoken::clock::system();
-    let sim = rt.block_on(Simulator::start(clock))?;
     let now = chrono::Utc::now();
     let issued = now - chrono::Duration::hours(1);
-    let mut tokens = Vec::with_capacity(sc.due.len());
-    for i in 0..sc.due.len() {
-        let site = site_of(i, sc.sites);
-        sim.add_client(&site, &client_of(i), SECRET, None);
-        tokens.push(sim.issue_grant(&site, &client_of(i), issued)?);
-    }
-    for k in 0..sc.sites.min(sc.due.len()) {
-        sim.set_latency(&site_of(k, sc.sites), sc.latency);
-    }
+    let (sim, tokens) = simulator(rt, sc.due.len(), sc.sites, sc.latency, issued)?;
     let dir = Dir::fresh(name)?;
     if sc.idle > 0 {
         dir.copy_store_from(&idle_store(sc.idle)?)?;
     }
-    dir.write_config("", "")?;
+    dir.write_config(&sc.renewal, "")?;
     let planned: HashMap<String, Timestamp> = sc
         .due
         .iter()
@@ -106,19 +216,7 @@ pub fn run(rt: &tokio::runtime::Runtime, name: &str, sc: &Scenario) -> anyhow::R
     let ready = ready_at - d.started;
     let mut tracer = if sc.strace {
         let out = dir.path.join("strace.txt");
-        let child = Command::new("strace")
-            .args(["-f", "-qq", "-c", "-e", "trace=fsync,fdatasync", "-o"])
-            .arg(&out)
-            .arg("-p")
-            .arg(d.pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot run strace (apt-get install strace)")?;
-        // strace attaches every thread before it counts anything.
-        std::thread::sleep(Duration::from_millis(500));
-        Some((child, out))
+        Some((attach_strace(d.pid, &out)?, out))
     } else {
         None
     };
@@ -134,28 +232,21 @@ pub fn run(rt: &tokio::runtime::Runtime, name: &str, sc: &Scenario) -> anyhow::R
         Err(_) => ready_at,
     };
     let total = sc.due.len() as u64;
-    let sites: Vec<String> = (0..sc.sites.min(sc.due.len()))
-        .map(|k| site_of(k, sc.sites))
-        .collect();
-    let answered = || -> u64 {
-        sites
-            .iter()
-            .map(|s| sim.token_requests(s) - sim.in_flight(s))
-            .sum()
-    };
+    let sites = site_names(sc.due.len(), sc.sites);
     let last_due = sc.due.iter().max().copied().unwrap_or(now);
     let limit =
         (last_due - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(600);
     let t0 = Instant::now();
     let mut drained = None;
     while t0.elapsed() < limit {
-        if answered() >= total {
+        if answered(&sim, &sites) >= total {
             drained = Some(Instant::now());
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     let drained = drained.context("the backlog did not drain")?;
+    let cpu_to_drain = d.cpu()? - cpu0;
     settle(&d, Duration::from_secs(120))?;
     let cpu = d.cpu()? - cpu0;
     let cpu_span = cpu_from.elapsed();
@@ -164,24 +255,19 @@ pub fn run(rt: &tokio::runtime::Runtime, name: &str, sc: &Scenario) -> anyhow::R
     std::thread::sleep(Duration::from_secs(5));
     let cpu_idle_rate = (d.cpu()? - c1).as_secs_f64() / 5.0;
     let fsyncs = match tracer.take() {
-        Some((mut child, out)) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(child.id())?),
-                nix::sys::signal::Signal::SIGINT,
-            );
-            let _ = child.wait();
-            Some(count_syscalls(&std::fs::read_to_string(&out)?))
-        }
+        Some((child, out)) => Some(detach_strace(child, &out)?),
         None => None,
     };
     d.stop()?;
 
     let mut late = Vec::new();
     let mut requests = 0;
+    let mut answered_ok = 0;
     let mut max_per_site = 0;
     for s in &sites {
         for r in sim.requests(s) {
             requests += 1;
+            answered_ok += u64::from(r.status == 200);
             if let Some(p) = r.client_id.as_ref().and_then(|c| planned.get(c)) {
                 late.push((r.at - *p).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6);
             }
@@ -189,6 +275,7 @@ pub fn run(rt: &tokio::runtime::Runtime, name: &str, sc: &Scenario) -> anyhow::R
         max_per_site = max_per_site.max(sim.max_concurrency(s));
     }
     let max_all = sim.max_concurrency_all();
+    let replays = sim.total_replays();
     let st = dir.open_store()?;
     let refreshed_ok = st
         .list()?
@@ -204,26 +291,15 @@ pub fn run(rt: &tokio::runtime::Runtime, name: &str, sc: &Scenario) -> anyhow::R
         max_per_site,
         max_all,
         requests,
+        answered_ok,
+        replays,
         refreshed_ok,
         cpu,
+        cpu_to_drain,
         cpu_span,
         cpu_idle_rate,
         fsyncs,
     })
-}
-
-/// Sums the `calls` column of strace -c for fsync and fdatasync.
-fn count_syscalls(summary: &str) -> u64 {
-    summary
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            match f.last() {
-                Some(&("fsync" | "fdatasync")) if f.len() >= 5 => f[3].parse::<u64>().ok(),
-                _ => None,
-            }
-        })
-        .sum()
 }
 
 /// Percentile `p` (0..=100) of sorted `v`.
@@ -256,6 +332,7 @@ pub fn catchup(
             sites,
             latency,
             strace: false,
+            renewal: String::new(),
         };
         let o = self::run(rt, "catchup", &sc)?;
         report.row(
@@ -302,6 +379,7 @@ pub fn lateness(
             sites: 100,
             latency: Duration::ZERO,
             strace: false,
+            renewal: String::new(),
         };
         let mut o = self::run(rt, "lateness", &sc)?;
         o.late.sort_by(f64::total_cmp);
@@ -340,6 +418,7 @@ pub fn cost(
             sites: (count / 10).max(1),
             latency: Duration::ZERO,
             strace,
+            renewal: String::new(),
         };
         let o = self::run(rt, "cost", &sc)?;
         let c = count as f64;
@@ -349,7 +428,10 @@ pub fn cost(
                 n,
                 0,
                 &[
-                    ("fsyncs_per_refresh", o.fsyncs.unwrap_or(0) as f64 / c),
+                    (
+                        "fsyncs_per_refresh",
+                        o.fsyncs.unwrap_or_default().total() as f64 / c,
+                    ),
                     ("refreshed", o.refreshed_ok as f64),
                 ],
             );
