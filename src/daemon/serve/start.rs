@@ -48,7 +48,7 @@ impl Opened {
 /// comes before the first handle so that two daemons never share a store.
 pub(super) fn open_store(config: &Config) -> anyhow::Result<(Opened, Handles)> {
     let path = config.store_path();
-    let keys = store::resolve_keyring(&config, &path, false);
+    let keys = store::resolve_keyring(config, &path, false);
     if !path.exists() {
         match &keys {
             Ok(k) if k.explicit => {}
@@ -111,7 +111,7 @@ pub(super) fn import_spills(
             "imported rotated tokens spilled by a previous run"
         );
     }
-    alert_rejected_spills(engine_store, &config, &spilled.rejected, now)?;
+    alert_rejected_spills(engine_store, config, &spilled.rejected, now)?;
     Ok(())
 }
 
