@@ -1,36 +1,17 @@
-//! `acutoken connection import FILE`: many connections from one JSON file,
-//! all or nothing.
-//!
-//! The records are checked on every core and written as they are checked,
-//! in file order: chunks go from the checking threads, through one that
-//! puts them back in order, names duplicates and hands out ids, to a thread
-//! that seals their secrets, and on to the one that writes them in a single
-//! transaction. The first bad record stops the writing and rolls it back;
-//! the checking goes on so that one run names every record to fix.
-//!
-//! Into a store that does not exist yet, the store is built apart and moved
-//! into place whole ([`Store::build`]): a bad file leaves no store, key or
-//! directory behind, and the build skips the WAL's second copy of every page.
+//! Reading and checking the records of an import file: on every core, in
+//! file order, naming every bad record without quoting a secret.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::IsTerminal;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use anyhow::Context as _;
 use serde::Deserialize;
-use tokio::signal::unix::Signal;
 
-use super::Ctx;
-use super::connection::Spec;
+use crate::cli::connection::Spec;
 use crate::config::Config;
 use crate::model::NewConnection;
-use crate::model::{State, Timestamp};
+use crate::model::Timestamp;
 use crate::secret::Secret;
-use crate::store::connections::{self, Sealed};
-use crate::store::{self, Create, Leftovers, Store, StoreError, events};
 
 /// Records per chunk: the unit of checking, sealing and writing.
 const CHUNK: usize = 1000;
@@ -102,7 +83,7 @@ pub fn parse_import(
 /// or seen earlier in the file are problems. The ids are random (version
 /// 4) and ascend in file order, so rows written in file order append to
 /// the indexes keyed by id instead of touching a random page of each.
-fn check_records(
+pub(super) fn check_records(
     text: &str,
     config: &Config,
     now: Timestamp,
@@ -279,260 +260,6 @@ fn printable(s: &str) -> String {
             .collect()
     } else {
         s.to_string()
-    }
-}
-
-/// What an import wrote, or why it wrote nothing.
-enum Outcome {
-    /// Every record is in: how many, and how many wait for authorization.
-    Written { total: usize, pending: usize },
-    /// Bad records, in file order: nothing was written.
-    Rejected(Vec<(usize, String)>),
-    /// Not a JSON array of objects: nothing was written.
-    Unreadable(ImportSyntax),
-}
-
-pub(super) fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i32> {
-    let meta =
-        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        eprintln!(
-            "warning: {} holds secrets and is readable by group or others: `chmod 600` it, or delete it after the import",
-            file.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let path = ctx.config.store_path();
-    let (outcome, new_key) = if path.exists() {
-        // Names already in the store are named with the other problems, so
-        // one run lists every record to fix.
-        let mut st = ctx.open_store(Create::No)?;
-        let existing: HashSet<String> = st.names()?.into_iter().collect();
-        (
-            write_checked(&mut st, &text, &ctx.config, now, &existing)?,
-            None,
-        )
-    } else {
-        let (found, new_key) = store::resolve_keyring_deferred(&ctx.config, &path)?;
-        let keyring = match (found, &new_key) {
-            (Some(res), _) => res.keyring,
-            (None, Some(k)) => k.keyring(),
-            (None, None) => unreachable!("a key is found or made"),
-        };
-        let interrupts = Interrupts::catch();
-        let mut fresh = Store::build(&path, keyring)?;
-        let _cleanup = CleanUpOnSignal::install(interrupts, fresh.leftovers());
-        let outcome = write_checked(fresh.store(), &text, &ctx.config, now, &HashSet::new())?;
-        if let Outcome::Written { .. } = outcome {
-            fresh.publish(|| new_key.as_ref().map_or(Ok(()), |k| k.write().map(drop)))?;
-        }
-        (outcome, new_key)
-    };
-    match outcome {
-        Outcome::Written { total, pending } => {
-            if let Some(k) = new_key {
-                let key = k.path().display();
-                eprintln!(
-                    "created a new store key at {key} (mode 0600): back it up, the store cannot be read without it; under systemd, load it with LoadCredential=acutoken.key:{key} instead"
-                );
-            }
-            println!(
-                "imported {total} connections from {} ({pending} waiting for authorization)",
-                file.display(),
-            );
-            Ok(0)
-        }
-        Outcome::Rejected(problems) => {
-            for (_, p) in &problems {
-                eprintln!("  {p}");
-            }
-            anyhow::bail!(
-                "{} of the records in {} are invalid (listed above): nothing imported",
-                problems.len(),
-                file.display()
-            )
-        }
-        Outcome::Unreadable(e) => anyhow::bail!("{} is {e}: nothing imported", file.display()),
-    }
-}
-
-/// Checks the records of `text` and writes them to `st` in one transaction
-/// as they are checked; rolls back at the first bad one.
-fn write_checked(
-    st: &mut Store,
-    text: &str,
-    config: &Config,
-    now: Timestamp,
-    existing: &HashSet<String>,
-) -> Result<Outcome, StoreError> {
-    // The store ends up about twice the size of the file; the page cache
-    // holds up to 256 MiB of it, so little spills before the commit.
-    st.prepare_bulk_write(text.len().saturating_mul(2).min(256 << 20))?;
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(0)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let rejected = AtomicBool::new(false);
-    let (chunk_tx, chunk_rx) = mpsc::sync_channel::<Vec<NewConnection>>(4);
-    std::thread::scope(|s| {
-        let (rejected, bar) = (&rejected, &bar);
-        let writer = s.spawn(move || write_chunks(st, chunk_rx, rejected, bar, now));
-        let mut chunk_tx = Some(chunk_tx);
-        let checked = check_records(text, config, now, existing, |good, problems| {
-            if problems > 0 {
-                // Nothing will be written: the writer rolls back now, and
-                // the checking goes on to name every bad record. `rejected`
-                // is set before the channel closes, so the writer, which
-                // looks at it once the channel is closed, never commits.
-                rejected.store(true, Ordering::SeqCst);
-                drop(chunk_tx.take());
-                return true;
-            }
-            let Some(to_writer) = &chunk_tx else {
-                return true;
-            };
-            bar.inc_length(good.len() as u64);
-            // A closed channel: the writer failed, and says why below.
-            to_writer
-                .send(good.into_iter().map(|(_, new)| new).collect())
-                .is_ok()
-        });
-        if !matches!(&checked, Ok(p) if p.is_empty()) {
-            rejected.store(true, Ordering::SeqCst);
-        }
-        // The writer commits when the chunks end, unless `rejected`.
-        drop(chunk_tx);
-        let written = writer
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        bar.finish_and_clear();
-        match (checked, written) {
-            (Err(syntax), _) => Ok(Outcome::Unreadable(syntax)),
-            (Ok(problems), Err(StoreError::Cancelled)) if !problems.is_empty() => {
-                Ok(Outcome::Rejected(problems))
-            }
-            (Ok(_), Err(e)) => Err(e),
-            (Ok(problems), Ok((total, pending))) => {
-                assert!(problems.is_empty(), "a rejected import commits nothing");
-                Ok(Outcome::Written { total, pending })
-            }
-        }
-    })
-}
-
-/// The writing end of an import: seals each chunk on another thread, writes
-/// it, and commits when the chunks end, unless the import was `rejected`
-/// (then it rolls back). Returns how many connections it wrote, and how many
-/// of them wait for authorization.
-fn write_chunks(
-    st: &mut Store,
-    chunks: mpsc::Receiver<Vec<NewConnection>>,
-    rejected: &AtomicBool,
-    bar: &indicatif::ProgressBar,
-    now: Timestamp,
-) -> Result<(usize, usize), StoreError> {
-    // The write lock is taken only once there is something to write: a
-    // running daemon's writes wait for it until the commit.
-    let Ok(first) = chunks.recv() else {
-        return if rejected.load(Ordering::SeqCst) {
-            Err(StoreError::Cancelled)
-        } else {
-            Ok((0, 0))
-        };
-    };
-    st.write(|tx, kr| {
-        std::thread::scope(|s| {
-            let (sealed_tx, sealed_rx) = mpsc::sync_channel::<(Vec<NewConnection>, Vec<Sealed>)>(4);
-            s.spawn(move || {
-                for chunk in std::iter::once(first).chain(chunks) {
-                    let sealed = chunk.iter().map(|n| Sealed::new(kr, n)).collect();
-                    if sealed_tx.send((chunk, sealed)).is_err() {
-                        break; // the writer failed and rolls back
-                    }
-                }
-            });
-            // Written records are freed on another thread: freeing 1M of
-            // them takes over a second, which the writer need not wait for.
-            let (done_tx, done_rx) = mpsc::channel::<(Vec<NewConnection>, Vec<Sealed>)>();
-            s.spawn(move || done_rx.into_iter().for_each(drop));
-            let (mut total, mut pending) = (0, 0);
-            for (chunk, sealed) in sealed_rx {
-                if rejected.load(Ordering::SeqCst) {
-                    break;
-                }
-                let seq = connections::insert_sealed(tx, &chunk, &sealed, now)?;
-                events::record_for_change(tx, seq, now, "added", "imported; state ")?;
-                total += chunk.len();
-                pending += chunk
-                    .iter()
-                    .filter(|n| n.conn.state == State::PendingAuthorization)
-                    .count();
-                bar.inc(chunk.len() as u64);
-                let _ = done_tx.send((chunk, sealed));
-            }
-            if rejected.load(Ordering::SeqCst) {
-                return Err(StoreError::Cancelled);
-            }
-            Ok((total, pending))
-        })
-    })
-}
-
-/// Removes a store build's files if SIGINT or SIGTERM ends the import
-/// (a killed process leaves them to the next import's sweep).
-struct CleanUpOnSignal(Option<tokio::task::JoinHandle<()>>);
-
-/// SIGINT and SIGTERM, caught from before the build makes its first file
-/// (a signal that comes before the handler runs waits for it).
-struct Interrupts(Option<(tokio::runtime::Handle, Signal, Signal)>);
-
-impl Interrupts {
-    fn catch() -> Interrupts {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return Interrupts(None);
-        };
-        let _runtime = handle.enter();
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(int), Ok(term)) => Interrupts(Some((handle.clone(), int, term))),
-            _ => Interrupts(None),
-        }
-    }
-}
-
-impl CleanUpOnSignal {
-    fn install(interrupts: Interrupts, leftovers: Leftovers) -> CleanUpOnSignal {
-        let Some((handle, mut int, mut term)) = interrupts.0 else {
-            return CleanUpOnSignal(None);
-        };
-        let task = handle.spawn(async move {
-            loop {
-                let code = tokio::select! {
-                    _ = int.recv() => 130,
-                    _ = term.recv() => 143,
-                };
-                // Nothing to remove: the store is in place, and the import
-                // ends in a moment with its usual report.
-                if leftovers.remove() {
-                    eprintln!("error: interrupted: nothing imported");
-                    std::process::exit(code);
-                }
-            }
-        });
-        CleanUpOnSignal(Some(task))
-    }
-}
-
-impl Drop for CleanUpOnSignal {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.abort();
-        }
     }
 }
 
