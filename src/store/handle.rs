@@ -57,7 +57,9 @@ pub struct StoreHandle {
 }
 
 struct Inner {
-    queue: Mutex<Sender<Job>>,
+    /// `None` once the handle is being dropped.
+    queue: Mutex<Option<Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Vec<Mutex<Store>>,
     next_reader: AtomicUsize,
     path: PathBuf,
@@ -162,7 +164,7 @@ impl StoreHandle {
         let (queue, jobs) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer_loop(writer, jobs, &thread_stats))
             .map_err(|error| StoreError::Io {
@@ -172,7 +174,8 @@ impl StoreHandle {
             })?;
         Ok(StoreHandle {
             inner: Arc::new(Inner {
-                queue: Mutex::new(queue),
+                queue: Mutex::new(Some(queue)),
+                writer: Mutex::new(Some(thread)),
                 readers,
                 next_reader: AtomicUsize::new(0),
                 path,
@@ -204,7 +207,7 @@ impl StoreHandle {
 
     fn send(&self, job: Job) -> bool {
         let queue = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = queue.send(job).is_ok();
+        let sent = queue.as_ref().is_some_and(|q| q.send(job).is_ok());
         if sent {
             self.inner.stats.queued.fetch_add(1, Ordering::Relaxed);
         }
@@ -276,6 +279,30 @@ impl StoreHandle {
     /// [`StoreHandle::read`] from a blocking context (a start-up pass).
     pub fn read_blocking<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
         self.inner.with_reader(f)
+    }
+}
+
+impl Drop for Inner {
+    /// The last handle gone: the writer finishes, closes its connection (so
+    /// SQLite checkpoints and removes the WAL when it is the last one, as
+    /// when a `Store` is dropped) and is joined before this returns.
+    fn drop(&mut self) {
+        drop(
+            self.queue
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        let writer = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(w) = writer
+            && w.thread().id() != std::thread::current().id()
+        {
+            let _ = w.join();
+        }
     }
 }
 
@@ -548,6 +575,21 @@ mod tests {
         // The writer goes on.
         h.write(|tx, _| put(tx, "after")).await.unwrap();
         assert!(present(&h, "after").await);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_handle_closes_the_store_like_a_store() {
+        let (dir, h) = handle();
+        h.write(|tx, _| put(tx, "x")).await.unwrap();
+        let h2 = h.clone();
+        drop(h);
+        assert!(
+            dir.path().join("acutoken.db-wal").exists(),
+            "a clone still holds it"
+        );
+        drop(h2);
+        // Every connection closed: SQLite checkpointed and removed the WAL.
+        assert!(!dir.path().join("acutoken.db-wal").exists());
     }
 
     #[tokio::test]
