@@ -18,7 +18,7 @@ use crate::renewal::planning;
 use crate::secret::Secret;
 use crate::service::Connections;
 use crate::sim::Simulator;
-use crate::store::{Create, Store, StoreHandle};
+use crate::store::{Create, Store};
 
 fn say(msg: &str) {
     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -86,7 +86,7 @@ async fn run_in(dir: &std::path::Path, webhook: Option<String>) -> anyhow::Resul
     let key = Key::generate();
     crate::crypto::write_key_file(&crate::store::keys::beside(&config.store_path()), &key)?;
     let store = Store::open(&config.store_path(), Keyring::new(key, vec![]), Create::Yes)?;
-    let svc = Connections::new(StoreHandle::from_store(store)?, Arc::new(config.clone()));
+    let svc = Connections::new(store, Arc::new(config.clone()));
     let policy = config.renewal.policy();
     let customers = [
         ("acme", "Acme Corp"),
@@ -190,8 +190,7 @@ fn open_demo_store(config: &Config) -> anyhow::Result<Store> {
 
 /// `connection set-secret` as the operator runs it, beside the running daemon.
 async fn set_secret(config: &Config, name: &str, secret: &str) -> anyhow::Result<()> {
-    let store = StoreHandle::from_store(open_demo_store(config)?)?;
-    let svc = Connections::new(store, Arc::new(config.clone()));
+    let svc = Connections::new(open_demo_store(config)?, Arc::new(config.clone()));
     let now = clock::SystemClock.now();
     let running = crate::daemon::running(config);
     svc.set_secret(name, Secret::new(secret), None, running, now)

@@ -93,9 +93,8 @@ impl Ctx {
 
     /// The connections service on the store (opened as [`Ctx::open_store`] does).
     pub fn connections(&self, create: Create) -> anyhow::Result<crate::service::Connections> {
-        let store = store::StoreHandle::from_store(self.open_store(create)?)?;
         Ok(crate::service::Connections::new(
-            store,
+            self.open_store(create)?,
             std::sync::Arc::new(self.config.clone()),
         ))
     }

@@ -314,7 +314,7 @@ async fn token(State(api): State<Api>, Path(name): Path<String>) -> Response {
         }
         Err(TokenError::Engine(e)) => from_engine(e),
         // The daemon's engine has its client: not reached.
-        Err(e @ TokenError::Client(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e @ TokenError::Setup(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -331,7 +331,7 @@ async fn refresh(State(api): State<Api>, Path(name): Path<String>) -> Response {
         // `refresh_now` does not wait for a claim: a busy one is its outcome.
         Err(e @ RefreshError::Busy { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         // The daemon's engine has its client: not reached.
-        Err(e @ RefreshError::Client(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e @ RefreshError::Setup(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

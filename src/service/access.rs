@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::Connections;
+use super::{Connections, EngineSetupError};
 use crate::acumatica::ClientBuildError;
 use crate::model::Timestamp;
 use crate::renewal::authorize::{self, Completion, Link, LinkError};
@@ -68,7 +68,7 @@ pub enum RefreshError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Client(#[from] ClientBuildError),
+    Setup(#[from] EngineSetupError),
     /// Another process held the claim for as long as this waited.
     #[error("{name}: {detail}; try again shortly")]
     Busy { name: String, detail: String },
@@ -101,7 +101,7 @@ pub enum TokenError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Client(#[from] ClientBuildError),
+    Setup(#[from] EngineSetupError),
 }
 
 /// A rotated refresh token this process could not save.
@@ -149,9 +149,10 @@ impl Redirect {
 impl Connections {
     /// `authorize`: opens (or replaces) the connection's authorization link.
     pub async fn authorize(&self, name: &str, now: Timestamp) -> Result<Link, AuthorizeError> {
+        let store = self.handle().map_err(LinkError::from)?;
         let client = self.client()?;
         Ok(authorize::create_link(
-            &self.store,
+            &store,
             &client,
             self.config.acumatica.redirect_uri.as_deref(),
             self.config.callback.state_ttl,
@@ -169,20 +170,11 @@ impl Connections {
         now: Timestamp,
     ) -> Result<Completed, CompleteError> {
         let Redirect { code, state } = redirect;
+        let store = self.handle()?;
         let client = self.client()?;
         let policy = self.config.renewal.policy();
         let n = name.to_string();
-        match authorize::complete(
-            &self.store,
-            &client,
-            &policy,
-            &state,
-            &code,
-            Some(name),
-            now,
-        )
-        .await?
-        {
+        match authorize::complete(&store, &client, &policy, &state, &code, Some(name), now).await? {
             Completion::Connected { name } => Ok(Completed::Connected { name }),
             Completion::AlreadyConnected { name } => Ok(Completed::AlreadyConnected { name }),
             Completion::UnknownState => Err(CompleteError::UnknownState(n)),

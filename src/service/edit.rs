@@ -60,7 +60,7 @@ impl Connections {
     /// The connection named `name` as stored.
     pub async fn get(&self, name: &str) -> Result<ConnectionRow, StoreError> {
         let n = name.to_string();
-        self.store.read(move |st| st.get(&n)).await
+        self.read(move |st| st.get(&n)).await
     }
 
     /// `add`: the connection `spec` describes, with its secrets, under a new id.
@@ -95,7 +95,6 @@ impl Connections {
         now: Timestamp,
     ) -> Result<Connection, EditError> {
         let new = self
-            .store
             .write(move |tx, kr| {
                 connections::insert(tx, kr, &new, now)?;
                 events::record(
@@ -123,7 +122,6 @@ impl Connections {
         let policy = self.config.renewal.policy();
         let name = name.to_string();
         let out = self
-            .store
             .write(move |tx, kr| {
                 let mut row = connections::get_tx(tx, &name)?;
                 let mut changed = Vec::new();
@@ -203,7 +201,6 @@ impl Connections {
         let policy = self.config.renewal.policy();
         let name = name.to_string();
         let row = self
-            .store
             .write(move |tx, kr| {
                 let mut row = connections::get_tx(tx, &name)?;
                 connections::set_secret(
@@ -250,7 +247,6 @@ impl Connections {
     ) -> Result<(ConnectionRow, usize), EditError> {
         let name = name.to_string();
         let out = self
-            .store
             .write(move |tx, _| {
                 let mut row = connections::get_tx(tx, &name)?;
                 if row.conn.state != State::Disabled {
@@ -286,7 +282,6 @@ impl Connections {
         let policy = self.config.renewal.policy();
         let name = name.to_string();
         let row = self
-            .store
             .write(move |tx, _| {
                 let mut row = connections::get_tx(tx, &name)?;
                 if row.conn.state == State::Disabled {
@@ -328,7 +323,6 @@ impl Connections {
             let now = crate::clock::Clock::now(&crate::clock::SystemClock);
             let n = name.to_string();
             let busy = self
-                .store
                 .write(move |tx, _| {
                     let row = connections::get_tx(tx, &n)?;
                     if let Some(claim) = claims::live_claim(&row, now) {
@@ -361,7 +355,6 @@ impl Connections {
     pub async fn remove_unreadable(&self, name: &str, now: Timestamp) -> Result<(), EditError> {
         let n = name.to_string();
         if !self
-            .store
             .write(move |tx, _| connections::remove_unreadable(tx, &n, now))
             .await?
         {

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::crypto::{Key, Keyring};
 use crate::model::State;
 use crate::secret::Secret;
-use crate::store::{Create, Store, StoreHandle};
+use crate::store::{Create, Store};
 
 fn service() -> (tempfile::TempDir, Connections) {
     let dir = tempfile::tempdir().unwrap();
@@ -22,7 +22,7 @@ fn service() -> (tempfile::TempDir, Connections) {
     .unwrap();
     let mut config = Config::default();
     config.acumatica.redirect_uri = Some("https://operator.example/callback".into());
-    let svc = Connections::new(StoreHandle::from_store(st).unwrap(), Arc::new(config));
+    let svc = Connections::new(st, Arc::new(config));
     (dir, svc)
 }
 
