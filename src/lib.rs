@@ -16,6 +16,7 @@ pub mod logging;
 pub mod model;
 pub mod renewal;
 pub mod secret;
+pub mod service;
 pub mod sim;
 pub mod status;
 pub mod store;

@@ -57,6 +57,10 @@ const LAYERS: &[(&str, &str)] = &[
         "the status report as data, read from store and alerts",
     ),
     (
+        "service",
+        "the connections use cases (add, set, remove, authorize, refresh, token) over store and renewal, for the CLI, the API and demo",
+    ),
+    (
         "sim",
         "the Acumatica simulator for tests and the demo; see SUPPORT",
     ),

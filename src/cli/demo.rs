@@ -4,6 +4,7 @@
 //! connection fall into `needs_secret` with an alert, and its recovery.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -15,9 +16,9 @@ use crate::model::NewConnection;
 use crate::model::{Connection, Mode, Severity, State};
 use crate::renewal::planning;
 use crate::secret::Secret;
+use crate::service::Connections;
 use crate::sim::Simulator;
-use crate::store::connections::{self, SecretColumn};
-use crate::store::{Create, Store, events};
+use crate::store::{Create, Store};
 
 fn say(msg: &str) {
     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -84,7 +85,8 @@ async fn run_in(dir: &std::path::Path, webhook: Option<String>) -> anyhow::Resul
     let now = clock.now();
     let key = Key::generate();
     crate::crypto::write_key_file(&crate::store::keys::beside(&config.store_path()), &key)?;
-    let mut store = Store::open(&config.store_path(), Keyring::new(key, vec![]), Create::Yes)?;
+    let store = Store::open(&config.store_path(), Keyring::new(key, vec![]), Create::Yes)?;
+    let svc = Connections::new(store, Arc::new(config.clone()));
     let policy = config.renewal.policy();
     let customers = [
         ("acme", "Acme Corp"),
@@ -128,16 +130,13 @@ async fn run_in(dir: &std::path::Path, webhook: Option<String>) -> anyhow::Resul
             client_secret: Some(Secret::new(secret)),
             refresh_token: Some(Secret::new(rt)),
         };
-        store.write(|tx, kr| {
-            connections::insert(tx, kr, &new, now)?;
-            events::record(tx, new.conn.id, now, "added", "demo")
-        })?;
+        let conn = svc.insert(new, now).await?;
         say(&format!(
             "added connection {} for {customer} ({})",
-            new.conn.name, new.conn.instance
+            conn.name, conn.instance
         ));
     }
-    drop(store);
+    drop(svc);
 
     let stop = CancellationToken::new();
     let serve = tokio::spawn(crate::daemon::serve::run(
@@ -189,29 +188,12 @@ fn open_demo_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open(&path, keys.keyring, Create::No)?)
 }
 
+/// `connection set-secret` as the operator runs it, beside the running daemon.
 async fn set_secret(config: &Config, name: &str, secret: &str) -> anyhow::Result<()> {
-    let mut st = open_demo_store(config)?;
-    let policy = config.renewal.policy();
+    let svc = Connections::new(open_demo_store(config)?, Arc::new(config.clone()));
     let now = clock::SystemClock.now();
-    let secret = Secret::new(secret);
-    st.write(|tx, kr| {
-        let mut row = connections::get_tx(tx, name)?;
-        connections::set_secret(
-            tx,
-            kr,
-            row.conn.id,
-            SecretColumn::ClientSecret,
-            Some(&secret),
-        )?;
-        planning::resume(&mut row, &policy, now);
-        connections::put(tx, &row)?;
-        events::record(
-            tx,
-            row.conn.id,
-            now,
-            "secret_set",
-            "new client secret entered",
-        )
-    })?;
+    let running = crate::daemon::running(config);
+    svc.set_secret(name, Secret::new(secret), None, running, now)
+        .await?;
     Ok(())
 }

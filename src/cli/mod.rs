@@ -91,6 +91,14 @@ impl Ctx {
         })
     }
 
+    /// The connections service on the store (opened as [`Ctx::open_store`] does).
+    pub fn connections(&self, create: Create) -> anyhow::Result<crate::service::Connections> {
+        Ok(crate::service::Connections::new(
+            self.open_store(create)?,
+            std::sync::Arc::new(self.config.clone()),
+        ))
+    }
+
     /// Opens the store; with `create`, makes it (and a key beside it when none exists).
     pub fn open_store(&self, create: Create) -> anyhow::Result<Store> {
         let path = self.config.store_path();

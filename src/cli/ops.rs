@@ -3,7 +3,6 @@
 //! `status`, `alert test`; and `serve`.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,10 +13,9 @@ use crate::clock::{self, Clock};
 use crate::daemon::client::{Answer, ClientError, call};
 use crate::daemon::{self, serve};
 use crate::model::fmt_time;
-use crate::renewal;
-use crate::renewal::engine::{Engine, EngineParts, NoHooks, RefreshReport, TokenAnswer, Trigger};
+use crate::renewal::engine::RefreshReport;
+use crate::service::{RefreshError, TokenError};
 use crate::status::{self, DaemonInfo};
-use crate::store::claims::Owner;
 use crate::store::{Create, StoreError};
 
 /// How long the CLI waits for the daemon; a token request may refresh first.
@@ -54,35 +52,6 @@ fn api_error(a: &Answer) -> String {
         .unwrap_or_else(|| format!("the daemon answered HTTP {}", a.status))
 }
 
-/// An engine working on the store directly (no daemon running).
-fn local_engine(ctx: &Ctx) -> anyhow::Result<Arc<Engine>> {
-    let (store, client) = super::authorize::store_and_client(ctx)?;
-    Ok(Arc::new(Engine::new(EngineParts {
-        store,
-        client,
-        policy: ctx.config.renewal.policy(),
-        clock: clock::system(),
-        owner: Owner::current("cli"),
-        http_timeout: ctx.config.renewal.http_timeout,
-        spill_dir: Some(ctx.config.spill_dir()),
-        limits: renewal::limits_from(&ctx.config),
-        hooks: Arc::new(NoHooks),
-    })))
-}
-
-/// A rotated token the CLI could not save: retry for a while, never exit 0 with it unsaved.
-async fn settle(engine: &Engine) -> anyhow::Result<()> {
-    for _ in 0..10 {
-        if engine.retry_unsaved().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    anyhow::bail!(
-        "a rotated refresh token could not be saved to the store; it is spilled (sealed) for the daemon to import at its next start: fix the store (disk space, permissions) and start the daemon"
-    )
-}
-
 fn print_report(r: &RefreshReport) -> i32 {
     println!("{}: {} (state {})", r.connection, r.outcome, r.state);
     if !r.detail.is_empty() {
@@ -113,29 +82,14 @@ pub async fn refresh(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
         let r: RefreshReport = parse(&a)?;
         return Ok(print_report(&r));
     }
-    let engine = local_engine(ctx)?;
-    let n = name.to_string();
-    let row = engine.store().read(move |st| st.get(&n)).await?;
-    // Another process holds the claim: wait for its outcome rather than send.
-    let deadline = tokio::time::Instant::now() + api_timeout(ctx);
-    loop {
-        let mut r = match engine.refresh(row.conn.id, Trigger::OnDemand).await {
-            Ok(r) => r,
-            Err(e) => {
-                settle(&engine).await?;
-                return Err(e.into());
-            }
-        };
-        if r.outcome != "busy" {
-            r.connection = row.conn.name.clone();
-            settle(&engine).await?;
-            return Ok(print_report(&r));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("{name}: {}; try again shortly", r.detail);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    // No daemon: this process refreshes under the same claim rules, and
+    // waits out a claim another process holds rather than send.
+    let svc = ctx.connections(Create::No)?;
+    let report = svc.refresh_waiting(name, api_timeout(ctx)).await;
+    if !matches!(report, Err(RefreshError::Busy { .. })) {
+        svc.settle().await?;
     }
+    Ok(print_report(&report?))
 }
 
 /// After `set-secret` with the daemon running: its scheduler refreshes the
@@ -231,54 +185,43 @@ pub async fn token(ctx: &Ctx, name: &str, json: bool) -> anyhow::Result<i32> {
             }
             409 => {
                 let v: serde_json::Value = parse(&a)?;
-                anyhow::bail!(
-                    "{name} is {}: {}",
-                    v.get("state").and_then(|s| s.as_str()).unwrap_or("?"),
-                    v.get("action").and_then(|s| s.as_str()).unwrap_or("")
-                )
+                let field =
+                    |k: &str, or: &str| v.get(k).and_then(|s| s.as_str()).unwrap_or(or).to_string();
+                Err(TokenError::NeedsHuman {
+                    name: name.to_string(),
+                    state: field("state", "?"),
+                    action: field("action", ""),
+                }
+                .into())
             }
-            503 => anyhow::bail!(
-                "no valid access token for {name} right now: {}; retry in {} s",
-                api_error(&a),
-                a.retry_after.unwrap_or(60)
-            ),
+            503 => Err(TokenError::Unavailable {
+                name: name.to_string(),
+                reason: api_error(&a),
+                retry_after: a.retry_after.unwrap_or(60),
+            }
+            .into()),
             _ => anyhow::bail!("{}", api_error(&a)),
         };
     }
-    let engine = local_engine(ctx)?;
-    let answer = engine.token(name).await;
-    settle(&engine).await?;
-    match answer? {
-        TokenAnswer::Token(t) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "access_token": t.access_token.expose(),
-                        "token_type": t.token_type,
-                        "expires_at": fmt_time(t.expires_at),
-                        "instance": t.instance,
-                        "base_url": t.base_url,
-                    })
-                );
-            } else {
-                println!("{}", t.access_token.expose());
-            }
-            Ok(0)
-        }
-        TokenAnswer::NeedsHuman(row) => anyhow::bail!(
-            "{name} is {}: {}",
-            row.conn.state,
-            row.conn.state.action().unwrap_or("").replace("NAME", name)
-        ),
-        TokenAnswer::Unavailable {
-            retry_after,
-            reason,
-        } => anyhow::bail!(
-            "no valid access token for {name} right now: {reason}; retry in {} s",
-            retry_after.as_secs().max(1)
-        ),
+    let svc = ctx.connections(Create::No)?;
+    let answer = svc.token(name).await;
+    svc.settle().await?;
+    let t = answer?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "access_token": t.access_token.expose(),
+                "token_type": t.token_type,
+                "expires_at": fmt_time(t.expires_at),
+                "instance": t.instance,
+                "base_url": t.base_url,
+            })
+        );
+    } else {
+        println!("{}", t.access_token.expose());
     }
+    Ok(0)
 }
 
 /// `status [--json]`.

@@ -13,8 +13,9 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::config::Config;
-use crate::renewal::engine::{Engine, EngineError, TokenAnswer};
+use crate::renewal::engine::{Engine, EngineError};
 use crate::secret::Secret;
+use crate::service::{Connections, RefreshError, TokenError};
 use crate::status::{self, DaemonInfo};
 use crate::store::StoreError;
 use crate::store::StoreHandle;
@@ -32,6 +33,13 @@ pub struct Api {
     pub tokens: Arc<std::sync::RwLock<Vec<Secret>>>,
     /// The key rotation slot (`/v1/keys/rotate`, socket only).
     pub rotator: Arc<super::rotate::Rotator>,
+}
+
+impl Api {
+    /// The connections service on the daemon's engine and current configuration.
+    fn connections(&self) -> Connections {
+        Connections::with_engine(self.engine.clone(), self.config.borrow().clone())
+    }
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -269,8 +277,13 @@ struct TokenBody<'a> {
 
 async fn token(State(api): State<Api>, Path(name): Path<String>) -> Response {
     metrics::counter!("acutoken_token_requests_total").increment(1);
-    match api.engine.token(&name).await {
-        Ok(TokenAnswer::Token(t)) => {
+    let no_store = |mut r: Response| {
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    };
+    match api.connections().token(&name).await {
+        Ok(t) => {
             metrics::counter!("acutoken_token_requests_served_total").increment(1);
             let body = TokenBody {
                 access_token: t.access_token.expose(),
@@ -279,62 +292,46 @@ async fn token(State(api): State<Api>, Path(name): Path<String>) -> Response {
                 instance: &t.instance,
                 token_type: &t.token_type,
             };
-            let mut r = axum::Json(body).into_response();
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
+            no_store(axum::Json(body).into_response())
         }
-        Ok(TokenAnswer::NeedsHuman(row)) => {
-            let action = row
-                .conn
-                .state
-                .action()
-                .unwrap_or("")
-                .replace("NAME", &row.conn.name);
-            let mut r = (
+        Err(TokenError::NeedsHuman { state, action, .. }) => no_store(
+            (
                 StatusCode::CONFLICT,
-                axum::Json(json!({ "state": row.conn.state, "action": action })),
+                axum::Json(json!({ "state": state, "action": action })),
             )
-                .into_response();
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
-        }
-        Ok(TokenAnswer::Unavailable {
-            retry_after,
+                .into_response(),
+        ),
+        Err(TokenError::Unavailable {
             reason,
+            retry_after,
+            ..
         }) => {
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, reason);
-            let secs = retry_after.as_secs().max(1).to_string();
-            if let Ok(v) = HeaderValue::from_str(&secs) {
+            if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
             }
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
+            no_store(r)
         }
-        Err(e) => from_engine(e),
+        Err(TokenError::Engine(e)) => from_engine(e),
+        // The daemon's engine has its client: not reached.
+        Err(e @ TokenError::Setup(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 async fn refresh(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    let n = name.clone();
-    let row = match api.store.read(move |st| st.get(&n)).await {
-        Ok(r) => r,
-        Err(e) => return from_store(e),
-    };
-    match api.engine.refresh_manual(row.conn.id).await {
-        Ok(mut rep) => {
-            if rep.connection.is_empty() {
-                rep.connection = name;
-            }
+    match api.connections().refresh_now(&name).await {
+        Ok(rep) => {
             let status = match rep.outcome.as_str() {
                 "refused" | "busy" => StatusCode::CONFLICT,
                 _ => StatusCode::OK,
             };
             (status, axum::Json(rep)).into_response()
         }
-        Err(e) => from_engine(e),
+        Err(RefreshError::Engine(e)) => from_engine(e),
+        // `refresh_now` does not wait for a claim: a busy one is its outcome.
+        Err(e @ RefreshError::Busy { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        // The daemon's engine has its client: not reached.
+        Err(e @ RefreshError::Setup(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
