@@ -290,7 +290,8 @@ pub fn claim(
             return Ok(ClaimOutcome::Lost(row));
         }
         after_unknown = true;
-        tx.execute(
+        super::exec(
+            tx,
             "UPDATE connections SET outcome_unknown = 1 WHERE id = ?1",
             [id.to_string()],
         )?;
@@ -306,7 +307,8 @@ pub fn claim(
             ),
         )?;
     }
-    let sealed: (Option<Vec<u8>>, Option<Vec<u8>>) = tx.query_row(
+    let sealed: (Option<Vec<u8>>, Option<Vec<u8>>) = super::row(
+        tx,
         "SELECT client_secret, refresh_token FROM connections WHERE id = ?1",
         [id.to_string()],
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -327,7 +329,8 @@ pub fn claim(
         client_secret_digest: digest(&client_secret),
     };
     let expires = crate::model::add_saturating(now, ttl);
-    tx.execute(
+    super::exec(
+        tx,
         "UPDATE connections SET claim_id = ?2, claim_owner = ?3, claim_expires_at = ?4,
             version = version + 1 WHERE id = ?1",
         params![
@@ -349,7 +352,8 @@ pub fn claim(
 }
 
 fn clear_claim(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
-    tx.execute(
+    super::exec(
+        tx,
         "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL
          WHERE id = ?1",
         [id.to_string()],
@@ -372,7 +376,8 @@ pub fn reread(tx: &Transaction<'_>, keyring: &Keyring, basis: &Basis) -> Result<
         return Ok(Found::Removed);
     };
     type Now = (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>);
-    let (claim_id, rt, cs): Now = tx.query_row(
+    let (claim_id, rt, cs): Now = super::row(
+        tx,
         "SELECT claim_id, refresh_token, client_secret FROM connections WHERE id = ?1",
         [basis.id.to_string()],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -456,7 +461,8 @@ pub fn discard(
 
 /// Gives a claim back without sending anything (the request never left).
 pub fn release(tx: &Transaction<'_>, id: Uuid, attempt: Uuid) -> Result<(), StoreError> {
-    tx.execute(
+    super::exec(
+        tx,
         "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL
          WHERE id = ?1 AND claim_id = ?2",
         params![id.to_string(), attempt.to_string()],
@@ -473,7 +479,7 @@ pub fn clear(tx: &Transaction<'_>, id: Uuid, new_grant: bool) -> Result<(), Stor
     } else {
         "UPDATE connections SET claim_id = NULL, claim_owner = NULL, claim_expires_at = NULL WHERE id = ?1"
     };
-    tx.execute(sql, params![id.to_string()])?;
+    super::exec(tx, sql, params![id.to_string()])?;
     Ok(())
 }
 

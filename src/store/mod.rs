@@ -379,6 +379,22 @@ pub(crate) fn from_ms(ms: i64) -> Timestamp {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// `execute` through the connection's statement cache: the refresh path runs
+/// the same few statements thousands of times, and parsing them each time
+/// cost more than running them.
+pub(crate) fn exec<P: rusqlite::Params>(db: &Db, sql: &str, params: P) -> rusqlite::Result<usize> {
+    db.prepare_cached(sql)?.execute(params)
+}
+
+/// `query_row` through the statement cache (see [`exec`]).
+pub(crate) fn row<T, P, F>(db: &Db, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+where
+    P: rusqlite::Params,
+    F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+{
+    db.prepare_cached(sql)?.query_row(params, f)
+}
+
 /// Bumps and returns the store-wide change sequence (inside a write transaction).
 pub(crate) fn next_seq(tx: &Transaction<'_>) -> Result<i64, StoreError> {
     let mut stmt = tx.prepare_cached(

@@ -174,7 +174,7 @@ impl Engine {
         }
         // The place within the limits is taken before the claim: a claim must
         // never wait in a queue while its expiry runs.
-        let instance = self.store.read(move |st| st.get_by_id(id)).await?;
+        let instance = self.store.read_row(move |st| st.get_by_id(id)).await?;
         let Some(instance) = instance.map(|r| r.conn.instance) else {
             return Err(StoreError::UnknownConnection(id.to_string()).into());
         };

@@ -163,7 +163,7 @@ impl Engine {
             return Ok(TokenAnswer::Token(Box::new(t)));
         }
         let n = name.to_string();
-        let row = self.store.read(move |st| st.get(&n)).await?;
+        let row = self.store.read_row(move |st| st.get(&n)).await?;
         let id = row.conn.id;
         if let Some(a) = self.usable_token(&row).await? {
             return Ok(a);
@@ -174,7 +174,7 @@ impl Engine {
         let lock = self.lock_for(id);
         let mut last = lock.lock().await;
         // Someone may have refreshed while we waited for the lock.
-        let row = self.store.read(move |st| st.get_by_id(id)).await?;
+        let row = self.store.read_row(move |st| st.get_by_id(id)).await?;
         let Some(row) = row else {
             return Err(StoreError::UnknownConnection(name.to_string()).into());
         };
@@ -196,7 +196,7 @@ impl Engine {
         }
         *last = Some(now);
         let rep = self.refresh_locked(id, Trigger::OnDemand).await?;
-        let row = self.store.read(move |st| st.get_by_id(id)).await?;
+        let row = self.store.read_row(move |st| st.get_by_id(id)).await?;
         let Some(row) = row else {
             return Err(StoreError::UnknownConnection(name.to_string()).into());
         };
@@ -241,7 +241,7 @@ impl Engine {
         let id = row.conn.id;
         let token = self
             .store
-            .read(move |st| st.secret(id, SecretColumn::AccessToken))
+            .read_row(move |st| st.secret(id, SecretColumn::AccessToken))
             .await?;
         Ok(token.map(|t| {
             TokenAnswer::Token(Box::new(IssuedToken {

@@ -239,7 +239,11 @@ impl Scheduler {
                 };
                 // The row as it stands: the claim the task may have taken is
                 // left to expire (its outcome then counts as unknown).
-                let row = self.engine.store().read(move |st| st.read_by_id(id)).await;
+                let row = self
+                    .engine
+                    .store()
+                    .read_row(move |st| st.read_by_id(id))
+                    .await;
                 Done {
                     id,
                     fault: Some(reason),
@@ -323,7 +327,7 @@ impl Scheduler {
         let engine = self.engine.clone();
         let now = engine.clock().now();
         let policy = engine.policy();
-        let read = engine.store().read(move |st| st.read_by_id(id)).await;
+        let read = engine.store().read_row(move |st| st.read_by_id(id)).await;
         let row = match read {
             Ok(Some(Ok(row))) if !quiet(&row, now) => {
                 // Time alone changed something (state or alert conditions):
@@ -418,7 +422,7 @@ async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
     let now = engine.clock().now();
     let read = engine
         .store()
-        .read(move |st| -> Result<_, StoreError> {
+        .read_row(move |st| -> Result<_, StoreError> {
             // A connection set aside in an earlier run whose refresh now gets
             // through: its alert resolves (one indexed read otherwise).
             let fires = sent && crate::store::alerts::faulty_fires(st.db(), &id.to_string())?;
