@@ -131,6 +131,24 @@ impl StoreError {
     pub fn is_unwritable(&self) -> bool {
         matches!(self, StoreError::Unwritable(_))
     }
+
+    /// True when the failure is about one row as it stands in the store: a
+    /// column that does not decode or a sealed value that does not open.
+    /// Retrying soon cannot help; a person must fix the row.
+    pub fn is_row_fault(&self) -> bool {
+        use rusqlite::Error as E;
+        matches!(
+            self,
+            StoreError::Corrupt(_)
+                | StoreError::Crypto(CryptoError::Open { .. })
+                | StoreError::Sql(
+                    E::InvalidColumnType(..)
+                        | E::FromSqlConversionFailure(..)
+                        | E::IntegralValueOutOfRange(..)
+                        | E::Utf8Error(..),
+                )
+        )
+    }
 }
 
 /// An open, key-verified store.

@@ -82,18 +82,7 @@ pub struct Done {
 /// the store: a column that does not decode or a sealed value that does
 /// not open. Retrying soon cannot help; a person must fix the row.
 pub fn is_row_fault(e: &StoreError) -> bool {
-    use rusqlite::Error as E;
-    matches!(
-        e,
-        StoreError::Corrupt(_)
-            | StoreError::Crypto(crate::crypto::CryptoError::Open { .. })
-            | StoreError::Sql(
-                E::InvalidColumnType(..)
-                    | E::FromSqlConversionFailure(..)
-                    | E::IntegralValueOutOfRange(..)
-                    | E::Utf8Error(..),
-            )
-    )
+    e.is_row_fault()
 }
 
 /// Counters for status and metrics.
