@@ -33,6 +33,11 @@ use crate::store::{Store, StoreError, connections};
 /// The longest the worker sleeps without looking at the clock and the outbox.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
+/// Pruning the outbox is a write transaction; the worker is woken after every
+/// refresh that raised or resolved anything, so under a backlog it prunes at
+/// most this often (and wakes for a prune it put off).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
 /// How long a stopping worker waits for posts in flight to be answered and
 /// recorded; what is cut off is sent again after the restart.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -452,19 +457,25 @@ pub async fn run(
     let mut tasks: JoinSet<(Batch, Outcome)> = JoinSet::new();
     let mut config_open = true;
     let mut channels_synced = true;
+    let mut last_prune: Option<std::time::Instant> = None;
     loop {
         let now = clock.now();
+        let prune_due = last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
         let plans = {
             let c = cfg.clone();
             let l = links.clone();
             let busy: HashSet<String> = in_flight.values().cloned().collect();
             let sync = !channels_synced;
+            let prune = busy.is_empty() && prune_due;
+            if prune {
+                last_prune = Some(std::time::Instant::now());
+            }
             with_store(&store, move |s| -> Result<Vec<Plan>, StoreError> {
                 let a = &c.alerts;
                 if sync {
                     s.write(|tx, _| outbox::sync_channels(tx, &channel_list(a)))?;
                 }
-                if busy.is_empty() {
+                if prune {
                     let dropped = s.write(|tx, _| outbox::prune(tx, a.send_resolved))?;
                     log_dropped(&dropped);
                 }
@@ -476,7 +487,8 @@ pub async fn run(
             })
             .await?
         };
-        let mut next: Option<Timestamp> = None;
+        // A prune put off comes back when it is due.
+        let mut next: Option<Timestamp> = (!prune_due).then(|| add(now, PRUNE_EVERY));
         match plans {
             Ok(plans) => {
                 channels_synced = true;

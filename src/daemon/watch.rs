@@ -135,9 +135,16 @@ fn read_events(ino: &Inotify, stopped: &OwnedFd, wal: &OsString, changed: &Notif
         }
         if hit {
             changed.notify_one();
+            // Every commit writes the WAL many times and each write is an
+            // event: the watcher looks at most every 100 ms anyway, so let
+            // them gather instead of waking for each.
+            std::thread::sleep(COALESCE);
         }
     }
 }
+
+/// How long the reading thread lets events gather after a batch that named the WAL.
+const COALESCE: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 mod tests {
