@@ -16,6 +16,7 @@ mod handle;
 pub mod keys;
 mod migrations;
 pub mod refresh;
+pub mod upkeep;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};

@@ -21,8 +21,10 @@ use super::machine::{Look, Machine, Wake};
 use super::{Done, Input, Snapshot, is_row_fault};
 use crate::model::{ConnectionRow, Fault, Timestamp};
 use crate::renewal::engine::{Engine, Trigger};
-use crate::renewal::policy;
+use crate::renewal::{alert_conditions, policy};
 use crate::store::StoreError;
+use crate::store::refresh::DesiredAlerts;
+use crate::store::upkeep::{ByTime, FaultyAlert};
 
 /// How a refresh is run, as its own task (a seam for tests of panics).
 type RefreshFn =
@@ -293,25 +295,16 @@ impl Scheduler {
         if out.alerts.is_empty() {
             return;
         }
-        let ops = out.alerts;
-        let now = self.engine.clock().now();
-        let res = self
-            .engine
-            .store()
-            .write(move |tx, _| {
-                for op in &ops {
-                    match op {
-                        AlertOp::Raise { key, facts } => {
-                            crate::store::alerts::raise_faulty(tx, key, facts, now)?;
-                        }
-                        AlertOp::Resolve { key } => {
-                            crate::store::alerts::resolve_faulty(tx, key, now)?
-                        }
-                    }
-                }
-                Ok(())
+        let ops = out
+            .alerts
+            .into_iter()
+            .map(|op| match op {
+                AlertOp::Raise { key, facts } => FaultyAlert::Raise { key, facts },
+                AlertOp::Resolve { key } => FaultyAlert::Resolve { key },
             })
-            .await;
+            .collect();
+        let now = self.engine.clock().now();
+        let res = self.engine.store().write_faulty_alerts(ops, now).await;
         match res {
             Ok(()) => self.poke(),
             Err(e) => {
@@ -334,49 +327,17 @@ impl Scheduler {
                 // decided again on the row as it is in the write, never
                 // written back from the read above.
                 let policy = policy.clone();
+                let desired: DesiredAlerts =
+                    Box::new(move |row| alert_conditions::desired(row, &policy, now));
                 engine
                     .store()
-                    .write(move |tx, _| {
-                        let mut row = match crate::store::connections::read_by_id_tx(tx, id)? {
-                            Some(Ok(row)) => row,
-                            other => return Ok(other),
-                        };
-                        let settled = settle_by_time(&mut row, now);
-                        if settled.changed {
-                            crate::store::connections::put(tx, &row)?;
-                            crate::store::events::record(
-                                tx,
-                                id,
-                                now,
-                                "state",
-                                &format!(
-                                    "{}: {}",
-                                    row.conn.state,
-                                    row.conn.last_error.clone().unwrap_or_default()
-                                ),
-                            )?;
-                        }
-                        if !settled.quiet {
-                            let desired =
-                                crate::renewal::alert_conditions::desired(&row, &policy, now);
-                            crate::store::alerts::sync_connection(tx, &row, &desired, now)?;
-                        }
-                        Ok(Some(Ok(row)))
-                    })
+                    .apply_time(id, now, move |row| settle_by_time(row, now), desired)
                     .await
             }
             other => other,
         };
         self.machine.due_read(id, row, &policy, now);
     }
-}
-
-/// What time alone did to a connection at a wake-up.
-struct Settled {
-    /// Its state changed (the client secret expired).
-    changed: bool,
-    /// Nothing to write: a refresh is simply due.
-    quiet: bool,
 }
 
 /// True when a wake-up needs no write: a refresh is simply due and time
@@ -391,7 +352,7 @@ fn quiet(row: &ConnectionRow, now: Timestamp) -> bool {
 /// Applies what time alone decides to `row` (an expired client secret), and
 /// says whether the store must hear of it (the state, or the alert
 /// conditions of a connection that is not simply due for a refresh).
-fn settle_by_time(row: &mut ConnectionRow, now: Timestamp) -> Settled {
+fn settle_by_time(row: &mut ConnectionRow, now: Timestamp) -> ByTime {
     let mut changed = false;
     if row.conn.state.is_scheduled()
         && row.claim.is_none()
@@ -402,7 +363,7 @@ fn settle_by_time(row: &mut ConnectionRow, now: Timestamp) -> Settled {
     }
     let refresh_due =
         row.conn.state.is_scheduled() && row.conn.next_refresh_at.is_none_or(|t| t <= now);
-    Settled {
+    ByTime {
         changed,
         quiet: refresh_due && !changed,
     }
@@ -432,7 +393,7 @@ async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
     let row = match read {
         Ok((row, true)) => engine
             .store()
-            .write(move |tx, _| crate::store::alerts::resolve_faulty(tx, &id.to_string(), now))
+            .resolve_faulty_alert(id, now)
             .await
             .map(|()| row),
         Ok((row, false)) => Ok(row),
