@@ -19,7 +19,7 @@ use crate::renewal;
 use crate::renewal::engine::Engine;
 use crate::renewal::scheduler::Input;
 use crate::secret::Secret;
-use crate::store::{self, StoreHandle};
+use crate::store::StoreHandle;
 
 /// Everything a reload changes or tells, and the configuration in force.
 pub(super) struct Reloader {
@@ -77,9 +77,7 @@ impl Reloader {
                 let now = self.clock.now();
                 let _ = self
                     .engine_store
-                    .write(move |tx, _| {
-                        store::alerts::resolve_global(tx, AlertKind::ConfigReloadFailed, now)
-                    })
+                    .resolve_global_alert(AlertKind::ConfigReloadFailed, now)
                     .await;
                 self.wake.poke();
                 self.metrics.reloaded(now);
@@ -93,10 +91,7 @@ impl Reloader {
                 tracing::error!(alert.kind = "config_reload_failed", error = %msg, "reload refused; the previous configuration stays in force");
                 let now = self.clock.now();
                 let facts = AlertFacts::config_reload_failed(&msg);
-                let _ = self
-                    .engine_store
-                    .write(move |tx, _| store::alerts::raise(tx, &facts, now))
-                    .await;
+                let _ = self.engine_store.raise_alert(facts, now).await;
                 self.wake.poke();
             }
         }

@@ -14,6 +14,7 @@ use crate::daemon::lock::StoreLock;
 use crate::model::{Fault, Timestamp};
 use crate::renewal::engine::import_spilled;
 use crate::renewal::scheduler::Scheduler;
+use crate::store::refresh::DesiredAlerts;
 use crate::store::{self, Create, SharedKeyring, Store, StoreHandle};
 
 /// The store as `serve` holds it: its path, its lock, and its keyring.
@@ -199,43 +200,16 @@ pub(super) async fn sync_alerts(
 ) -> anyhow::Result<()> {
     let policy = config.renewal.policy();
     for chunk in to_sync.chunks(500) {
-        let (policy, chunk) = (policy.clone(), chunk.to_vec());
+        let policy = policy.clone();
+        let desired: DesiredAlerts =
+            Box::new(move |row| crate::renewal::alert_conditions::desired(row, &policy, now));
         engine_store
-            .write(move |tx, _| {
-                for id in chunk {
-                    match store::connections::get_by_id_tx(tx, id) {
-                        Ok(Some(row)) => {
-                            let desired =
-                                crate::renewal::alert_conditions::desired(&row, &policy, now);
-                            store::alerts::sync_connection(tx, &row, &desired, now)?;
-                        }
-                        // Changed under us into a row that does not read:
-                        // the scheduler's next look sets it aside.
-                        Ok(None) | Err(store::StoreError::Corrupt(_)) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(())
-            })
+            .sync_connection_alerts(chunk.to_vec(), now, desired)
             .await?;
     }
     // Rows that do not read: one alert each (kept, not repeated, while
     // it fires), and those fixed or removed while no daemon ran resolve.
-    engine_store
-        .write(move |tx, _| {
-            let keys: HashSet<String> = faults.iter().map(|f| f.key.clone()).collect();
-            store::alerts::resolve_unreadable_except(tx, &keys, now)?;
-            for fault in &faults {
-                store::alerts::raise_faulty(
-                    tx,
-                    &fault.key,
-                    &AlertFacts::row_unreadable(fault),
-                    now,
-                )?;
-            }
-            Ok(())
-        })
-        .await?;
+    engine_store.set_unreadable_alerts(faults, now).await?;
     Ok(())
 }
 
@@ -255,8 +229,7 @@ fn alert_rejected_spills(
         }
     }
     if waiting.is_empty() {
-        return store
-            .write(|tx, _| store::alerts::resolve_global(tx, AlertKind::StoreWriteFailed, now));
+        return store.resolve_global_alert(AlertKind::StoreWriteFailed, now);
     }
     let why = now_rejected
         .first()
@@ -276,5 +249,5 @@ fn alert_rejected_spills(
         ),
         "if they were sealed with a key retired since, add that key to store.previous_key_files, move the files back into the spill directory and restart acutoken; otherwise check the connections named in the files with `acutoken connection show` (they may need re-authorization), then delete the files",
     );
-    store.write(|tx, _| store::alerts::raise(tx, &facts, now))
+    store.raise_alert(&facts, now)
 }
