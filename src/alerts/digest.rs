@@ -221,9 +221,7 @@ pub async fn send_digest(
                 let (s, name) = (store.clone(), w.name.clone());
                 let _ = tokio::task::spawn_blocking(move || {
                     let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
-                    guard.write(|tx, _| {
-                        outbox::record_error(tx, &name, &format!("digest: {error}"), now)
-                    })
+                    guard.record_channel_error(&name, &format!("digest: {error}"), now)
                 })
                 .await;
             }

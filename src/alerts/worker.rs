@@ -17,7 +17,6 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::http::{self, ClientError, Outcome};
 use super::render::{Message, Notice, notice_id, render};
@@ -28,7 +27,7 @@ use crate::model::{AlertKind, Status, Timestamp};
 use crate::renewal::authorize::{AlertLink, AlertLinks, link_for_alert};
 use crate::store::alerts::{self as outbox, Accepted, Due, Wake};
 use crate::store::authorizations::Authorization;
-use crate::store::{Store, StoreError, connections};
+use crate::store::{Store, StoreError};
 
 /// The longest the worker sleeps without looking at the clock and the outbox.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -137,33 +136,15 @@ pub fn reconcile(
     let ids = outbox::firing_connection_ids(store.db())?;
     // Short transactions: the engine and the CLI write too.
     for chunk in ids.chunks(500) {
-        store.write(|tx, _| {
-            for key in chunk {
-                let Ok(id) = Uuid::parse_str(key) else {
-                    continue;
-                };
-                match connections::get_by_id_tx(tx, id) {
-                    Ok(Some(row)) => outbox::sync_connection(
-                        tx,
-                        &row,
-                        &crate::renewal::alert_conditions::desired(&row, &policy, now),
-                        now,
-                    )?,
-                    Ok(None) => outbox::remove_connection(tx, id, now)?,
-                    // A row that does not read is the scheduler's to set
-                    // aside and alert on; its other alerts stand as they are.
-                    Err(StoreError::Corrupt(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
+        store.reevaluate_alerts(chunk, now, |row| {
+            crate::renewal::alert_conditions::desired(row, &policy, now)
         })?;
     }
-    let dropped = store.write(|tx, _| {
-        outbox::resolve_global(tx, AlertKind::ConfigReloadFailed, now)?;
-        outbox::sync_channels(tx, &channel_list(&config.alerts))?;
-        outbox::prune(tx, config.alerts.send_resolved)
-    })?;
+    let dropped = store.reconcile_outbox(
+        &channel_list(&config.alerts),
+        config.alerts.send_resolved,
+        now,
+    )?;
     log_dropped(&dropped);
     Ok(Reconciled {
         reevaluated: ids.len(),
@@ -322,7 +303,7 @@ fn add_link(
 ) -> Option<Authorization> {
     let id = facts.connection_id?;
     let kind = facts.kind;
-    match store.write(|tx, kr| link_for_alert(tx, kr, links, kind, id, now)) {
+    match link_for_alert(store, links, kind, id, now) {
         Ok(AlertLink::Open(auth)) => Some(auth),
         Ok(AlertLink::NoRedirectUri) => {
             facts.action = text::without_redirect_uri(facts);
@@ -398,9 +379,7 @@ fn record(store: &mut Store, a: &AlertsConfig, batch: &Batch, outcome: &Outcome,
                 "delivered {} alert(s), HTTP {status}",
                 batch.accepted.len()
             );
-            store.write(|tx, _| {
-                outbox::record_success(tx, name, batch.kind, &batch.accepted, batch.sent_at)
-            })
+            store.record_delivery(name, batch.kind, &batch.accepted, batch.sent_at)
         }
         Outcome::Failed {
             error, retry_after, ..
@@ -415,7 +394,7 @@ fn record(store: &mut Store, a: &AlertsConfig, batch: &Batch, outcome: &Outcome,
                 "alert delivery failed ({error}); next attempt in {}",
                 crate::model::fmt_duration(Duration::from_secs(delay.as_secs().max(1)))
             );
-            store.write(|tx, _| outbox::record_failure(tx, name, error, add(now, delay), now))
+            store.record_delivery_failure(name, error, add(now, delay), now)
         }
     };
     if let Err(e) = result {
@@ -473,10 +452,10 @@ pub async fn run(
             with_store(&store, move |s| -> Result<Vec<Plan>, StoreError> {
                 let a = &c.alerts;
                 if sync {
-                    s.write(|tx, _| outbox::sync_channels(tx, &channel_list(a)))?;
+                    s.sync_alert_channels(&channel_list(a))?;
                 }
                 if prune {
-                    let dropped = s.write(|tx, _| outbox::prune(tx, a.send_resolved))?;
+                    let dropped = s.prune_alerts(a.send_resolved)?;
                     log_dropped(&dropped);
                 }
                 a.webhooks

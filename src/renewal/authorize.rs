@@ -10,13 +10,14 @@ use sha2::{Digest, Sha256};
 use super::planning;
 use super::policy::Policy;
 use crate::acumatica::{TokenClient, pkce_pair};
-use crate::model::ConnectionRow;
-use crate::model::{State, Timestamp, fmt_time};
+use crate::model::{AlertKind, ConnectionRow};
+use crate::model::{State, Timestamp};
 use crate::secret::Secret;
+use crate::store::alerts::worker_ops::{AlertLinkFound, LinkToOpen};
 use crate::store::authorizations::{GrantStored, NewAuthorization};
-use crate::store::connections::{self, SecretColumn};
+use crate::store::connections::SecretColumn;
 use crate::store::refresh::DesiredAlerts;
-use crate::store::{CallbackLookup, StoreError, StoreHandle, authorizations, events};
+use crate::store::{CallbackLookup, Store, StoreError, StoreHandle, authorizations};
 
 /// The hash under which a state is stored: the state itself is never stored.
 pub fn hash_state(state: &str) -> String {
@@ -144,10 +145,10 @@ pub enum AlertLink {
     None,
 }
 
-/// The link an alert of `kind` about connection `id` carries, in the
-/// caller's transaction: the open one if there is one (never replaced: the
-/// customer may already have it), else, when the customer must act now, a
-/// new one valid for `callback.state_ttl`.
+/// The link an alert of `kind` about connection `id` carries, read or
+/// opened in one store transaction: the open one if there is one (never
+/// replaced: the customer may already have it), else, when the customer must
+/// act now, a new one valid for `callback.state_ttl`.
 ///
 /// The customer must act for `needs_reauthorization` while the connection
 /// is in that state, and for `expiry_approaching` in absolute mode (the
@@ -155,69 +156,47 @@ pub enum AlertLink {
 /// connection never gets a link. `links` is `None` when the configuration's
 /// token client could not be built: then only an open link is sent.
 pub fn link_for_alert(
-    tx: &rusqlite::Transaction<'_>,
-    keyring: &crate::crypto::Keyring,
+    store: &mut Store,
     links: Option<&AlertLinks>,
-    kind: crate::model::AlertKind,
+    kind: AlertKind,
     id: uuid::Uuid,
     now: Timestamp,
 ) -> Result<AlertLink, StoreError> {
-    use crate::model::AlertKind;
-    let Some(row) = connections::get_by_id_tx(tx, id)? else {
-        return Ok(AlertLink::None);
-    };
-    let c = &row.conn;
-    if c.state == State::Disabled {
-        return Ok(AlertLink::None);
-    }
-    if let Some(open) = authorizations::open(tx, keyring, id, now)? {
-        return Ok(AlertLink::Open(open));
-    }
-    let must_act = match kind {
-        AlertKind::NeedsReauthorization => c.state == State::NeedsReauthorization,
-        AlertKind::ExpiryApproaching => {
-            c.mode == crate::model::Mode::Absolute
-                && matches!(c.state, State::Active | State::Retrying)
-        }
-        _ => false,
-    };
-    let Some(links) = links.filter(|_| must_act) else {
-        return Ok(AlertLink::None);
-    };
-    let Some(redirect) = links.redirect_uri.as_deref() else {
-        return Ok(AlertLink::NoRedirectUri);
-    };
-    let NewLink {
-        url,
-        state_hash,
-        verifier,
-    } = new_link(&links.client, &c.instance, &c.client_id, redirect);
-    let expires_at = crate::model::add_saturating(now, links.state_ttl);
-    authorizations::create(
-        tx,
-        keyring,
-        id,
-        &state_hash,
-        &verifier,
-        redirect,
-        &url,
-        now,
-        expires_at,
-    )?;
-    events::record(
-        tx,
-        id,
-        now,
-        "authorize",
-        &format!(
-            "authorization link opened for the {kind} alert, valid until {}",
-            fmt_time(expires_at)
-        ),
-    )?;
-    Ok(AlertLink::Open(authorizations::Authorization {
-        url,
-        expires_at,
-    }))
+    let found = store.link_for_alert(id, now, |row| {
+        let c = &row.conn;
+        let must_act = match kind {
+            AlertKind::NeedsReauthorization => c.state == State::NeedsReauthorization,
+            AlertKind::ExpiryApproaching => {
+                c.mode == crate::model::Mode::Absolute
+                    && matches!(c.state, State::Active | State::Retrying)
+            }
+            _ => false,
+        };
+        let Some(links) = links.filter(|_| must_act) else {
+            return Err(AlertLink::None);
+        };
+        let Some(redirect) = links.redirect_uri.as_deref() else {
+            return Err(AlertLink::NoRedirectUri);
+        };
+        let NewLink {
+            url,
+            state_hash,
+            verifier,
+        } = new_link(&links.client, &c.instance, &c.client_id, redirect);
+        Ok(LinkToOpen {
+            state_hash,
+            verifier,
+            redirect_uri: redirect.to_string(),
+            url,
+            expires_at: crate::model::add_saturating(now, links.state_ttl),
+            kind,
+        })
+    })?;
+    Ok(match found {
+        AlertLinkFound::NoConnection => AlertLink::None,
+        AlertLinkFound::Open(a) | AlertLinkFound::Opened(a) => AlertLink::Open(a),
+        AlertLinkFound::NotOpened(why) => why,
+    })
 }
 
 /// How a callback ended; each maps to a page (DESIGN §7).
@@ -354,7 +333,7 @@ mod tests {
     use crate::model::AlertKind;
     use crate::model::NewConnection;
     use crate::model::{Connection, Mode};
-    use crate::store::{Create, Store};
+    use crate::store::{Create, Store, connections};
     use uuid::Uuid;
 
     fn store(dir: &tempfile::TempDir, state: State, mode: Mode) -> (Store, Uuid) {
@@ -406,8 +385,7 @@ mod tests {
 
     fn link(st: &mut Store, l: Option<&AlertLinks>, kind: AlertKind, id: Uuid) -> AlertLink {
         let now = chrono::Utc::now();
-        st.write(|tx, kr| link_for_alert(tx, kr, l, kind, id, now))
-            .unwrap()
+        link_for_alert(st, l, kind, id, now).unwrap()
     }
 
     fn count(st: &Store) -> i64 {

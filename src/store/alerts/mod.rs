@@ -20,6 +20,7 @@ mod reads;
 #[cfg(test)]
 mod tests;
 mod wake;
+pub mod worker_ops;
 
 use crate::model::{AlertFacts, NO_CONNECTION, Severity};
 use crate::store::StoreError;
