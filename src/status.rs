@@ -137,7 +137,7 @@ pub fn gather(
             })
         })
         .collect();
-    let set_aside = crate::store::alerts::set_aside(st.db())?
+    let set_aside = crate::store::alerts::set_aside(st)?
         .into_iter()
         .map(|a| SetAsideItem {
             name: a.facts.connection,

@@ -191,7 +191,7 @@ pub async fn send_digest(
     let s = store.clone();
     let data = tokio::task::spawn_blocking(move || {
         let guard = s.lock().unwrap_or_else(|e| e.into_inner());
-        outbox::digest_data(guard.db(), DIGEST_LIST)
+        outbox::digest_data(&guard, DIGEST_LIST)
     })
     .await
     .map_err(|e| DigestError::Schedule(e.to_string()))?;

@@ -87,17 +87,12 @@ pub fn channel_health(store: &Store, config: &Config) -> Result<Vec<ChannelHealt
     a.webhooks
         .iter()
         .map(|w| {
-            let row = outbox::channel(store.db(), &w.name)?;
+            let row = outbox::channel(store, &w.name)?;
             Ok(ChannelHealth {
                 name: w.name.clone(),
                 kind: w.kind,
                 host: http::host_of(w.url.as_ref()),
-                undelivered: outbox::undelivered(
-                    store.db(),
-                    &w.name,
-                    w.min_severity,
-                    a.send_resolved,
-                )?,
+                undelivered: outbox::undelivered(store, &w.name, w.min_severity, a.send_resolved)?,
                 failures: row.failures,
                 retry_at: row.retry_at,
                 last_error: row.last_error,
@@ -133,7 +128,7 @@ pub fn reconcile(
     now: Timestamp,
 ) -> Result<Reconciled, StoreError> {
     let policy = config.renewal.policy();
-    let ids = outbox::firing_connection_ids(store.db())?;
+    let ids = outbox::firing_connection_ids(store)?;
     // Short transactions: the engine and the CLI write too.
     for chunk in ids.chunks(500) {
         store.reevaluate_alerts(chunk, now, |row| {
@@ -212,7 +207,7 @@ fn plan(
     links: Option<&AlertLinks>,
     now: Timestamp,
 ) -> Result<Plan, StoreError> {
-    let db = store.db();
+    let db: &Store = store;
     let health = outbox::channel(db, &w.name)?;
     if let Some(retry) = health.retry_at.filter(|r| *r > now) {
         return Ok(Plan::Wait(Some(retry)));
@@ -384,7 +379,7 @@ fn record(store: &mut Store, a: &AlertsConfig, batch: &Batch, outcome: &Outcome,
         Outcome::Failed {
             error, retry_after, ..
         } => {
-            let failures = outbox::channel(store.db(), name).map_or(0, |c| c.failures) + 1;
+            let failures = outbox::channel(store, name).map_or(0, |c| c.failures) + 1;
             let delay = backoff(a, failures, *retry_after);
             tracing::warn!(
                 channel = name,

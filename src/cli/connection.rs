@@ -174,7 +174,7 @@ fn list(ctx: &Ctx, json: bool) -> anyhow::Result<i32> {
     let (rows, faults) = st.list_with_faults()?;
     // Connections the daemon set aside although their rows read
     // (a sealed value that does not open, an internal error).
-    let aside: BTreeMap<String, String> = crate::store::alerts::set_aside(st.db())?
+    let aside: BTreeMap<String, String> = crate::store::alerts::set_aside(&st)?
         .into_iter()
         .map(|a| (a.key, a.facts.summary))
         .collect();
@@ -344,7 +344,7 @@ fn show(st: &Store, row: &ConnectionRow, now: Timestamp) -> anyhow::Result<()> {
     if let Some(action) = c.state.action() {
         rows.push(vec!["action".into(), action.replace("NAME", &c.name)]);
     }
-    if let Some(a) = crate::store::alerts::set_aside(st.db())?
+    if let Some(a) = crate::store::alerts::set_aside(st)?
         .into_iter()
         .find(|a| a.key == c.id.to_string())
     {

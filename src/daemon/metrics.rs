@@ -352,7 +352,7 @@ fn store_gauges(
         metrics::gauge!("acutoken_alert_channel_failures", "channel" => c.name.clone())
             .set(c.failures as f64);
     }
-    for (channel, n) in crate::store::alerts::delivered_counts(st.db())? {
+    for (channel, n) in crate::store::alerts::delivered_counts(st)? {
         metrics::gauge!("acutoken_alerts_delivered", "channel" => channel).set(n as f64);
     }
     let counts = tally.as_ref().map(Tally::state_counts).unwrap_or_default();

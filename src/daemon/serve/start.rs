@@ -145,7 +145,7 @@ pub(super) async fn plan(
         let policy = config.renewal.policy();
         st.read(move |st| -> Result<_, store::StoreError> {
             let mut scheduler = scheduler;
-            let firing: HashSet<uuid::Uuid> = store::alerts::firing_connection_ids(st.db())?
+            let firing: HashSet<uuid::Uuid> = store::alerts::firing_connection_ids(st)?
                 .iter()
                 .filter_map(|k| uuid::Uuid::parse_str(k).ok())
                 .collect();

@@ -386,7 +386,7 @@ async fn refresh_task(engine: Arc<Engine>, id: Uuid) -> Done {
         .read_row(move |st| -> Result<_, StoreError> {
             // A connection set aside in an earlier run whose refresh now gets
             // through: its alert resolves (one indexed read otherwise).
-            let fires = sent && crate::store::alerts::faulty_fires(st.db(), &id.to_string())?;
+            let fires = sent && crate::store::alerts::faulty_fires(st, &id.to_string())?;
             Ok((st.read_by_id(id)?, fires))
         })
         .await;

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection as Db, OptionalExtension, Transaction, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{parse_facts, rank};
 use crate::model::{AlertFacts, AlertKind, Severity, Status, Timestamp};
+use crate::store::Store;
 use crate::store::{StoreError, from_ms, to_ms};
 
 /// One alert a channel is due a message about.
@@ -34,12 +35,13 @@ pub struct Due {
 /// `repeat_before`; and, with `send_resolved`, resolved alerts whose firing it
 /// accepted.
 pub fn due(
-    db: &Db,
+    st: &Store,
     channel: &str,
     min_severity: Severity,
     send_resolved: bool,
     repeat_before: Timestamp,
 ) -> Result<Vec<Due>, StoreError> {
+    let db = st.db();
     let mut stmt = db.prepare_cached(
         "SELECT a.id, a.revision, a.status, a.facts, a.changed_at, d.revision, d.sends
          FROM alerts a LEFT JOIN alert_deliveries d ON d.alert_id = a.id AND d.channel = ?1
@@ -88,7 +90,8 @@ pub fn due(
 
 /// When the earliest firing alert `channel` has accepted was last sent there
 /// (its repeat falls due `repeat_interval` later).
-pub fn oldest_send(db: &Db, channel: &str) -> Result<Option<Timestamp>, StoreError> {
+pub fn oldest_send(st: &Store, channel: &str) -> Result<Option<Timestamp>, StoreError> {
+    let db = st.db();
     let ms: Option<i64> = db.query_row(
         "SELECT MIN(d.sent_at) FROM alert_deliveries d JOIN alerts a ON a.id = d.alert_id
          WHERE d.channel = ?1 AND a.status = 'firing' AND d.revision = a.revision",
@@ -99,7 +102,11 @@ pub fn oldest_send(db: &Db, channel: &str) -> Result<Option<Timestamp>, StoreErr
 }
 
 /// When `channel` last got a message about each kind.
-pub fn group_times(db: &Db, channel: &str) -> Result<BTreeMap<AlertKind, Timestamp>, StoreError> {
+pub fn group_times(
+    st: &Store,
+    channel: &str,
+) -> Result<BTreeMap<AlertKind, Timestamp>, StoreError> {
+    let db = st.db();
     let mut stmt =
         db.prepare_cached("SELECT kind, last_sent_at FROM alert_groups WHERE channel = ?1")?;
     let mut out = BTreeMap::new();
@@ -129,7 +136,8 @@ pub struct ChannelRow {
 }
 
 /// A channel's stored health; default when never seen.
-pub fn channel(db: &Db, name: &str) -> Result<ChannelRow, StoreError> {
+pub fn channel(st: &Store, name: &str) -> Result<ChannelRow, StoreError> {
+    let db = st.db();
     Ok(db
         .query_row(
             "SELECT failures, retry_at, last_error, last_error_at, last_success_at
@@ -297,11 +305,12 @@ pub fn prune(tx: &Transaction<'_>, send_resolved: bool) -> Result<Vec<Dropped>, 
 /// How many messages-worth of alerts `channel` has not had accepted yet
 /// (repeats not counted).
 pub fn undelivered(
-    db: &Db,
+    st: &Store,
     channel: &str,
     min_severity: Severity,
     send_resolved: bool,
 ) -> Result<u64, StoreError> {
+    let db = st.db();
     let n: i64 = db.query_row(
         "SELECT COUNT(*) FROM alerts a
          LEFT JOIN alert_deliveries d ON d.alert_id = a.id AND d.channel = ?1

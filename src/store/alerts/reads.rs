@@ -8,10 +8,12 @@ use rusqlite::Connection as Db;
 
 use super::parse_facts;
 use crate::model::{AlertFacts, AlertKind, State, Timestamp};
+use crate::store::Store;
 use crate::store::{StoreError, from_ms};
 
 /// True when a `connection_faulty` alert fires under `key` (one indexed read).
-pub fn faulty_fires(db: &Db, key: &str) -> Result<bool, StoreError> {
+pub fn faulty_fires(st: &Store, key: &str) -> Result<bool, StoreError> {
+    let db = st.db();
     Ok(db
         .prepare_cached(
             "SELECT 1 FROM alerts WHERE key = ?1 AND kind = 'connection_faulty' AND status = 'firing'",
@@ -31,7 +33,8 @@ pub struct SetAside {
 }
 
 /// Every connection set aside (firing `connection_faulty`), by name.
-pub fn set_aside(db: &Db) -> Result<Vec<SetAside>, StoreError> {
+pub fn set_aside(st: &Store) -> Result<Vec<SetAside>, StoreError> {
+    let db = st.db();
     let mut stmt = db.prepare_cached(
         "SELECT key, facts, started_at FROM alerts
          WHERE kind = 'connection_faulty' AND status = 'firing'",
@@ -60,7 +63,8 @@ pub fn set_aside(db: &Db) -> Result<Vec<SetAside>, StoreError> {
 }
 
 /// Connection ids that have a firing alert (for re-evaluation at start).
-pub fn firing_connection_ids(db: &Db) -> Result<Vec<String>, StoreError> {
+pub fn firing_connection_ids(st: &Store) -> Result<Vec<String>, StoreError> {
+    let db = st.db();
     let mut stmt = db.prepare(
         "SELECT DISTINCT key FROM alerts WHERE status = 'firing' AND key <> '-' ORDER BY key",
     )?;
@@ -69,7 +73,8 @@ pub fn firing_connection_ids(db: &Db) -> Result<Vec<String>, StoreError> {
 }
 
 /// Firing alerts per kind.
-pub fn firing_counts(db: &Db) -> Result<BTreeMap<AlertKind, u64>, StoreError> {
+pub fn firing_counts(st: &Store) -> Result<BTreeMap<AlertKind, u64>, StoreError> {
+    let db = st.db();
     let mut stmt =
         db.prepare("SELECT kind, COUNT(*) FROM alerts WHERE status = 'firing' GROUP BY kind")?;
     let mut out = BTreeMap::new();
@@ -136,7 +141,8 @@ fn digest_entries(db: &Db, sql: &str, limit: usize) -> Result<Vec<DigestEntry>, 
 }
 
 /// The digest's numbers, with at most `limit` connections per list.
-pub fn digest_data(db: &Db, limit: usize) -> Result<DigestData, StoreError> {
+pub fn digest_data(st: &Store, limit: usize) -> Result<DigestData, StoreError> {
+    let db = st.db();
     let mut counts = BTreeMap::new();
     {
         let mut stmt = db.prepare("SELECT state, COUNT(*) FROM connections GROUP BY state")?;
@@ -174,12 +180,13 @@ pub fn digest_data(db: &Db, limit: usize) -> Result<DigestData, StoreError> {
         must_act,
         must_act_total: must_act_total.max(0) as u64,
         nearest,
-        firing: firing_counts(db)?,
+        firing: firing_counts(st)?,
     })
 }
 
 /// Messages each channel has accepted, counting repeats (metrics).
-pub fn delivered_counts(db: &Db) -> Result<BTreeMap<String, u64>, StoreError> {
+pub fn delivered_counts(st: &Store) -> Result<BTreeMap<String, u64>, StoreError> {
+    let db = st.db();
     let mut stmt =
         db.prepare("SELECT channel, SUM(sends) FROM alert_deliveries GROUP BY channel")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
