@@ -9,9 +9,9 @@ use super::spec::{Changes, Spec, SpecError};
 use crate::model::{Connection, ConnectionRow, NewConnection, State, Timestamp, fmt_time};
 use crate::renewal::planning;
 use crate::secret::Secret;
-use crate::store::claims::{self, Owner};
-use crate::store::connections::{self, SecretColumn};
-use crate::store::{StoreError, authorizations, events};
+use crate::store::StoreError;
+use crate::store::claims::Owner;
+use crate::store::edits::{self, Change};
 
 /// Why a change to a connection was refused or failed; nothing was written.
 #[derive(Debug, thiserror::Error)]
@@ -94,20 +94,7 @@ impl Connections {
         new: NewConnection,
         now: Timestamp,
     ) -> Result<Connection, EditError> {
-        let new = self
-            .write(move |tx, kr| {
-                connections::insert(tx, kr, &new, now)?;
-                events::record(
-                    tx,
-                    new.conn.id,
-                    now,
-                    "added",
-                    &format!("state {}", new.conn.state),
-                )?;
-                Ok(new)
-            })
-            .await?;
-        Ok(new.conn)
+        Ok(self.edit(edits::add(new, now)).await?)
     }
 
     /// `set`: applies `changes`; returns the row and the names of the fields
@@ -121,69 +108,63 @@ impl Connections {
     ) -> Result<(ConnectionRow, Vec<&'static str>), EditError> {
         let policy = self.config.renewal.policy();
         let name = name.to_string();
-        let out = self
-            .write(move |tx, kr| {
-                let mut row = connections::get_tx(tx, &name)?;
-                let mut changed = Vec::new();
-                for (k, v) in changes.labels {
-                    if v.is_empty() {
-                        row.conn.labels.remove(&k);
-                    } else {
-                        row.conn.labels.insert(k, v);
-                    }
-                    changed.push("labels");
+        let decide = move |row: &mut ConnectionRow| {
+            let mut changed = Vec::new();
+            for (k, v) in changes.labels {
+                if v.is_empty() {
+                    row.conn.labels.remove(&k);
+                } else {
+                    row.conn.labels.insert(k, v);
                 }
-                let mut replan = false;
-                if let Some(m) = changes.mode.filter(|m| *m != row.conn.mode) {
-                    row.conn.mode = m;
-                    changed.push("mode");
-                    replan = true;
-                }
-                if let Some(l) = changes.lifetime.filter(|l| *l != row.conn.lifetime) {
-                    row.conn.lifetime = l;
-                    changed.push("lifetime");
-                    replan = true;
-                }
-                if let Some(a) = changes
-                    .absolute_lifetime
-                    .filter(|a| *a != row.conn.absolute_lifetime)
-                {
-                    row.conn.absolute_lifetime = a;
-                    changed.push("absolute_lifetime");
-                    replan = true;
-                }
-                if let Some(e) = changes.secret_expires_at {
-                    row.conn.secret_expires_at = Some(e);
-                    changed.push("secret_expires_at");
-                }
-                let mut regrant = false;
-                if let Some(i) = changes.instance.filter(|i| *i != row.conn.instance) {
-                    row.conn.instance = i;
-                    changed.push("instance");
-                    regrant = true;
-                }
-                if let Some(c) = changes.client_id.filter(|c| *c != row.conn.client_id) {
-                    row.conn.client_id = c;
-                    changed.push("client_id");
-                    regrant = true;
-                }
-                if regrant {
-                    // The grant belongs to the old instance/application: it cannot be used here.
-                    planning::clear_grant(&mut row);
-                    connections::set_secret(tx, kr, row.conn.id, SecretColumn::RefreshToken, None)?;
-                    connections::set_secret(tx, kr, row.conn.id, SecretColumn::AccessToken, None)?;
-                    authorizations::close_all(tx, row.conn.id)?;
-                } else if replan {
-                    planning::replan(&mut row, &policy, now);
-                }
-                if !changed.is_empty() {
-                    connections::put(tx, &row)?;
-                    events::record(tx, row.conn.id, now, "changed", &changed.join(", "))?;
-                }
-                Ok((row, changed))
-            })
-            .await?;
-        Ok(out)
+                changed.push("labels");
+            }
+            let mut replan = false;
+            if let Some(m) = changes.mode.filter(|m| *m != row.conn.mode) {
+                row.conn.mode = m;
+                changed.push("mode");
+                replan = true;
+            }
+            if let Some(l) = changes.lifetime.filter(|l| *l != row.conn.lifetime) {
+                row.conn.lifetime = l;
+                changed.push("lifetime");
+                replan = true;
+            }
+            if let Some(a) = changes
+                .absolute_lifetime
+                .filter(|a| *a != row.conn.absolute_lifetime)
+            {
+                row.conn.absolute_lifetime = a;
+                changed.push("absolute_lifetime");
+                replan = true;
+            }
+            if let Some(e) = changes.secret_expires_at {
+                row.conn.secret_expires_at = Some(e);
+                changed.push("secret_expires_at");
+            }
+            let mut regrant = false;
+            if let Some(i) = changes.instance.filter(|i| *i != row.conn.instance) {
+                row.conn.instance = i;
+                changed.push("instance");
+                regrant = true;
+            }
+            if let Some(c) = changes.client_id.filter(|c| *c != row.conn.client_id) {
+                row.conn.client_id = c;
+                changed.push("client_id");
+                regrant = true;
+            }
+            if regrant {
+                // The grant belongs to the old instance/application: it
+                // cannot be used here (the store drops its tokens and links).
+                planning::clear_grant(row);
+            } else if replan {
+                planning::replan(row, &policy, now);
+            }
+            Change {
+                fields: changed,
+                drop_grant: regrant,
+            }
+        };
+        Ok(self.edit(edits::change(name, decide, now)).await?)
     }
 
     /// `set-secret`: stores a new client secret (and its Expires On date).
@@ -200,41 +181,24 @@ impl Connections {
     ) -> Result<ConnectionRow, EditError> {
         let policy = self.config.renewal.policy();
         let name = name.to_string();
-        let row = self
-            .write(move |tx, kr| {
-                let mut row = connections::get_tx(tx, &name)?;
-                connections::set_secret(
-                    tx,
-                    kr,
-                    row.conn.id,
-                    SecretColumn::ClientSecret,
-                    Some(&secret),
-                )?;
-                if expires.is_some() {
-                    row.conn.secret_expires_at = expires;
-                } else if row.conn.secret_expires_at.is_some_and(|e| e <= now) {
-                    // A passed Expires On belongs to the old secret (a new one with
-                    // a passed date is refused by `secret_expiry`); kept, it would
-                    // put the connection straight back into needs_secret.
-                    row.conn.secret_expires_at = None;
-                }
-                if row.conn.state == State::NeedsSecret {
-                    planning::resume(&mut row, &policy, now);
-                } else if row.conn.state.is_scheduled() && daemon_running {
-                    row.conn.next_refresh_at = Some(now);
-                }
-                connections::put(tx, &row)?;
-                events::record(
-                    tx,
-                    row.conn.id,
-                    now,
-                    "secret_set",
-                    &format!("new client secret entered; state {}", row.conn.state),
-                )?;
-                Ok(row)
-            })
-            .await?;
-        Ok(row)
+        let plan = move |row: &mut ConnectionRow| {
+            if expires.is_some() {
+                row.conn.secret_expires_at = expires;
+            } else if row.conn.secret_expires_at.is_some_and(|e| e <= now) {
+                // A passed Expires On belongs to the old secret (a new one with
+                // a passed date is refused by `secret_expiry`); kept, it would
+                // put the connection straight back into needs_secret.
+                row.conn.secret_expires_at = None;
+            }
+            if row.conn.state == State::NeedsSecret {
+                planning::resume(row, &policy, now);
+            } else if row.conn.state.is_scheduled() && daemon_running {
+                row.conn.next_refresh_at = Some(now);
+            }
+        };
+        Ok(self
+            .edit(edits::set_client_secret(name, secret, plan, now))
+            .await?)
     }
 
     /// `disable`: no refreshes, tokens or alerts; open authorization links
@@ -245,60 +209,15 @@ impl Connections {
         name: &str,
         now: Timestamp,
     ) -> Result<(ConnectionRow, usize), EditError> {
-        let name = name.to_string();
-        let out = self
-            .write(move |tx, _| {
-                let mut row = connections::get_tx(tx, &name)?;
-                if row.conn.state != State::Disabled {
-                    row.conn.state = State::Disabled;
-                    row.conn.next_refresh_at = None;
-                    connections::put(tx, &row)?;
-                    events::record(
-                        tx,
-                        row.conn.id,
-                        now,
-                        "disabled",
-                        "turned off by an operator",
-                    )?;
-                }
-                let closed = authorizations::close_all(tx, row.conn.id)?;
-                if closed > 0 {
-                    events::record(
-                        tx,
-                        row.conn.id,
-                        now,
-                        "authorize",
-                        "open authorization links closed: the connection was disabled",
-                    )?;
-                }
-                Ok((row, closed))
-            })
-            .await?;
-        Ok(out)
+        Ok(self.edit(edits::disable(name.to_string(), now)).await?)
     }
 
     /// `enable`: a disabled connection is planned again from what it holds.
     pub async fn enable(&self, name: &str, now: Timestamp) -> Result<ConnectionRow, EditError> {
         let policy = self.config.renewal.policy();
         let name = name.to_string();
-        let row = self
-            .write(move |tx, _| {
-                let mut row = connections::get_tx(tx, &name)?;
-                if row.conn.state == State::Disabled {
-                    planning::resume(&mut row, &policy, now);
-                    connections::put(tx, &row)?;
-                    events::record(
-                        tx,
-                        row.conn.id,
-                        now,
-                        "enabled",
-                        &format!("turned on; state {}", row.conn.state),
-                    )?;
-                }
-                Ok(row)
-            })
-            .await?;
-        Ok(row)
+        let resume = move |row: &mut ConnectionRow| planning::resume(row, &policy, now);
+        Ok(self.edit(edits::enable(name, resume, now)).await?)
     }
 
     /// What `remove` would remove under `name` (a damaged row is found too).
@@ -321,18 +240,7 @@ impl Connections {
         let mut told = false;
         loop {
             let now = crate::clock::Clock::now(&crate::clock::SystemClock);
-            let n = name.to_string();
-            let busy = self
-                .write(move |tx, _| {
-                    let row = connections::get_tx(tx, &n)?;
-                    if let Some(claim) = claims::live_claim(&row, now) {
-                        return Ok(Some(claim));
-                    }
-                    crate::store::alerts::remove_connection(tx, row.conn.id, now)?;
-                    connections::remove(tx, row.conn.id)?;
-                    Ok(None)
-                })
-                .await?;
+            let busy = self.edit(edits::remove(name.to_string(), now)).await?;
             let Some((holder, until)) = busy else {
                 return Ok(());
             };
@@ -353,9 +261,8 @@ impl Connections {
 
     /// `remove` of a row that does not read.
     pub async fn remove_unreadable(&self, name: &str, now: Timestamp) -> Result<(), EditError> {
-        let n = name.to_string();
         if !self
-            .write(move |tx, _| connections::remove_unreadable(tx, &n, now))
+            .edit(edits::remove_unreadable(name.to_string(), now))
             .await?
         {
             return Err(StoreError::UnknownConnection(name.to_string()).into());

@@ -4,7 +4,7 @@
 //! and a typed error whose message is the one the user reads. The CLI parses
 //! and prints around these; the daemon's API calls the same refresh and
 //! token; `demo` adds and sets secrets through them too. `import` checks its
-//! records with [`Spec`] and keeps its bulk writer in `cli/import.rs`.
+//! records with [`Spec`] and writes them with `Store::import`.
 
 mod access;
 mod edit;
@@ -22,9 +22,9 @@ pub use spec::{ChangeArgs, Changes, Spec, SpecError, parse_labels};
 
 use crate::acumatica::{ClientBuildError, TokenClient};
 use crate::config::Config;
-use crate::crypto::Keyring;
 use crate::renewal::engine::{Engine, EngineParts, NoHooks};
 use crate::store::claims::Owner;
+use crate::store::edits::Edit;
 use crate::store::{Store, StoreError, StoreHandle};
 
 /// Why an engine for this process could not be made.
@@ -102,15 +102,14 @@ impl Connections {
         }
     }
 
-    /// One write transaction, committed when `f` returns `Ok`.
-    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&rusqlite::Transaction<'_>, &Keyring) -> Result<T, StoreError> + Send + 'static,
-    {
+    /// Writes one edit of a connection: in the daemon's next batch, or on
+    /// the command's own connection.
+    async fn edit<T: Send + 'static>(&self, edit: Edit<T>) -> Result<T, StoreError> {
         match &self.store {
-            Backing::Handle(h) => h.write(f).await,
-            Backing::Own { store, .. } => store.lock().unwrap_or_else(|e| e.into_inner()).write(f),
+            Backing::Handle(h) => h.edit(edit).await,
+            Backing::Own { store, .. } => {
+                store.lock().unwrap_or_else(|e| e.into_inner()).edit(edit)
+            }
         }
     }
 

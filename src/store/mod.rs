@@ -10,6 +10,7 @@ pub mod alerts;
 pub mod authorizations;
 pub mod claims;
 pub mod connections;
+pub mod edits;
 pub mod events;
 mod fresh;
 mod handle;

@@ -1,5 +1,5 @@
-//! Writing checked records: one transaction, chunks sealed on another
-//! thread, rolled back at the first bad record.
+//! Writing checked records: one transaction ([`Store::import`]), rolled
+//! back at the first bad record.
 
 use std::collections::HashSet;
 use std::io::IsTerminal;
@@ -9,9 +9,8 @@ use std::sync::mpsc;
 use super::Outcome;
 use super::check::check_records;
 use crate::config::Config;
-use crate::model::{NewConnection, State, Timestamp};
-use crate::store::connections::{self, Sealed};
-use crate::store::{Store, StoreError, events};
+use crate::model::{NewConnection, Timestamp};
+use crate::store::{Store, StoreError};
 
 /// Checks the records of `text` and writes them to `st` in one transaction
 /// as they are checked; rolls back at the first bad one.
@@ -78,10 +77,10 @@ pub(super) fn write_checked(
     })
 }
 
-/// The writing end of an import: seals each chunk on another thread, writes
-/// it, and commits when the chunks end, unless the import was `rejected`
-/// (then it rolls back). Returns how many connections it wrote, and how many
-/// of them wait for authorization.
+/// The writing end of an import: writes the chunks as they come
+/// ([`Store::import`]) and commits when they end, unless the import was
+/// `rejected` (then it rolls back). Returns how many connections it wrote,
+/// and how many of them wait for authorization.
 fn write_chunks(
     st: &mut Store,
     chunks: mpsc::Receiver<Vec<NewConnection>>,
@@ -98,40 +97,10 @@ fn write_chunks(
             Ok((0, 0))
         };
     };
-    st.write(|tx, kr| {
-        std::thread::scope(|s| {
-            let (sealed_tx, sealed_rx) = mpsc::sync_channel::<(Vec<NewConnection>, Vec<Sealed>)>(4);
-            s.spawn(move || {
-                for chunk in std::iter::once(first).chain(chunks) {
-                    let sealed = chunk.iter().map(|n| Sealed::new(kr, n)).collect();
-                    if sealed_tx.send((chunk, sealed)).is_err() {
-                        break; // the writer failed and rolls back
-                    }
-                }
-            });
-            // Written records are freed on another thread: freeing 1M of
-            // them takes over a second, which the writer need not wait for.
-            let (done_tx, done_rx) = mpsc::channel::<(Vec<NewConnection>, Vec<Sealed>)>();
-            s.spawn(move || done_rx.into_iter().for_each(drop));
-            let (mut total, mut pending) = (0, 0);
-            for (chunk, sealed) in sealed_rx {
-                if rejected.load(Ordering::SeqCst) {
-                    break;
-                }
-                let seq = connections::insert_sealed(tx, &chunk, &sealed, now)?;
-                events::record_for_change(tx, seq, now, "added", "imported; state ")?;
-                total += chunk.len();
-                pending += chunk
-                    .iter()
-                    .filter(|n| n.conn.state == State::PendingAuthorization)
-                    .count();
-                bar.inc(chunk.len() as u64);
-                let _ = done_tx.send((chunk, sealed));
-            }
-            if rejected.load(Ordering::SeqCst) {
-                return Err(StoreError::Cancelled);
-            }
-            Ok((total, pending))
-        })
-    })
+    st.import(
+        std::iter::once(first).chain(chunks),
+        rejected,
+        |n| bar.inc(n as u64),
+        now,
+    )
 }
