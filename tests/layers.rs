@@ -574,3 +574,74 @@ fn g() { crate::h::call(); }
     assert!(problems[0].starts_with("probe.rs:1:"), "{problems:?}");
     assert!(problems[1].starts_with("probe.rs:5:"), "{problems:?}");
 }
+
+/// Where a file's inline test module (`#[cfg(test)] mod tests { .. }`)
+/// starts: test modules sit at the end of a file here. A `mod tests;` that
+/// names a file of its own is not a cut.
+fn test_module_start(code: &str) -> usize {
+    let mut from = 0;
+    while let Some(at) = code[from..].find("#[cfg(test)]").map(|i| i + from) {
+        let rest = code[at + "#[cfg(test)]".len()..].trim_start();
+        if rest.starts_with("mod ") {
+            let brace = rest.find('{');
+            let semi = rest.find(';');
+            if brace.is_some_and(|b| semi.is_none_or(|s| b < s)) {
+                return at;
+            }
+        }
+        from = at + 1;
+    }
+    code.len()
+}
+
+/// Production code outside `src/store/`: every file but test files, without
+/// its inline test module.
+fn production_outside_store() -> Vec<(String, String)> {
+    let src = src_dir();
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files
+        .into_iter()
+        .filter_map(|p| {
+            let rel = p.strip_prefix(&src).expect("under src").to_path_buf();
+            let rel_s = rel.to_string_lossy().into_owned();
+            let test_file = rel.file_name().is_some_and(|n| n == "tests.rs")
+                || rel.components().any(|c| c.as_os_str() == "tests");
+            if rel_s.starts_with("store/") || test_file {
+                return None;
+            }
+            let text = fs::read_to_string(&p).expect("readable source");
+            let code = code_only(&text);
+            let cut = test_module_start(&code);
+            Some((rel_s, code[..cut].to_string()))
+        })
+        .collect()
+}
+
+/// Only the store touches SQLite: outside `src/store/`, no production code
+/// names a `rusqlite` type, takes the store's raw connection (`.db()`) or
+/// hands the store a closure that receives a transaction
+/// (`.write(|tx, ..| ..)`); it calls the store's named operations, which a
+/// second backend can offer too.
+#[test]
+fn only_the_store_touches_sqlite() {
+    let mut found = Vec::new();
+    for (rel, code) in production_outside_store() {
+        for (n, line) in code.lines().enumerate() {
+            let squeezed: String = line.split_whitespace().collect();
+            if line.contains("rusqlite")
+                || squeezed.contains(".write(|")
+                || squeezed.contains(".write(move|")
+                || squeezed.contains(".db()")
+            {
+                found.push(format!("src/{rel}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "{} place(s) outside src/store/ reach SQLite directly; add a named store operation:\n{}",
+        found.len(),
+        found.join("\n")
+    );
+}
