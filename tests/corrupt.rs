@@ -303,7 +303,7 @@ async fn a_fixed_row_resumes_and_its_alert_resolves() {
     .await;
     // Resolved in the outbox (the channel hears of it after group_interval).
     eventually("the alert to resolve", || {
-        acutoken::store::alerts::set_aside(rig.open_store().db())
+        acutoken::store::alerts::set_aside(&rig.open_store())
             .unwrap()
             .is_empty()
     })

@@ -585,7 +585,7 @@ async fn a_broken_config_on_sighup_keeps_the_old_one_and_raises_an_alert() {
     assert_eq!(results[0]["channel"], "ops", "{results}");
     assert!(results[0]["error"].is_null(), "{results}");
 
-    let firing = acutoken::store::alerts::firing_counts(rig.open_store().db()).unwrap();
+    let firing = acutoken::store::alerts::firing_counts(&rig.open_store()).unwrap();
     assert_eq!(
         firing.get(&AlertKind::ConfigReloadFailed),
         Some(&1),
@@ -603,7 +603,7 @@ async fn a_broken_config_on_sighup_keeps_the_old_one_and_raises_an_alert() {
     d.signal(Signal::SIGHUP);
     d.log_line("configuration reloaded").await;
     eventually("config_reload_failed to resolve", || {
-        !acutoken::store::alerts::firing_counts(rig.open_store().db())
+        !acutoken::store::alerts::firing_counts(&rig.open_store())
             .unwrap()
             .contains_key(&AlertKind::ConfigReloadFailed)
     })

@@ -619,20 +619,24 @@ fn production_outside_store() -> Vec<(String, String)> {
 }
 
 /// Only the store touches SQLite: outside `src/store/`, no production code
-/// names a `rusqlite` type, takes the store's raw connection (`.db()`) or
+/// names a `rusqlite` type, takes the store's raw connection (`.db()`),
 /// hands the store a closure that receives a transaction
-/// (`.write(|tx, ..| ..)`); it calls the store's named operations, which a
-/// second backend can offer too.
+/// (`.write(|tx, ..| ..)`) or builds its own blocking bridge; it calls the
+/// store's named operations, which a second backend can offer too.
 #[test]
 fn only_the_store_touches_sqlite() {
     let mut found = Vec::new();
     for (rel, code) in production_outside_store() {
         for (n, line) in code.lines().enumerate() {
             let squeezed: String = line.split_whitespace().collect();
+            // The blocking bridge is written once, in `store::blocking` (and
+            // the handle); the key rotation's spill files are not the store.
+            let bridge = line.contains("spawn_blocking") && rel != "daemon/rotate.rs";
             if line.contains("rusqlite")
                 || squeezed.contains(".write(|")
                 || squeezed.contains(".write(move|")
                 || squeezed.contains(".db()")
+                || bridge
             {
                 found.push(format!("src/{rel}:{}: {}", n + 1, line.trim()));
             }

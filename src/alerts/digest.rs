@@ -188,13 +188,10 @@ pub async fn send_digest(
     clock: &SharedClock,
 ) -> Result<(), DigestError> {
     let now = clock.now();
-    let s = store.clone();
-    let data = tokio::task::spawn_blocking(move || {
-        let guard = s.lock().unwrap_or_else(|e| e.into_inner());
-        outbox::digest_data(&guard, DIGEST_LIST)
-    })
-    .await
-    .map_err(|e| DigestError::Schedule(e.to_string()))?;
+    let data =
+        crate::store::blocking::with_shared(store, |st| outbox::digest_data(st, DIGEST_LIST))
+            .await
+            .map_err(|e| DigestError::Schedule(e.to_string()))?;
     let data = match data {
         Ok(d) => d,
         Err(e) => {
@@ -218,10 +215,9 @@ pub async fn send_digest(
                     host = host.as_str(),
                     "digest not delivered (not retried): {error}"
                 );
-                let (s, name) = (store.clone(), w.name.clone());
-                let _ = tokio::task::spawn_blocking(move || {
-                    let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
-                    guard.record_channel_error(&name, &format!("digest: {error}"), now)
+                let name = w.name.clone();
+                let _ = crate::store::blocking::with_shared(store, move |st| {
+                    st.record_channel_error(&name, &format!("digest: {error}"), now)
                 })
                 .await;
             }

@@ -352,13 +352,9 @@ async fn with_store<T: Send + 'static>(
     store: &Shared,
     f: impl FnOnce(&mut Store) -> T + Send + 'static,
 ) -> Result<T, WorkerError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut guard = store.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut guard)
-    })
-    .await
-    .map_err(|e| WorkerError::Task(e.to_string()))
+    crate::store::blocking::with_shared(store, f)
+        .await
+        .map_err(|e| WorkerError::Task(e.to_string()))
 }
 
 /// Records a post's outcome; returns nothing the loop needs.

@@ -175,13 +175,12 @@ impl Metrics {
             let now = clock.now();
             let cfg = config.borrow().clone();
             let (st, tally) = state.take().expect("given back every turn");
-            let (res, st, tally) = tokio::task::spawn_blocking(move || {
-                let mut tally = tally;
-                let res = store_gauges(&st, &mut tally, &cfg);
-                (res, st, tally)
-            })
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            let ((st, tally), res) =
+                crate::store::blocking::with_owned((st, tally), move |(st, tally)| {
+                    store_gauges(st, tally, &cfg)
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             if let Err(e) = res {
                 tracing::warn!(error = %e, "cannot compute metrics from the store");
             }

@@ -8,6 +8,7 @@
 
 pub mod alerts;
 pub mod authorizations;
+pub mod blocking;
 pub mod claims;
 pub mod connections;
 pub mod edits;

@@ -71,7 +71,7 @@ pub(super) fn spawn_store_watcher(
             }
             let now = clock.now();
             let prune = now - last_prune > chrono::Duration::hours(6);
-            let (res, back, seen) = tokio::task::spawn_blocking(move || {
+            let (back, (res, seen)) = store::blocking::with_owned(st, move |st| {
                 // data_version moves only when another connection commits:
                 // an idle store costs one in-memory pragma per turn.
                 let seen = st.data_version().unwrap_or(version.wrapping_add(1));
@@ -86,7 +86,7 @@ pub(super) fn spawn_store_watcher(
                 if prune && let Err(e) = st.prune_events(now) {
                     tracing::warn!(error = %e, "cannot prune old history");
                 }
-                (r, st, seen)
+                (r, seen)
             })
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));

@@ -101,8 +101,7 @@ impl Engine {
         let n = name.to_string();
         let now = self.clock.now();
         let margin = self.policy().access_token_margin;
-        let read = tokio::task::spawn_blocking(move || {
-            let mut inner = handle.lock().unwrap_or_else(|e| e.into_inner());
+        let read = crate::store::blocking::with_shared(&handle, move |inner| {
             let version = inner.check()?;
             let row = match inner.store.get(&n) {
                 Ok(r) => r,

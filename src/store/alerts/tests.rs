@@ -39,14 +39,7 @@ fn global(kind: AlertKind, summary: &str) -> AlertFacts {
 }
 
 fn due_now(st: &Store, send_resolved: bool) -> Vec<Due> {
-    due(
-        st.db(),
-        CHANNEL,
-        Severity::Info,
-        send_resolved,
-        no_repeats(),
-    )
-    .unwrap()
+    due(st, CHANNEL, Severity::Info, send_resolved, no_repeats()).unwrap()
 }
 
 /// The channel accepts every alert it is due, as one message about `kind`.
@@ -124,21 +117,18 @@ fn a_raised_alert_resolves_and_a_channel_that_heard_it_hears_the_end() {
     assert_eq!((due[0].status, due[0].revision), (Status::Firing, 1));
     assert_eq!(due[0].facts, facts);
     assert_eq!(
-        firing_counts(st.db()).unwrap(),
+        firing_counts(&st).unwrap(),
         BTreeMap::from([(AlertKind::ConfigReloadFailed, 1)])
     );
 
     accept_all(&mut st, AlertKind::ConfigReloadFailed, t0());
     assert!(due_now(&st, true).is_empty(), "accepted: nothing left due");
-    assert_eq!(
-        undelivered(st.db(), CHANNEL, Severity::Info, true).unwrap(),
-        0
-    );
+    assert_eq!(undelivered(&st, CHANNEL, Severity::Info, true).unwrap(), 0);
 
     let later = t0() + chrono::Duration::minutes(5);
     st.write(|tx, _| resolve_global(tx, AlertKind::ConfigReloadFailed, later))
         .unwrap();
-    assert!(firing_counts(st.db()).unwrap().is_empty());
+    assert!(firing_counts(&st).unwrap().is_empty());
     let due = due_now(&st, true);
     assert_eq!(
         due.len(),
@@ -147,10 +137,7 @@ fn a_raised_alert_resolves_and_a_channel_that_heard_it_hears_the_end() {
     );
     assert_eq!((due[0].status, due[0].revision), (Status::Resolved, 2));
     assert_eq!(due[0].changed_at, later);
-    assert_eq!(
-        undelivered(st.db(), CHANNEL, Severity::Info, true).unwrap(),
-        1
-    );
+    assert_eq!(undelivered(&st, CHANNEL, Severity::Info, true).unwrap(), 1);
     assert!(
         due_now(&st, false).is_empty(),
         "without send_resolved, a resolution is not sent"
@@ -191,11 +178,11 @@ fn sync_connection_raises_and_resolves_from_the_desired_set() {
     st.write(|tx, _| sync_connection(tx, &row, &desired, t0()))
         .unwrap();
     assert_eq!(
-        firing_counts(st.db()).unwrap(),
+        firing_counts(&st).unwrap(),
         BTreeMap::from([(AlertKind::NeedsSecret, 1), (AlertKind::RefreshFailed, 1)])
     );
     assert_eq!(
-        firing_connection_ids(st.db()).unwrap(),
+        firing_connection_ids(&st).unwrap(),
         vec![row.conn.id.to_string()]
     );
     accept_all(&mut st, AlertKind::NeedsSecret, t0());
@@ -229,10 +216,10 @@ fn sync_connection_raises_and_resolves_from_the_desired_set() {
     st.write(|tx, _| sync_connection(tx, &row, &[], t0()))
         .unwrap();
     assert_eq!(
-        firing_counts(st.db()).unwrap(),
+        firing_counts(&st).unwrap(),
         BTreeMap::from([(AlertKind::ConnectionFaulty, 1)])
     );
-    assert!(faulty_fires(st.db(), &key).unwrap());
+    assert!(faulty_fires(&st, &key).unwrap());
     let resolved: Vec<AlertKind> = due_now(&st, true)
         .into_iter()
         .filter(|d| d.status == Status::Resolved)
@@ -261,20 +248,20 @@ fn delivery_marks_track_health_and_prune_keeps_what_a_channel_is_still_owed() {
     let retry = t0() + chrono::Duration::seconds(30);
     st.write(|tx, _| record_failure(tx, CHANNEL, "ops: 503 from hooks.example.com", retry, t0()))
         .unwrap();
-    let health = channel(st.db(), CHANNEL).unwrap();
+    let health = channel(&st, CHANNEL).unwrap();
     assert_eq!(health.failures, 1);
     assert_eq!(health.retry_at, Some(retry));
     assert_eq!(health.last_error_at, Some(t0()));
     accept_all(&mut st, AlertKind::ConfigReloadFailed, t0());
-    let health = channel(st.db(), CHANNEL).unwrap();
+    let health = channel(&st, CHANNEL).unwrap();
     assert_eq!((health.failures, health.retry_at), (0, None));
     assert_eq!(health.last_success_at, Some(t0()));
     assert_eq!(
-        group_times(st.db(), CHANNEL).unwrap(),
+        group_times(&st, CHANNEL).unwrap(),
         BTreeMap::from([(AlertKind::ConfigReloadFailed, t0())])
     );
     assert_eq!(
-        delivered_counts(st.db()).unwrap(),
+        delivered_counts(&st).unwrap(),
         BTreeMap::from([(CHANNEL.to_string(), 1)])
     );
 
@@ -313,5 +300,5 @@ fn removing_a_channel_forgets_what_it_accepted() {
     st.write(|tx, _| sync_channels(tx, &[])).unwrap();
     assert_eq!(count(&st, "SELECT COUNT(*) FROM alert_deliveries"), 0);
     assert_eq!(count(&st, "SELECT COUNT(*) FROM alert_groups"), 0);
-    assert_eq!(channel(st.db(), CHANNEL).unwrap(), ChannelRow::default());
+    assert_eq!(channel(&st, CHANNEL).unwrap(), ChannelRow::default());
 }

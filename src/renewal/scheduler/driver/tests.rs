@@ -214,7 +214,7 @@ async fn a_refresh_task_that_panics_sets_its_connection_aside_and_frees_its_slot
     sched.flush_alerts().await;
     let set_aside = engine
         .store()
-        .read(|st| crate::store::alerts::set_aside(st.db()))
+        .read(crate::store::alerts::set_aside)
         .await
         .unwrap();
     assert_eq!(set_aside.len(), 1);
