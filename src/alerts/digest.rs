@@ -1,15 +1,15 @@
 //! The digest: on the `alerts.digest` cron schedule, one summary per channel
 //! of connections per state, who must act, and the nearest deadlines.
 //!
-//! The schedule runs in `alerts.digest_timezone` on tokio-cron-scheduler,
-//! which only ever fires future ticks: a digest missed while the daemon was
-//! down is not sent late.
+//! The schedule runs in `alerts.digest_timezone`. Only future times fire: a
+//! digest missed while the daemon was down, or while the previous digest was
+//! still being sent, is not sent late. One task sleeps until the next time
+//! (never a scheduler of jobs: there is only ever one).
 
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
-use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Outcome};
@@ -226,32 +226,40 @@ pub async fn send_digest(
     Ok(())
 }
 
-async fn schedule(
-    config: &Config,
-    tick: mpsc::Sender<()>,
-) -> Result<Option<JobScheduler>, DigestError> {
-    let Some(cron) = config.digest_schedule() else {
-        return Ok(None);
-    };
-    let tz: chrono_tz::Tz = config.alerts.digest_timezone.parse().map_err(|_| {
-        DigestError::Schedule(format!(
-            "unknown time zone `{}`",
-            config.alerts.digest_timezone
-        ))
-    })?;
-    let err = |e: tokio_cron_scheduler::JobSchedulerError| DigestError::Schedule(e.to_string());
-    let sched = JobScheduler::new().await.map_err(err)?;
-    let job = Job::new_async_tz(cron.as_str(), tz, move |_, _| {
-        let tick = tick.clone();
-        Box::pin(async move {
-            // A digest still pending absorbs this tick: never two at once, never late ones.
-            let _ = tick.try_send(());
-        })
-    })
-    .map_err(err)?;
-    sched.add(job).await.map_err(err)?;
-    sched.start().await.map_err(err)?;
-    Ok(Some(sched))
+/// The longest single sleep towards the next digest. The wait is measured
+/// on the monotonic clock while the schedule is in wall-clock time: waking at
+/// least this often follows a wall clock that was set or a machine that slept.
+const MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The configured digest schedule in its time zone.
+struct Schedule {
+    cron: croner::Cron,
+    tz: chrono_tz::Tz,
+}
+
+impl Schedule {
+    /// `None` when no digest is configured.
+    fn from_config(config: &Config) -> Result<Option<Schedule>, DigestError> {
+        let Some(cron) = config.digest_schedule() else {
+            return Ok(None);
+        };
+        let tz: chrono_tz::Tz = config.alerts.digest_timezone.parse().map_err(|_| {
+            DigestError::Schedule(format!(
+                "unknown time zone `{}`",
+                config.alerts.digest_timezone
+            ))
+        })?;
+        Ok(Some(Schedule { cron, tz }))
+    }
+
+    /// The first time strictly after `now` the digest is due, or `None` when
+    /// the expression never fires again (for example 30 February).
+    fn next_after(&self, now: Timestamp) -> Option<Timestamp> {
+        self.cron
+            .find_next_occurrence(&now.with_timezone(&self.tz), false)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    }
 }
 
 /// Sends the digest on the configured schedule until `shutdown`; follows
@@ -264,11 +272,17 @@ pub async fn run_digest(
     shutdown: CancellationToken,
 ) -> Result<(), DigestError> {
     let store = Arc::new(std::sync::Mutex::new(store));
-    let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut cfg = config.borrow_and_update().clone();
-    let mut sched = schedule(&cfg, tx.clone()).await?;
+    let mut schedule = Schedule::from_config(&cfg)?;
+    let mut next = schedule.as_ref().and_then(|s| s.next_after(clock.now()));
     let mut config_open = true;
     loop {
+        let wait = next.map(|at| {
+            (at - clock.now())
+                .to_std()
+                .unwrap_or_default()
+                .min(MAX_SLEEP)
+        });
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -277,24 +291,91 @@ pub async fn run_digest(
                     config_open = false;
                     continue;
                 }
-                let next = config.borrow_and_update().clone();
-                if next.alerts.digest != cfg.alerts.digest || next.alerts.digest_timezone != cfg.alerts.digest_timezone {
-                    if let Some(mut old) = sched.take() {
-                        let _ = old.shutdown().await;
-                    }
-                    sched = schedule(&next, tx.clone()).await?;
+                let fresh = config.borrow_and_update().clone();
+                if fresh.alerts.digest != cfg.alerts.digest
+                    || fresh.alerts.digest_timezone != cfg.alerts.digest_timezone
+                {
+                    schedule = Schedule::from_config(&fresh)?;
+                    next = schedule.as_ref().and_then(|s| s.next_after(clock.now()));
                 }
-                cfg = next;
+                cfg = fresh;
             }
-            Some(()) = rx.recv() => {
-                if let Err(e) = send_digest(&store, &cfg, &clock).await {
-                    tracing::error!("{e}");
+            () = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
+                let now = clock.now();
+                if next.is_some_and(|at| now >= at) {
+                    if let Err(e) = send_digest(&store, &cfg, &clock).await {
+                        tracing::error!("{e}");
+                    }
+                    // From the time the digest went out, so the times that
+                    // passed while sending it are skipped, not sent late.
+                    next = schedule.as_ref().and_then(|s| s.next_after(clock.now()));
                 }
             }
         }
     }
-    if let Some(mut s) = sched {
-        let _ = s.shutdown().await;
-    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(expr: &str, tz: &str) -> Schedule {
+        let mut config = Config::default();
+        config.alerts.digest = Some(expr.into());
+        config.alerts.digest_timezone = tz.into();
+        Schedule::from_config(&config).unwrap().unwrap()
+    }
+
+    fn at(rfc3339: &str) -> Timestamp {
+        chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    }
+
+    #[test]
+    fn the_next_digest_is_in_the_configured_time_zone_and_strictly_later() {
+        let s = schedule("0 8 * * 1-5", "Europe/Berlin");
+        // Friday 07:00 UTC is 08:00 in Berlin (winter): due now, so the next
+        // is Monday's.
+        assert_eq!(
+            s.next_after(at("2026-01-09T07:00:00Z")),
+            Some(at("2026-01-12T07:00:00Z"))
+        );
+        assert_eq!(
+            s.next_after(at("2026-01-09T06:59:59Z")),
+            Some(at("2026-01-09T07:00:00Z"))
+        );
+        // Summer time: 08:00 in Berlin is 06:00 UTC.
+        assert_eq!(
+            s.next_after(at("2026-07-01T00:00:00Z")),
+            Some(at("2026-07-01T06:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn a_time_skipped_by_summer_time_is_not_a_reason_to_stop() {
+        // 02:30 does not exist in Berlin on 29 March 2026; the schedule goes on.
+        let s = schedule("30 2 * * *", "Europe/Berlin");
+        let next = s.next_after(at("2026-03-28T02:00:00Z")).unwrap();
+        assert!(next > at("2026-03-28T02:00:00Z"));
+        let after = s.next_after(next).unwrap();
+        assert!(after > next);
+        assert_eq!(
+            s.next_after(at("2026-03-30T00:00:00Z")),
+            Some(at("2026-03-30T00:30:00Z"))
+        );
+    }
+
+    #[test]
+    fn no_digest_configured_is_no_schedule_and_a_bad_zone_is_an_error() {
+        assert!(Schedule::from_config(&Config::default()).unwrap().is_none());
+        let mut config = Config::default();
+        config.alerts.digest = Some("0 8 * * *".into());
+        config.alerts.digest_timezone = "Mars/Olympus".into();
+        assert!(matches!(
+            Schedule::from_config(&config),
+            Err(DigestError::Schedule(_))
+        ));
+    }
 }

@@ -101,7 +101,7 @@ impl Config {
         }
         check_backoff("alerts", a.retry_min, a.retry_max)?;
         if let Some(expr) = &a.digest {
-            cron_six_fields(expr).map_err(|reason| invalid("alerts.digest", reason))?;
+            parse_cron(expr).map_err(|reason| invalid("alerts.digest", reason))?;
         }
         if a.digest_timezone.parse::<chrono_tz::Tz>().is_err() {
             return Err(invalid(
@@ -224,14 +224,13 @@ impl Config {
         Ok(())
     }
 
-    /// The digest schedule in the six-field form (seconds first) that
-    /// tokio-cron-scheduler parses, or `None` when no digest is configured or
-    /// the expression is invalid (which [`Config::validate`] refuses).
-    pub fn digest_schedule(&self) -> Option<String> {
+    /// The digest schedule, parsed, or `None` when no digest is configured
+    /// or the expression is invalid (which [`Config::validate`] refuses).
+    pub fn digest_schedule(&self) -> Option<croner::Cron> {
         self.alerts
             .digest
             .as_deref()
-            .and_then(|e| cron_six_fields(e).ok())
+            .and_then(|e| parse_cron(e).ok())
     }
 }
 
@@ -282,9 +281,10 @@ pub(super) fn check_webhook_url(key: &str, raw: &str) -> Result<(), ConfigError>
     }
 }
 
-/// Returns the six-field form (seconds first) of a 5- or 6-field cron
-/// expression, checked by tokio-cron-scheduler itself.
-fn cron_six_fields(expr: &str) -> Result<String, String> {
+/// Parses a 5- or 6-field cron expression (an optional seconds field
+/// first) the one way both validation and the digest use: a 5-field
+/// expression fires at second 0.
+fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let six = match fields.len() {
         5 => format!("0 {}", fields.join(" ")),
@@ -296,11 +296,11 @@ fn cron_six_fields(expr: &str) -> Result<String, String> {
             ));
         }
     };
-    // The same constructor (and so the same parser settings) the digest
-    // schedules with; building a job needs no runtime.
-    tokio_cron_scheduler::Job::new_tz(six.as_str(), chrono_tz::UTC, |_, _| {})
-        .map_err(|_| format!("`{expr}` is not a valid cron expression"))?;
-    Ok(six)
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(&six)
+        .map_err(|_| format!("`{expr}` is not a valid cron expression"))
 }
 
 #[cfg(test)]
@@ -309,10 +309,25 @@ mod tests {
 
     #[test]
     fn cron_takes_five_or_six_fields() {
-        assert_eq!(cron_six_fields("*/15 * * * *").unwrap(), "0 */15 * * * *");
-        assert_eq!(cron_six_fields(" 5  0 8 * * * ").unwrap(), "5 0 8 * * *");
-        assert!(cron_six_fields("0 8 * * * * *").is_err());
-        assert!(cron_six_fields("0 8 32 * *").is_err());
-        assert!(cron_six_fields("x 8 * * *").is_err());
+        let at = |expr: &str, from: &str| {
+            let from = chrono::DateTime::parse_from_rfc3339(from).unwrap();
+            parse_cron(expr)
+                .unwrap()
+                .find_next_occurrence(&from, false)
+                .unwrap()
+                .to_rfc3339()
+        };
+        // Five fields fire at second 0; six start with the seconds.
+        assert_eq!(
+            at("*/15 * * * *", "2026-01-01T10:07:30+00:00"),
+            "2026-01-01T10:15:00+00:00"
+        );
+        assert_eq!(
+            at(" 5  0 8 * * * ", "2026-01-01T07:00:00+00:00"),
+            "2026-01-01T08:00:05+00:00"
+        );
+        assert!(parse_cron("0 8 * * * * *").is_err());
+        assert!(parse_cron("0 8 32 * *").is_err());
+        assert!(parse_cron("x 8 * * *").is_err());
     }
 }
