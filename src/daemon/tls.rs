@@ -1,0 +1,169 @@
+//! TLS on `api.listen` (DESIGN §7): rustls with the ring provider (the one
+//! reqwest already brings), TLS 1.2 and 1.3, no client certificates; the
+//! bearer token is the client's credential.
+//!
+//! The certificate and key are read at start (a file that does not load
+//! stops the start naming its key and path) and again on SIGHUP: the listener
+//! keeps running and new handshakes get the new certificate, while
+//! connections already open keep theirs. A reload whose files do not load is
+//! refused with the rest of the configuration and the old certificate stays.
+//!
+//! Only `api.tls_key_file` must be private (checked with the other `*_file`
+//! keys when the config loads): the certificate chain is public, every client
+//! receives it.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context as _;
+use rustls_pki_types::pem::{self, PemObject as _};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::crypto::{CryptoProvider, ring};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tokio_rustls::rustls::{self, ServerConfig, version};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::daemon::listen::Handshake;
+
+const CERT_KEY: &str = "api.tls_cert_file";
+const KEY_KEY: &str = "api.tls_key_file";
+
+/// The certificate files a config names, when `api.listen` is set and both
+/// TLS keys are (validation refuses one without the other).
+pub fn files(config: &Config) -> Option<(&Path, &Path)> {
+    config.api.listen?;
+    Some((
+        config.api.tls_cert_file.as_deref()?,
+        config.api.tls_key_file.as_deref()?,
+    ))
+}
+
+/// Reads the certificate chain and its private key, and checks they belong
+/// together. Errors are one line naming the key and the file; they never
+/// hold the files' contents.
+pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
+    let cert_pem = std::fs::read(cert)
+        .with_context(|| format!("`{CERT_KEY}`: cannot read {}", cert.display()))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "`{CERT_KEY}`: {} is not a PEM certificate chain ({})",
+                cert.display(),
+                pem_error(&e)
+            )
+        })?;
+    if chain.is_empty() {
+        anyhow::bail!(
+            "`{CERT_KEY}`: {} holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)",
+            cert.display()
+        );
+    }
+    let key_pem = Zeroizing::new(
+        std::fs::read(key)
+            .with_context(|| format!("`{KEY_KEY}`: cannot read {}", key.display()))?,
+    );
+    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        anyhow::anyhow!(
+            "`{KEY_KEY}`: {} is not a PEM private key ({})",
+            key.display(),
+            pem_error(&e)
+        )
+    })?;
+    match CertifiedKey::from_der(chain, der, &provider()) {
+        Ok(k) => Ok(Arc::new(k)),
+        Err(rustls::Error::InconsistentKeys(_)) => anyhow::bail!(
+            "`{KEY_KEY}`: {} is not the key of the certificate in {}",
+            key.display(),
+            cert.display()
+        ),
+        Err(e) => anyhow::bail!(
+            "`{KEY_KEY}`: {} cannot be used: {e}",
+            key.display()
+        ),
+    }
+}
+
+/// What went wrong in a PEM file, without echoing any of it (the
+/// parser's own messages can quote a line or base64 of the key).
+fn pem_error(e: &pem::Error) -> &'static str {
+    match e {
+        pem::Error::NoItemsFound => "no PEM block of that kind found",
+        pem::Error::Io(_) => "unreadable",
+        _ => "malformed PEM",
+    }
+}
+
+/// Only the ring provider: the one reqwest already links (no aws-lc-rs).
+fn provider() -> CryptoProvider {
+    ring::default_provider()
+}
+
+/// The certificate served to new handshakes, swapped on SIGHUP.
+#[derive(Debug)]
+pub struct Certificate {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certificate {
+    /// Loads the files a config names; `None` when it asks for no TLS.
+    pub fn from_config(config: &Config) -> anyhow::Result<Option<Arc<Certificate>>> {
+        let Some((cert, key)) = files(config) else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(Certificate {
+            current: RwLock::new(load(cert, key)?),
+        })))
+    }
+
+    /// Serves `key` to every handshake from now on.
+    pub fn replace(&self, key: Arc<CertifiedKey>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+    }
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// The TLS handshake of `api.listen`, for [`crate::daemon::listen::serve`].
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: TlsAcceptor,
+}
+
+impl Tls {
+    /// TLS 1.2 and 1.3 with the certificate `cert` serves, HTTP/1.1 only.
+    pub fn new(cert: Arc<Certificate>) -> anyhow::Result<Tls> {
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(&[&version::TLS13, &version::TLS12])
+            .context("cannot set up TLS for api.listen")?
+            .with_no_client_auth()
+            .with_cert_resolver(cert);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Tls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+impl Handshake<TcpStream> for Tls {
+    type Io = TlsStream<TcpStream>;
+
+    fn handshake(&self, io: TcpStream) -> impl Future<Output = io::Result<Self::Io>> + Send {
+        self.acceptor.accept(io)
+    }
+}
