@@ -32,8 +32,8 @@ struct Cert {
 }
 
 fn new_cert() -> Cert {
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap();
+    let c =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     Cert {
         pem: c.cert.pem(),
         key_pem: c.signing_key.serialize_pem(),
@@ -218,7 +218,10 @@ async fn sighup_serves_the_new_certificate_and_keeps_the_old_one_when_the_new_fi
     );
     let (status, der) = t.get(&[&first, &second, &third], "/v1/status", true).await;
     assert_eq!(status, 200);
-    assert_eq!(der, second.der, "a broken key file replaced the certificate");
+    assert_eq!(
+        der, second.der,
+        "a broken key file replaced the certificate"
+    );
 
     t.install(&third.pem, &first.key_pem);
     hangup_until(&mut d, "error: reload refused", 2).await;

@@ -20,12 +20,12 @@ use anyhow::Context as _;
 use rustls_pki_types::pem::{self, PemObject as _};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::crypto::{CryptoProvider, ring};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig, version};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
 use crate::config::Config;
@@ -83,10 +83,7 @@ pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
             key.display(),
             cert.display()
         ),
-        Err(e) => anyhow::bail!(
-            "`{KEY_KEY}`: {} cannot be used: {e}",
-            key.display()
-        ),
+        Err(e) => anyhow::bail!("`{KEY_KEY}`: {} cannot be used: {e}", key.display()),
     }
 }
 

@@ -82,7 +82,9 @@ impl Reloader {
                 }
                 if let (Some(tls), Some(key)) = (&self.tls, certificate) {
                     tls.replace(key);
-                    tracing::info!("api.listen serves the certificate re-read from api.tls_cert_file");
+                    tracing::info!(
+                        "api.listen serves the certificate re-read from api.tls_cert_file"
+                    );
                 }
                 warn_restart_only(&self.current, &new);
                 self.config_tx.send_replace(Arc::new(new.clone()));
