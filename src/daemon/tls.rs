@@ -164,3 +164,78 @@ impl Handshake<TcpStream> for Tls {
         self.acceptor.accept(io)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    /// Loads `cert` and `key` written to files; the error's text on failure.
+    fn load_texts(cert: &str, key: &str) -> Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("api.crt"), dir.path().join("api.key"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        load(&c, &k).map(|_| ()).map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn a_matching_pair_loads() {
+        let (cert, key) = pair();
+        load_texts(&cert, &key).unwrap();
+    }
+
+    #[test]
+    fn each_bad_file_is_named_by_its_key_without_its_contents() {
+        let (cert, key) = pair();
+        let (other_cert, other_key) = pair();
+        let cases = [
+            (
+                String::new(),
+                key.clone(),
+                "`api.tls_cert_file`",
+                "holds no certificate",
+            ),
+            (
+                key.clone(),
+                key.clone(),
+                "`api.tls_cert_file`",
+                "holds no certificate",
+            ),
+            (
+                cert.clone(),
+                cert.clone(),
+                "`api.tls_key_file`",
+                "no PEM block",
+            ),
+            (
+                cert.clone(),
+                key[..key.len() / 2].to_owned(),
+                "`api.tls_key_file`",
+                "malformed PEM",
+            ),
+            (
+                other_cert,
+                key.clone(),
+                "`api.tls_key_file`",
+                "is not the key of the certificate",
+            ),
+        ];
+        for (c, k, named, what) in cases {
+            let e = load_texts(&c, &k).unwrap_err();
+            assert!(e.contains(named) && e.contains(what), "{e}");
+            assert!(!e.contains('\n'), "not one line: {e}");
+            for line in key
+                .lines()
+                .chain(other_key.lines())
+                .filter(|l| !l.starts_with("-----"))
+            {
+                assert!(!e.contains(line), "the key reached the error: {e}");
+            }
+        }
+    }
+}
