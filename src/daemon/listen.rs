@@ -20,12 +20,17 @@
 //! - At most [`MAX_CONNECTIONS`] connections are open per listener. One over
 //!   the cap is closed at once (not queued): a flood costs the flooder, and
 //!   the service is back as soon as the flood's connections go.
+//! - A listener that speaks TLS ([`crate::daemon::tls`]) does its handshake
+//!   inside the connection's slot and within [`Limits::header_read`]: a
+//!   client that connects and sends no TLS bytes is one of the counted
+//!   connections and is closed like a slow header.
 //!
 //! On shutdown the listener stops accepting, open connections finish the
 //! request in hand and close, and [`serve`] returns once every connection and
 //! every handler it started has finished (the caller bounds that wait).
 
 use std::convert::Infallible;
+use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -37,6 +42,7 @@ use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -104,12 +110,35 @@ impl Limits {
     }
 }
 
-/// Serves `router` on `listener` within `limits` until `shutdown`; `name` is
-/// the config key of the listener, for the logs and the
-/// `acutoken_http_connections_refused_total` counter.
-pub async fn serve<L: Listener>(
+/// What a listener does with an accepted connection before HTTP is spoken
+/// on it: nothing ([`Plain`]) or a TLS handshake.
+pub trait Handshake<I>: Clone + Send + Sync + 'static {
+    /// The stream HTTP is served on.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Turns the accepted stream into the one HTTP is served on; an error
+    /// closes the connection. [`serve`] bounds how long this may take.
+    fn handshake(&self, io: I) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+/// Plain HTTP: the accepted stream as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<I> for Plain {
+    type Io = I;
+    async fn handshake(&self, io: I) -> io::Result<I> {
+        Ok(io)
+    }
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown`, each
+/// connection first through `handshake`; `name` is the config key of the
+/// listener, for the logs and the `acutoken_http_connections_refused_total`
+/// counter.
+pub async fn serve<L: Listener, H: Handshake<L::Io>>(
     name: &'static str,
     mut listener: L,
+    handshake: H,
     router: Router,
     limits: Limits,
     shutdown: CancellationToken,
@@ -138,16 +167,36 @@ pub async fn serve<L: Listener>(
             request: limits.request,
             tasks: tasks.clone(),
         };
-        let conn = http.serve_connection(TokioIo::new(io), service);
+        let (http, handshake) = (http.clone(), handshake.clone());
         let (shutdown, max_age) = (shutdown.clone(), limits.max_age);
+        let born = tokio::time::Instant::now();
         tasks.spawn(async move {
+            // The slot is held from here, through the handshake.
             let _permit = permit;
+            // The handshake is bounded like a request head: a client that
+            // connects and sends nothing is closed, not waited on forever.
+            let io = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(limits.header_read, handshake.handshake(io)) => match r {
+                    Ok(Ok(io)) => io,
+                    Ok(Err(e)) => {
+                        // Scanners and plain HTTP to a TLS port land here: not worth a warning.
+                        tracing::debug!(listener = name, error = %e, "handshake failed; connection closed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(listener = name, "no handshake in time; connection closed");
+                        return;
+                    }
+                },
+            };
+            let conn = http.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {
                 // Closed by the client, by a bound, or after an error: done.
                 _ = conn.as_mut() => return,
                 _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(max_age) => {}
+                _ = tokio::time::sleep_until(born + max_age) => {}
             }
             // Finish the request in hand (bounded by the request timeout), then close.
             conn.as_mut().graceful_shutdown();

@@ -1,5 +1,5 @@
 //! The daemon: serve (start, reload, shutdown), signals, sd_notify, the API,
-//! the callback listener, metrics.
+//! the callback listener, metrics, TLS on `api.listen`.
 
 pub mod api;
 pub mod callback;
@@ -11,6 +11,7 @@ pub mod notify;
 pub mod pages;
 pub mod rotate;
 pub mod serve;
+pub mod tls;
 pub mod watch;
 
 use crate::config::Config;

@@ -1,5 +1,6 @@
 //! The daemon's listeners: the API on its Unix socket and, when configured,
-//! on loopback TCP; the authorization callback; the metrics endpoint.
+//! on TCP (with TLS when certificate files are set, which a non-loopback
+//! address requires); the authorization callback; the metrics endpoint.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,15 +13,19 @@ use super::tasks::{Common, Tasks};
 use crate::config::Config;
 use crate::daemon::api::{self, Api};
 use crate::daemon::metrics::Metrics;
+use crate::daemon::tls::{Certificate, Tls};
 use crate::daemon::{callback, listen};
 use crate::renewal::engine::Engine;
 
 /// Binds every configured listener and serves each on its own task until
 /// shutdown; a listener that cannot bind stops the start with an error
-/// naming its setting. Returns the API socket's path (removed at stop).
+/// naming its setting. `tls` is the certificate of `api.listen`, when it has
+/// one. Returns the API socket's path (removed at stop).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn spawn_listeners(
     tasks: &mut Tasks,
     config: &Config,
+    tls: Option<&Arc<Certificate>>,
     api: &Api,
     engine: &Arc<Engine>,
     metrics: &Metrics,
@@ -39,23 +44,35 @@ pub(super) async fn spawn_listeners(
         tasks.spawn(listen::serve(
             "api.socket",
             listener,
+            listen::Plain,
             router,
             api_limits,
             shutdown,
         ));
     }
     if let Some(addr) = config.api.listen {
-        if !addr.ip().is_loopback() {
-            anyhow::bail!(
-                "api.listen {addr} is not a loopback address: this build serves the TCP API on loopback only; put a TLS reverse proxy in front for remote applications"
-            );
-        }
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on api.listen {addr}"))?;
         let router = api::tcp_router(api.clone());
         let shutdown = shutdown.clone();
-        tasks.spawn(listen::serve("api.listen", l, router, api_limits, shutdown));
+        let name = "api.listen";
+        if let Some(cert) = tls {
+            let tls = Tls::new(cert.clone())?;
+            tracing::info!(%addr, "API listening with TLS");
+            tasks.spawn(listen::serve(name, l, tls, router, api_limits, shutdown));
+        } else {
+            // Validation allows this on a loopback address only.
+            tracing::info!(%addr, "API listening without TLS (loopback)");
+            tasks.spawn(listen::serve(
+                name,
+                l,
+                listen::Plain,
+                router,
+                api_limits,
+                shutdown,
+            ));
+        }
     }
     if let Some(addr) = config.callback.listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -67,6 +84,7 @@ pub(super) async fn spawn_listeners(
         tasks.spawn(listen::serve(
             "callback.listen",
             l,
+            listen::Plain,
             router,
             api_limits,
             shutdown,
@@ -79,7 +97,14 @@ pub(super) async fn spawn_listeners(
         let router = metrics.router(ready.clone());
         let shutdown = shutdown.clone();
         let limits = listen::Limits::with_request_timeout(listen::METRICS_REQUEST_TIMEOUT);
-        tasks.spawn(listen::serve("metrics.listen", l, router, limits, shutdown));
+        tasks.spawn(listen::serve(
+            "metrics.listen",
+            l,
+            listen::Plain,
+            router,
+            limits,
+            shutdown,
+        ));
     }
     Ok(socket)
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::api::Api;
 use super::metrics::Metrics;
 use super::notify;
+use super::tls::Certificate;
 use crate::acumatica::TokenClient;
 use crate::alerts::{self, AlertFacts, Wake};
 use crate::clock::SharedClock;
@@ -99,6 +100,8 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     // A core dump would hold decrypted tokens.
     let _ = nix::sys::prctl::set_dumpable(false);
     let mut signals = Signals::install()?;
+    // Before the store: a certificate that does not load stops the start at once.
+    let tls = Certificate::from_config(&config)?;
 
     let (opened, handles) = start::open_store(&config)?;
     let mut engine_store = handles.engine;
@@ -188,7 +191,14 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         rotator: Arc::default(),
     };
     let socket = listeners::spawn_listeners(
-        &mut tasks, &config, &api, &engine, &metrics, &ready, &common,
+        &mut tasks,
+        &config,
+        tls.as_ref(),
+        &api,
+        &engine,
+        &metrics,
+        &ready,
+        &common,
     )
     .await?;
 
@@ -205,6 +215,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         sched_tx,
         level,
         tokens,
+        tls,
         config_tx,
         engine_store,
         wake,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::rustls::sign::CertifiedKey;
 
 use crate::acumatica::TokenClient;
 use crate::alerts::{AlertFacts, AlertKind, Wake};
@@ -14,6 +15,7 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::daemon::metrics::Metrics;
 use crate::daemon::notify;
+use crate::daemon::tls::{self, Certificate};
 use crate::logging::LevelHandle;
 use crate::renewal;
 use crate::renewal::engine::Engine;
@@ -33,6 +35,8 @@ pub(super) struct Reloader {
     pub(super) level: Option<LevelHandle>,
     /// The API's bearer tokens.
     pub(super) tokens: Arc<std::sync::RwLock<Vec<Secret>>>,
+    /// The certificate `api.listen` serves, when it speaks TLS.
+    pub(super) tls: Option<Arc<Certificate>>,
     pub(super) config_tx: watch::Sender<Arc<Config>>,
     pub(super) engine_store: StoreHandle,
     pub(super) wake: Wake,
@@ -42,14 +46,19 @@ pub(super) struct Reloader {
 
 impl Reloader {
     /// Re-reads the configuration and puts it in force: the policy, limits,
-    /// HTTP client, log level and API tokens change at once, and settings
+    /// HTTP client, log level, API tokens and TLS certificate change at once
+    /// (connections already open keep the certificate they were served), and settings
     /// that need a restart are named. A configuration that does not load,
     /// validate or build is refused whole: the running one stays, and
     /// `config_reload_failed` fires until a reload succeeds.
     pub(super) async fn on_hangup(&mut self) {
         notify::reloading();
-        match reload(&self.explicit_config, &self.current) {
-            Ok((new, client)) => {
+        match reload(&self.explicit_config, &self.current, self.tls.is_some()) {
+            Ok(Reloaded {
+                config: new,
+                client,
+                certificate,
+            }) => {
                 self.engine.set_policy(new.renewal.policy());
                 self.engine.limits().set(
                     new.renewal.max_concurrent,
@@ -70,6 +79,12 @@ impl Reloader {
                 }
                 if let Ok(t) = read_api_tokens(&new) {
                     *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = t;
+                }
+                if let (Some(tls), Some(key)) = (&self.tls, certificate) {
+                    tls.replace(key);
+                    tracing::info!(
+                        "api.listen serves the certificate re-read from api.tls_cert_file"
+                    );
                 }
                 warn_restart_only(&self.current, &new);
                 self.config_tx.send_replace(Arc::new(new.clone()));
@@ -99,8 +114,20 @@ impl Reloader {
     }
 }
 
-/// Parse, validate, build: anything that fails leaves the running config alone.
-fn reload(explicit: &Option<PathBuf>, current: &Config) -> anyhow::Result<(Config, TokenClient)> {
+/// A configuration read, validated and built, ready to be put in force.
+struct Reloaded {
+    config: Config,
+    client: TokenClient,
+    /// The certificate and key re-read for `api.listen`, when it speaks TLS
+    /// and the new config still names them.
+    certificate: Option<Arc<CertifiedKey>>,
+}
+
+/// Parse, validate, build: anything that fails leaves the running config
+/// alone. With `tls`, the running `api.listen` speaks TLS and its
+/// certificate files are re-read: a pair that does not load refuses the
+/// reload and the old certificate stays.
+fn reload(explicit: &Option<PathBuf>, current: &Config, tls: bool) -> anyhow::Result<Reloaded> {
     let loaded = Config::load(explicit.as_deref())?;
     let new = loaded.config;
     if new.store_path() != current.store_path() {
@@ -108,7 +135,15 @@ fn reload(explicit: &Option<PathBuf>, current: &Config) -> anyhow::Result<(Confi
     }
     let client = TokenClient::new(renewal::client_settings(&new))?;
     read_api_tokens(&new)?;
-    Ok((new, client))
+    let certificate = match tls::files(&new) {
+        Some((cert, key)) if tls => Some(tls::load(cert, key)?),
+        _ => None,
+    };
+    Ok(Reloaded {
+        config: new,
+        client,
+        certificate,
+    })
 }
 
 /// Names the settings that changed but are read only at start.
@@ -116,6 +151,11 @@ fn warn_restart_only(old: &Config, new: &Config) {
     let changed = [
         ("api.socket", old.api.socket != new.api.socket),
         ("api.listen", old.api.listen != new.api.listen),
+        (
+            // Whether the listener speaks TLS; the files themselves are re-read.
+            "api.tls_cert_file",
+            tls::files(old).is_some() != tls::files(new).is_some(),
+        ),
         (
             "callback.listen",
             old.callback.listen != new.callback.listen,
