@@ -3,7 +3,8 @@
 use tracing_subscriber::layer::Layered;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::{Layer, Registry, reload};
 
 use std::io::IsTerminal as _;
 
@@ -13,7 +14,7 @@ type Filtered = Layered<Output, Registry>;
 use crate::config::{LogConfig, LogFormat};
 
 /// Changes the level of the installed subscriber (SIGHUP).
-pub struct LevelHandle(reload::Handle<EnvFilter, Filtered>);
+pub struct LevelHandle(reload::Handle<Targets, Filtered>);
 
 impl LevelHandle {
     pub fn set(&self, level: &str) -> Result<(), String> {
@@ -22,13 +23,14 @@ impl LevelHandle {
     }
 }
 
-fn filter_for(level: &str) -> Result<EnvFilter, String> {
-    // Our events at the configured level; dependencies stay at warn unless tracing them.
-    let spec = match level {
-        "trace" | "debug" => format!("warn,acutoken={level}"),
-        other => format!("warn,acutoken={other}"),
-    };
-    EnvFilter::try_new(spec).map_err(|e| e.to_string())
+fn filter_for(level: &str) -> Result<Targets, String> {
+    // Our events at the configured level; dependencies stay at warn.
+    let ours: LevelFilter = level
+        .parse()
+        .map_err(|_| format!("unknown log level `{level}`"))?;
+    Ok(Targets::new()
+        .with_default(LevelFilter::WARN)
+        .with_target("acutoken", ours))
 }
 
 /// Whether log lines on stderr may carry ANSI colour codes: only when stderr
@@ -80,6 +82,6 @@ pub fn init_cli() {
         .with_ansi(colour())
         .with_target(false)
         .without_time()
-        .with_env_filter(EnvFilter::new("warn,acutoken=warn"))
+        .with_max_level(LevelFilter::WARN)
         .try_init();
 }
