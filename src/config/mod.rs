@@ -321,9 +321,10 @@ pub struct ApiConfig {
     pub listen: Option<SocketAddr>,
     /// Bearer tokens accepted on `listen`, one a line; must be private.
     pub token_file: Option<PathBuf>,
-    /// TLS certificate chain (PEM) for a non-loopback `listen`.
+    /// TLS certificate chain (PEM) for `listen`: required for a non-loopback
+    /// address, used on loopback too when set. May be readable by others.
     pub tls_cert_file: Option<PathBuf>,
-    /// TLS private key (PEM) for a non-loopback `listen`; must be private.
+    /// TLS private key (PEM) for `listen`; must be private.
     pub tls_key_file: Option<PathBuf>,
 }
 
