@@ -67,7 +67,10 @@ pub fn main() -> i32 {
                 return *code;
             }
             let text = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {text}");
+            eprintln!(
+                "{}error: {text}",
+                crate::logging::stderr_prefix(tracing::Level::ERROR)
+            );
             EXIT_ERROR
         }
     }

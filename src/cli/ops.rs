@@ -303,7 +303,10 @@ pub async fn serve(explicit: Option<&Path>) -> anyhow::Result<i32> {
     let ctx = Ctx::load(explicit)?;
     // Before logging starts: the journal keeps stderr too.
     if let Some(w) = &ctx.exposure {
-        eprintln!("warning: {w}");
+        eprintln!(
+            "{}warning: {w}",
+            crate::logging::stderr_prefix(tracing::Level::WARN)
+        );
     }
     let code = serve::run(
         serve::ServeOptions {

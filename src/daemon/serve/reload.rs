@@ -101,7 +101,8 @@ impl Reloader {
             Err(e) => {
                 let msg = format!("{e:#}").replace('\n', " ");
                 eprintln!(
-                    "error: reload refused, still running on the previous configuration: {msg}"
+                    "{}error: reload refused, still running on the previous configuration: {msg}",
+                    crate::logging::stderr_prefix(tracing::Level::ERROR)
                 );
                 tracing::error!(alert.kind = "config_reload_failed", error = %msg, "reload refused; the previous configuration stays in force");
                 let now = self.clock.now();

@@ -71,7 +71,8 @@ impl Running {
         drop(lock);
         if unsaved > 0 {
             eprintln!(
-                "error: {unsaved} rotated refresh token(s) could not be saved; they are spilled (sealed) in {} and imported at the next start",
+                "{}error: {unsaved} rotated refresh token(s) could not be saved; they are spilled (sealed) in {} and imported at the next start",
+                crate::logging::stderr_prefix(tracing::Level::ERROR),
                 spill_dir.display()
             );
             return 1;
