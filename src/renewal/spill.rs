@@ -114,18 +114,52 @@ fn file_for(dir: &Path, id: Uuid) -> PathBuf {
 
 /// Writes (replaces) the spill file of one connection, mode 0600, synced.
 pub fn write(dir: &Path, s: &Spilled) -> std::io::Result<PathBuf> {
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
+    make_dir(dir)?;
     let path = file_for(dir, s.conn.id);
     rewrite(&path, s)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(path)
+}
+
+/// Creates `dir` and any missing parent, each 0700. Root (the CLI run by an
+/// operator) gives each directory it creates to the owner of the nearest one
+/// that existed: a `pending/` that root made for the daemon's
+/// `/run/acutoken` must stay the daemon's, or the daemon could neither
+/// import what root spilled there nor spill there itself.
+fn make_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut missing = Vec::new();
+    let mut existing = dir;
+    while !existing.exists() {
+        missing.push(existing);
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    let owner = if nix::unistd::geteuid().is_root() {
+        std::fs::metadata(existing).ok()
+    } else {
+        None
+    };
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {
+                if let Some(m) = &owner {
+                    std::os::unix::fs::chown(d, Some(m.uid()), Some(m.gid()))?;
+                }
+            }
+            // Made meanwhile by another process: theirs is as good.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Deletes a connection's spill file once its token is saved.
@@ -161,10 +195,7 @@ pub fn read_all(dir: &Path) -> Vec<(PathBuf, Result<Spilled, String>)> {
 /// where it went.
 pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
     let dir = path.parent().unwrap_or(Path::new(".")).join("rejected");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
+    make_dir(&dir)?;
     let name = path.file_name().unwrap_or_default();
     let to = dir.join(name);
     std::fs::rename(path, &to)?;
@@ -195,4 +226,34 @@ pub fn rewrite(path: &Path, s: &Spilled) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    use super::*;
+
+    #[test]
+    fn directories_root_makes_belong_to_the_owner_of_the_one_above() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test checks what root's CLI creates: run it as root (CI does)"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+        let pending = run.join("acutoken").join("pending");
+        make_dir(&pending).unwrap();
+        for d in [run.join("acutoken"), pending.clone()] {
+            let m = std::fs::metadata(&d).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", d.display());
+            assert_eq!(m.permissions().mode() & 0o777, 0o700, "{}", d.display());
+        }
+        // An existing directory is left as it is.
+        std::os::unix::fs::chown(&pending, Some(0), Some(0)).unwrap();
+        make_dir(&pending).unwrap();
+        assert_eq!(std::fs::metadata(&pending).unwrap().uid(), 0);
+    }
 }
