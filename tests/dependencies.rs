@@ -40,7 +40,7 @@ fn every_dependency_is_used() {
         .parse()
         .unwrap();
     let mut text = String::new();
-    for dir in ["src", "tests", "benches"] {
+    for dir in ["src", "tools", "tests", "benches"] {
         if root.join(dir).is_dir() {
             sources(&root.join(dir), &mut text);
         }

@@ -53,9 +53,6 @@ pub enum Command {
     Key(KeyCommand),
     /// Write a consistent online copy of the store (mode 0600)
     Backup { file: PathBuf },
-    /// Write shell completions and the man page into a directory (for packaging)
-    #[command(hide = true)]
-    GenerateAssets { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,9 +4,8 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::Context as _;
-use clap::CommandFactory;
 
-use super::{Cli, Ctx};
+use super::Ctx;
 use crate::crypto::{self, Key, KeySource, Keyring};
 use crate::daemon::rotate;
 use crate::store::Create;
@@ -249,25 +248,4 @@ fn wait_for_refreshes(
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-}
-
-/// Writes shell completions and the man page (packaging).
-pub fn generate_assets(dir: &Path) -> anyhow::Result<i32> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut cmd = Cli::command();
-    for shell in [
-        clap_complete::Shell::Bash,
-        clap_complete::Shell::Zsh,
-        clap_complete::Shell::Fish,
-    ] {
-        clap_complete::generate_to(shell, &mut cmd, "acutoken", dir)
-            .with_context(|| format!("cannot write completions into {}", dir.display()))?;
-    }
-    let man = clap_mangen::Man::new(cmd);
-    let mut buf = Vec::new();
-    man.render(&mut buf).context("cannot render the man page")?;
-    std::fs::write(dir.join("acutoken.1"), buf)
-        .with_context(|| format!("cannot write {}/acutoken.1", dir.display()))?;
-    println!("wrote completions and acutoken.1 into {}", dir.display());
-    Ok(0)
 }

@@ -154,7 +154,6 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::GenerateAssets { dir } => keys::generate_assets(&dir),
         Command::Serve => ops::serve(explicit).await,
         Command::Demo { webhook } => demo::run(webhook).await,
         Command::Token { name, json } => ops::token(&Ctx::load(explicit)?, &name, json).await,

@@ -532,7 +532,10 @@ struct HugeBody {
     stop: CancellationToken,
 }
 
-static HUGE_FILL: [u8; 64 * 1024] = [b'A'; 64 * 1024];
+/// One chunk of the hostile body, made once on first use (a 64 KiB array in
+/// the binary would weigh on every install for the simulator's sake).
+static HUGE_FILL: std::sync::LazyLock<Bytes> =
+    std::sync::LazyLock::new(|| Bytes::from(vec![b'A'; 64 * 1024]));
 const HUGE_PREFIX: &[u8] = b"{\"access_token\":\"";
 
 impl hyper::body::Body for HugeBody {
@@ -550,7 +553,7 @@ impl hyper::body::Body for HugeBody {
             Bytes::from_static(HUGE_PREFIX)
         } else {
             let n = usize::try_from(self.left).map_or(HUGE_FILL.len(), |l| l.min(HUGE_FILL.len()));
-            Bytes::from_static(&HUGE_FILL[..n])
+            HUGE_FILL.slice(..n)
         };
         self.left -= chunk.len() as u64;
         Poll::Ready(Some(Ok(Frame::data(chunk))))
