@@ -1,9 +1,9 @@
 //! Logging: `log.format = text|json|journald`, level changeable on reload.
 
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::Layered;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::{Layer, Registry, reload};
 
 use std::io::IsTerminal as _;

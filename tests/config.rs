@@ -419,9 +419,15 @@ fn valid_edges_are_accepted() {
         Config::from_toml_str(text).unwrap_or_else(|e| panic!("{text}\n=> {e}"));
     }
     let c = Config::from_toml_str(ok[0]).unwrap();
-    assert_eq!(c.digest_schedule().as_ref().map(|s| s.as_str()), Some("30 0 8 * * 1-5"));
+    assert_eq!(
+        c.digest_schedule().as_ref().map(|s| s.as_str()),
+        Some("30 0 8 * * 1-5")
+    );
     let c = Config::from_toml_str(ok[1]).unwrap();
-    assert_eq!(c.digest_schedule().as_ref().map(|s| s.as_str()), Some("0 0 8 * * 1-5"));
+    assert_eq!(
+        c.digest_schedule().as_ref().map(|s| s.as_str()),
+        Some("0 0 8 * * 1-5")
+    );
 }
 
 #[test]

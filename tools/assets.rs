@@ -13,7 +13,9 @@ use clap::CommandFactory as _;
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let (Some(dir), None) = (args.next(), args.next()) else {
-        eprintln!("error: usage: acutoken-assets DIR (the directory to write the completions and acutoken.1 into)");
+        eprintln!(
+            "error: usage: acutoken-assets DIR (the directory to write the completions and acutoken.1 into)"
+        );
         return ExitCode::from(2);
     };
     match write(PathBuf::from(dir)) {
