@@ -15,43 +15,21 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use support_daemon::{Rig, SITE, eventually};
 
-/// Kills the daemon however the test ends.
-struct Serving(std::process::Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `serve` with stderr on a fresh pipe and `JOURNAL_STREAM` made from that
 /// pipe's device and inode (`ino_offset` 0: the real ones, as systemd sets
-/// them). Returns the child and what it has written to stderr so far.
-fn serve_on_pipe(rig: &Rig, ino_offset: u64) -> (Serving, Arc<Mutex<String>>) {
+/// them). Returns the child (killed on drop) and what it has written to
+/// stderr so far.
+fn serve_on_pipe(rig: &Rig, ino_offset: u64) -> (tokio::process::Child, Arc<Mutex<String>>) {
     let (reader, writer) = std::io::pipe().unwrap();
     let meta = std::fs::File::from(std::os::fd::OwnedFd::from(writer.try_clone().unwrap()))
         .metadata()
         .unwrap();
     let journal_stream = format!("{}:{}", meta.dev(), meta.ino() + ino_offset);
 
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_acutoken"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ACUTOKEN") {
-            c.env_remove(k);
-        }
-    }
-    let child = c
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("RUNTIME_DIRECTORY")
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("CONFIGURATION_DIRECTORY")
+    let child = rig
+        .command()
         .env("JOURNAL_STREAM", journal_stream)
-        .arg("-c")
-        .arg(rig.config_path())
         .arg("serve")
-        .current_dir(rig.dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(writer)
@@ -68,7 +46,7 @@ fn serve_on_pipe(rig: &Rig, ino_offset: u64) -> (Serving, Arc<Mutex<String>>) {
             s.push('\n');
         }
     });
-    (Serving(child), seen)
+    (child, seen)
 }
 
 fn line_with(seen: &Mutex<String>, needle: &str) -> Option<String> {
@@ -100,7 +78,7 @@ async fn on_the_journal_stream_lines_carry_their_priority_and_no_timestamp() {
     let rig = Rig::new().await;
     rig.add("acme", SITE, true).await;
     let (child, seen) = serve_on_pipe(&rig, 0);
-    let pid = Pid::from_raw(i32::try_from(child.0.id()).unwrap());
+    let pid = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
 
     eventually("serve logs that it is ready", || {
         line_with(&seen, "acutoken is ready").is_some()

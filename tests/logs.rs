@@ -14,29 +14,15 @@ async fn serve_logs_to_a_pipe_without_escape_codes() {
     let rig = Rig::new().await;
     rig.add("acme", SITE, true).await;
 
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_acutoken"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ACUTOKEN") {
-            c.env_remove(k);
-        }
-    }
+    let mut c = rig.command();
     // A terminal type that supports colour and no NO_COLOR: only the pipe
     // itself may turn colour off.
     c.env_remove("NO_COLOR")
         .env("TERM", "xterm-256color")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("RUNTIME_DIRECTORY")
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("CONFIGURATION_DIRECTORY")
-        .arg("-c")
-        .arg(rig.config_path())
         .arg("serve")
-        .current_dir(rig.dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
 

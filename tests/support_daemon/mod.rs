@@ -179,7 +179,9 @@ level = "info"
         std::fs::write(self.config_path(), self.config_text(opts)).unwrap();
     }
 
-    fn command(&self) -> tokio::process::Command {
+    /// The binary with this rig's config, run in its directory, with every
+    /// variable that could point it elsewhere removed; killed on drop.
+    pub fn command(&self) -> tokio::process::Command {
         let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_acutoken"));
         for k in SCRUBBED {
             c.env_remove(k);
