@@ -64,7 +64,7 @@ async fn revoke_and_refresh(rig: &Rig, name: &str) {
 fn stored_links(rig: &Rig) -> i64 {
     rig.open_store()
         .db()
-        .query_row("SELECT COUNT(*) FROM authorizations", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM authorizations", (), |r| r.get(0))
         .unwrap()
 }
 

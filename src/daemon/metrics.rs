@@ -413,7 +413,7 @@ mod tests {
                  WHERE state IN ('active', 'retrying') AND deadline IS NOT NULL",
             )
             .unwrap()
-            .query_map([], |r| r.get::<_, i64>(0))
+            .query_map((), |r| r.get::<_, i64>(0))
             .unwrap()
             .map(|d| (d.unwrap() - now_ms) as f64 / 1000.0)
             .collect();

@@ -390,7 +390,7 @@ mod tests {
 
     fn count(st: &Store) -> i64 {
         st.db()
-            .query_row("SELECT COUNT(*) FROM authorizations", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM authorizations", (), |r| r.get(0))
             .unwrap()
     }
 

@@ -1,6 +1,8 @@
 //! Authorization links (DESIGN §7): one open per connection, state stored hashed.
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::params;
+
+use crate::store::sql::{OptionalExtension, Transaction};
 use uuid::Uuid;
 
 use super::connections::{self, SecretColumn};
@@ -100,7 +102,7 @@ pub fn close_all(tx: &Transaction<'_>, connection: Uuid) -> Result<usize, StoreE
 /// with `db`: the store's connection or the caller's transaction, so a
 /// caller can look and open one in the same transaction.
 pub fn open(
-    db: &rusqlite::Connection,
+    db: &crate::store::sql::Db,
     keyring: &Keyring,
     connection: Uuid,
     now: Timestamp,
@@ -133,7 +135,7 @@ pub(super) fn reseal(
     {
         let mut stmt =
             tx.prepare("SELECT state_hash, connection_id, pkce_verifier, url FROM authorizations")?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query(())?;
         while let Some(r) = rows.next()? {
             if todo.len() >= batch {
                 break;

@@ -10,7 +10,9 @@
 
 use std::time::Duration;
 
-use rusqlite::{Transaction, params};
+use rusqlite::params;
+
+use crate::store::sql::Transaction;
 use uuid::Uuid;
 
 use super::connections::{self, COLUMNS, SecretColumn};
@@ -489,7 +491,7 @@ impl Store {
         let mut stmt = self.db.prepare(&format!(
             "SELECT {COLUMNS} FROM connections WHERE claim_id IS NOT NULL"
         ))?;
-        let rows = stmt.query_map([], connections::from_row)?;
+        let rows = stmt.query_map((), connections::from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }

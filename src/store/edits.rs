@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use rusqlite::Transaction;
+use crate::store::sql::Transaction;
 
 use super::connections::{self, Sealed, SecretColumn};
 use super::{Store, StoreError, StoreHandle, authorizations, claims, events};

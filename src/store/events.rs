@@ -1,6 +1,8 @@
 //! What happened to each connection: refreshes, failures, state changes, alerts.
 
-use rusqlite::{Transaction, params};
+use rusqlite::params;
+
+use crate::store::sql::Transaction;
 use serde::Serialize;
 use uuid::Uuid;
 

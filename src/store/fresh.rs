@@ -14,7 +14,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{Connection as Db, OpenFlags};
+use rusqlite::OpenFlags;
+
+use super::sql::Db;
 
 use super::{BUSY_TIMEOUT, Store, StoreError, create_file, keys};
 use crate::crypto::Keyring;
@@ -107,7 +109,7 @@ impl Store {
             leftovers,
         };
         create_file(&tmp)?;
-        let db = Db::open_with_flags(
+        let db = rusqlite::Connection::open_with_flags(
             &tmp,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
@@ -123,6 +125,7 @@ impl Store {
         db.pragma_update(None, "journal_mode", "MEMORY")?;
         db.pragma_update(None, "synchronous", "OFF")?;
         db.pragma_update(None, "foreign_keys", "ON")?;
+        let db = Db::sqlite(db);
         let mut store = Store {
             db,
             path: tmp,
@@ -156,8 +159,8 @@ impl Fresh {
     ) -> Result<(), StoreError> {
         let store = self.store.take().expect("published once");
         let tmp = store.path.clone();
-        store.db.pragma_update(None, "journal_mode", "WAL")?;
-        store.db.close().map_err(|(_, e)| StoreError::from(e))?;
+        store.db.pragma_update("journal_mode", "WAL")?;
+        store.db.close()?;
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |error| StoreError::Io { what, path, error }
@@ -255,7 +258,7 @@ mod tests {
         fresh
             .store()
             .write(|tx, _| {
-                tx.execute("UPDATE meta SET value = 41 WHERE key = 'change_seq'", [])?;
+                tx.execute("UPDATE meta SET value = 41 WHERE key = 'change_seq'", ())?;
                 Ok(())
             })
             .unwrap();
@@ -265,12 +268,12 @@ mod tests {
         let st = Store::open(&path, Keyring::new(key, vec![]), Create::No).unwrap();
         let mode: String = st
             .db()
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .query_row("PRAGMA journal_mode", (), |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
         let seq: i64 = st
             .db()
-            .query_row("SELECT value FROM meta WHERE key = 'change_seq'", [], |r| {
+            .query_row("SELECT value FROM meta WHERE key = 'change_seq'", (), |r| {
                 r.get(0)
             })
             .unwrap();

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Transaction, TransactionBehavior};
+use crate::store::sql::{Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::{Create, SharedKeyring, Store, StoreError};
@@ -404,7 +404,7 @@ fn commit_batch(store: &mut Store, mut batch: Vec<Box<dyn Work>>, stats: &Writer
         }
         // Cached statements: parsing these three on every write cost more
         // than running them.
-        let step = |sql: &str| tx.prepare_cached(sql).and_then(|mut st| st.execute([]));
+        let step = |sql: &str| tx.prepare_cached(sql).and_then(|mut st| st.execute(()));
         if let Err(e) = step("SAVEPOINT w") {
             failure = Some(e.into());
             break;

@@ -230,10 +230,7 @@ pub(super) fn verify(store: &Store) -> Result<(), StoreError> {
             |r| r.get(0),
         )
         .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
+        .or_else(|e| if e.is_no_rows() { Ok(None) } else { Err(e) })?;
     let retired = match check {
         Some(_) => None,
         None => retired_at(store, primary.id())?,
@@ -262,10 +259,7 @@ fn retired_at(store: &Store, key_id: &str) -> Result<Option<i64>, StoreError> {
             |r| r.get(0),
         )
         .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?)
+        .or_else(|e| if e.is_no_rows() { Ok(None) } else { Err(e) })?)
 }
 
 /// Records the primary key's check value (new stores).
@@ -275,7 +269,8 @@ pub(super) fn register_primary(store: &Store) -> Result<(), StoreError> {
 
 fn add_key(store: &Store, key: &Key) -> Result<(), StoreError> {
     store.db.execute(
-        "INSERT OR IGNORE INTO keys (key_id, check_value, added_at) VALUES (?1, ?2, ?3)",
+        "INSERT INTO keys (key_id, check_value, added_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key_id) DO NOTHING",
         params![
             key.id(),
             crypto::check_value(key),
@@ -299,8 +294,9 @@ impl Store {
         let now = to_ms(chrono::Utc::now());
         self.write(|tx, _| {
             tx.execute(
-                "INSERT OR REPLACE INTO meta (key, value)
-                 SELECT 'retired_key:' || key_id, ?2 FROM keys WHERE key_id <> ?1",
+                "INSERT INTO meta (key, value)
+                 SELECT 'retired_key:' || key_id, ?2 FROM keys WHERE key_id <> ?1
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 params![keep.id(), now],
             )?;
             Ok(tx.execute("DELETE FROM keys WHERE key_id <> ?1", [keep.id()])?)
@@ -310,7 +306,7 @@ impl Store {
     /// The ids of the keys that open this store.
     pub fn registered_key_ids(&self) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.db.prepare("SELECT key_id FROM keys ORDER BY key_id")?;
-        let ids = stmt.query_map([], |r| r.get(0))?;
+        let ids = stmt.query_map((), |r| r.get(0))?;
         Ok(ids.collect::<Result<_, _>>()?)
     }
 
@@ -327,7 +323,7 @@ impl Store {
             "SELECT client_secret, refresh_token, access_token FROM connections
              UNION ALL SELECT pkce_verifier, url, NULL FROM authorizations",
         )?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query(())?;
         while let Some(r) = rows.next()? {
             for i in 0..3 {
                 let v: Option<Vec<u8>> = r.get(i)?;

@@ -18,6 +18,7 @@ mod handle;
 pub mod keys;
 mod migrations;
 pub mod refresh;
+pub mod sql;
 pub mod upkeep;
 
 use std::fs;
@@ -27,7 +28,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use rusqlite::{Connection as Db, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::OpenFlags;
+
+use sql::{Db, Transaction, TransactionBehavior};
 
 use crate::crypto::{CryptoError, Keyring};
 use crate::model::Timestamp;
@@ -110,6 +113,9 @@ pub enum StoreError {
     /// Any other SQLite failure.
     #[error("store error: {0}")]
     Sql(rusqlite::Error),
+    /// Any other PostgreSQL failure, in the server's words.
+    #[error("store error: {0}")]
+    Postgres(String),
     /// A row holds a value this version cannot read (hand-edited or corrupt).
     #[error("the store holds an unreadable value: {0}")]
     Corrupt(String),
@@ -126,6 +132,57 @@ impl From<rusqlite::Error> for StoreError {
             Some(ErrorCode::SystemIoFailure) => StoreError::Unwritable(e.to_string()),
             _ => StoreError::Sql(e),
         }
+    }
+}
+
+impl From<sql::Error> for StoreError {
+    fn from(e: sql::Error) -> Self {
+        match e {
+            sql::Error::Sqlite(e) => e.into(),
+            sql::Error::Pg(e) => from_postgres(&e),
+            sql::Error::Aborted => StoreError::Postgres(sql::Error::Aborted.to_string()),
+        }
+    }
+}
+
+/// What a PostgreSQL failure means to the caller. A server that cannot be
+/// reached, is shutting down, is read-only (a standby) or is out of disk
+/// cannot take a write now, exactly as a full or read-only SQLite file: a
+/// rotated token is then held and spilled (DESIGN §3 invariant 2).
+fn from_postgres(e: &postgres::Error) -> StoreError {
+    use postgres::error::SqlState;
+    let message = sql::pg_message(e);
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the connection failed or closed.
+        return StoreError::Unwritable(format!("the database cannot be reached: {message}"));
+    };
+    if [
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+    ]
+    .contains(code)
+    {
+        StoreError::Busy
+    } else if [
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::READ_ONLY_SQL_TRANSACTION,
+        SqlState::DISK_FULL,
+        SqlState::INSUFFICIENT_RESOURCES,
+        SqlState::OUT_OF_MEMORY,
+        SqlState::TOO_MANY_CONNECTIONS,
+        SqlState::CONNECTION_EXCEPTION,
+        SqlState::CONNECTION_FAILURE,
+        SqlState::CONNECTION_DOES_NOT_EXIST,
+        SqlState::IDLE_SESSION_TIMEOUT,
+    ]
+    .contains(code)
+    {
+        StoreError::Unwritable(format!("the database cannot take writes now: {message}"))
+    } else {
+        StoreError::Postgres(message)
     }
 }
 
@@ -202,7 +259,7 @@ impl Store {
             }
             create_file(path)?;
         }
-        let db = Db::open_with_flags(
+        let db = rusqlite::Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
@@ -212,6 +269,7 @@ impl Store {
             error: std::io::Error::other(e.to_string()),
         })?;
         db.busy_timeout(BUSY_TIMEOUT)?;
+        let db = Db::sqlite(db);
         let mut store = Store {
             db,
             path: path.to_path_buf(),
@@ -219,7 +277,7 @@ impl Store {
         };
         let version: i64 = store
             .db
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            .query_row("PRAGMA user_version", (), |r| r.get(0))?;
         let known = migrations::MIGRATIONS.len() as i64;
         if version > known {
             return Err(StoreError::TooNew {
@@ -232,9 +290,9 @@ impl Store {
             // Verify before any write: a wrong key must leave the file untouched.
             keys::verify(&store)?;
         }
-        store.db.pragma_update(None, "journal_mode", "WAL")?;
-        store.db.pragma_update(None, "synchronous", "FULL")?;
-        store.db.pragma_update(None, "foreign_keys", "ON")?;
+        store.db.pragma_update("journal_mode", "WAL")?;
+        store.db.pragma_update("synchronous", "FULL")?;
+        store.db.pragma_update("foreign_keys", "ON")?;
         store.migrate(version)?;
         if version == 0 {
             keys::register_primary(&store)?;
@@ -252,7 +310,7 @@ impl Store {
                 .db
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.pragma_update("user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
         Ok(())
@@ -296,8 +354,8 @@ impl Store {
     /// INSERT would write through.
     pub fn prepare_bulk_write(&self, bytes: usize) -> Result<(), StoreError> {
         let kib = (bytes / 1024).max(2048) as i64;
-        self.db.pragma_update(None, "cache_size", -kib)?;
-        self.db.pragma_update(None, "temp_store", "MEMORY")?;
+        self.db.pragma_update("cache_size", -kib)?;
+        self.db.pragma_update("temp_store", "MEMORY")?;
         Ok(())
     }
 
@@ -317,7 +375,7 @@ impl Store {
         Ok(self
             .db
             .prepare_cached("PRAGMA data_version")?
-            .query_row([], |r| r.get(0))?)
+            .query_row((), |r| r.get(0))?)
     }
 
     /// Writes a consistent online copy to `dest` (mode 0600), refusing to overwrite.
@@ -342,7 +400,7 @@ impl Store {
     pub fn integrity_check(&self) -> Result<(), StoreError> {
         let result: String = self
             .db
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+            .query_row("PRAGMA integrity_check", (), |r| r.get(0))?;
         if result == "ok" {
             Ok(())
         } else {
@@ -403,15 +461,15 @@ pub(crate) fn from_ms(ms: i64) -> Timestamp {
 /// `execute` through the connection's statement cache: the refresh path runs
 /// the same few statements thousands of times, and parsing them each time
 /// cost more than running them.
-pub(crate) fn exec<P: rusqlite::Params>(db: &Db, sql: &str, params: P) -> rusqlite::Result<usize> {
+pub(crate) fn exec<P: sql::Params>(db: &Db, sql: &str, params: P) -> sql::Result<usize> {
     db.prepare_cached(sql)?.execute(params)
 }
 
 /// `query_row` through the statement cache (see [`exec`]).
-pub(crate) fn row<T, P, F>(db: &Db, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+pub(crate) fn row<T, P, F>(db: &Db, sql: &str, params: P, f: F) -> sql::Result<T>
 where
-    P: rusqlite::Params,
-    F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    P: sql::Params,
+    F: FnOnce(&sql::Row<'_>) -> rusqlite::Result<T>,
 {
     db.prepare_cached(sql)?.query_row(params, f)
 }
@@ -421,5 +479,5 @@ pub(crate) fn next_seq(tx: &Transaction<'_>) -> Result<i64, StoreError> {
     let mut stmt = tx.prepare_cached(
         "UPDATE meta SET value = value + 1 WHERE key = 'change_seq' RETURNING value",
     )?;
-    Ok(stmt.query_row([], |r| r.get(0))?)
+    Ok(stmt.query_row((), |r| r.get(0))?)
 }

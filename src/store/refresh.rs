@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, Transaction};
+use crate::store::sql::{OptionalExtension, Transaction};
 use uuid::Uuid;
 
 use super::claims::{self, Basis, ClaimOutcome, Found, Owner, RefreshSave, Trigger};

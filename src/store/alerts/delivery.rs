@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::params;
+
+use crate::store::sql::{OptionalExtension, Transaction};
 
 use super::{parse_facts, rank};
 use crate::model::{AlertFacts, AlertKind, Severity, Status, Timestamp};
@@ -172,7 +174,7 @@ pub fn sync_channels(
     }
     let names: Vec<String> = {
         let mut stmt = tx.prepare("SELECT name FROM alert_channels")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
+        let rows = stmt.query_map((), |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
     };
     for gone in names

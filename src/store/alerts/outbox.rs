@@ -4,7 +4,9 @@
 //! in the caller's transaction, so an alert is written with the change that
 //! caused it.
 
-use rusqlite::{Transaction, params};
+use rusqlite::params;
+
+use crate::store::sql::Transaction;
 use uuid::Uuid;
 
 use super::{facts_json, key_of, parse_facts, parse_severity, rank};
@@ -267,7 +269,7 @@ pub fn resolve_unreadable_except(
         let mut stmt = tx.prepare(
             "SELECT key FROM alerts WHERE kind = 'connection_faulty' AND status = 'firing'",
         )?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
+        let rows = stmt.query_map((), |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
     };
     for key in firing.into_iter().filter(|k| !still.contains(k)) {

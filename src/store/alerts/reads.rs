@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::Connection as Db;
+use crate::store::sql::Db;
 
 use super::parse_facts;
 use crate::model::{AlertFacts, AlertKind, State, Timestamp};
@@ -40,7 +40,7 @@ pub fn set_aside(st: &Store) -> Result<Vec<SetAside>, StoreError> {
          WHERE kind = 'connection_faulty' AND status = 'firing'",
     )?;
     let rows = stmt
-        .query_map([], |r| {
+        .query_map((), |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -68,7 +68,7 @@ pub fn firing_connection_ids(st: &Store) -> Result<Vec<String>, StoreError> {
     let mut stmt = db.prepare(
         "SELECT DISTINCT key FROM alerts WHERE status = 'firing' AND key <> '-' ORDER BY key",
     )?;
-    let rows = stmt.query_map([], |r| r.get(0))?;
+    let rows = stmt.query_map((), |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -78,7 +78,7 @@ pub fn firing_counts(st: &Store) -> Result<BTreeMap<AlertKind, u64>, StoreError>
     let mut stmt =
         db.prepare("SELECT kind, COUNT(*) FROM alerts WHERE status = 'firing' GROUP BY kind")?;
     let mut out = BTreeMap::new();
-    let mut rows = stmt.query([])?;
+    let mut rows = stmt.query(())?;
     while let Some(r) = rows.next()? {
         let kind: String = r.get(0)?;
         if let Ok(k) = kind.parse::<AlertKind>() {
@@ -146,7 +146,7 @@ pub fn digest_data(st: &Store, limit: usize) -> Result<DigestData, StoreError> {
     let mut counts = BTreeMap::new();
     {
         let mut stmt = db.prepare("SELECT state, COUNT(*) FROM connections GROUP BY state")?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query(())?;
         while let Some(r) = rows.next()? {
             let s: String = r.get(0)?;
             if let Ok(st) = s.parse::<State>() {
@@ -165,7 +165,7 @@ pub fn digest_data(st: &Store, limit: usize) -> Result<DigestData, StoreError> {
     )?;
     let must_act_total: i64 = db.query_row(
         &format!("SELECT COUNT(*) FROM connections WHERE state IN {HUMAN}"),
-        [],
+        (),
         |r| r.get(0),
     )?;
     let nearest = digest_entries(
@@ -188,8 +188,8 @@ pub fn digest_data(st: &Store, limit: usize) -> Result<DigestData, StoreError> {
 pub fn delivered_counts(st: &Store) -> Result<BTreeMap<String, u64>, StoreError> {
     let db = st.db();
     let mut stmt =
-        db.prepare("SELECT channel, SUM(sends) FROM alert_deliveries GROUP BY channel")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        db.prepare("SELECT channel, CAST(SUM(sends) AS BIGINT) FROM alert_deliveries GROUP BY channel")?;
+    let rows = stmt.query_map((), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     let mut out = BTreeMap::new();
     for r in rows {
         let (c, n) = r?;

@@ -57,7 +57,7 @@ fn accept_all(st: &mut Store, kind: AlertKind, now: Timestamp) {
 }
 
 fn count(st: &Store, sql: &str) -> i64 {
-    st.db().query_row(sql, [], |r| r.get(0)).unwrap()
+    st.db().query_row(sql, (), |r| r.get(0)).unwrap()
 }
 
 fn connection(st: &mut Store) -> ConnectionRow {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rusqlite::Row;
+use crate::store::sql::Row;
 use uuid::Uuid;
 
 use super::COLUMNS;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, Transaction};
+use crate::store::sql::{OptionalExtension, Transaction};
 use uuid::Uuid;
 
 use super::decode::{PLANNING_COLUMNS, decode, planning_row};
@@ -16,7 +16,7 @@ use crate::store::{Store, StoreError, from_ms};
 /// One row by a `WHERE` clause on a single parameter: `Ok(None)` when no row
 /// matches, [`StoreError::Corrupt`] naming the column when it does not decode.
 fn one_row(
-    db: &rusqlite::Connection,
+    db: &crate::store::sql::Db,
     filter: &str,
     param: &dyn rusqlite::ToSql,
 ) -> Result<Option<ConnectionRow>, StoreError> {
@@ -25,7 +25,7 @@ fn one_row(
     let mut rows = stmt.query([param])?;
     match rows.next()? {
         None => Ok(None),
-        Some(r) => decode(r)
+        Some(r) => decode(&r)
             .map(Some)
             .map_err(|f| StoreError::Corrupt(f.to_string())),
     }
@@ -53,13 +53,13 @@ pub fn read_by_id_tx(
 }
 
 fn read_by_id_on(
-    db: &rusqlite::Connection,
+    db: &crate::store::sql::Db,
     id: Uuid,
 ) -> Result<Option<Result<ConnectionRow, Fault>>, StoreError> {
     let mut stmt =
         db.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?;
     let mut rows = stmt.query([id.to_string()])?;
-    Ok(rows.next()?.map(decode))
+    Ok(rows.next()?.map(|r| decode(&r)))
 }
 
 impl Store {
@@ -88,7 +88,7 @@ impl Store {
             "SELECT {COLUMNS} FROM connections WHERE rowid = ?1"
         ))?;
         let mut rows = stmt.query([rowid])?;
-        Ok(rows.next()?.map(decode))
+        Ok(rows.next()?.map(|r| decode(&r)))
     }
 
     /// Every connection that decodes, by name; rows that do not are left
@@ -102,10 +102,10 @@ impl Store {
         let mut stmt = self
             .db
             .prepare(&format!("SELECT {COLUMNS} FROM connections ORDER BY name"))?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query(())?;
         let (mut ok, mut faults) = (Vec::new(), Vec::new());
         while let Some(r) = rows.next()? {
-            match decode(r) {
+            match decode(&r) {
                 Ok(row) => ok.push(row),
                 Err(f) => faults.push(f),
             }
@@ -116,7 +116,7 @@ impl Store {
     /// Every connection's name (what `import` checks new names against).
     pub fn names(&self) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.db.prepare("SELECT name FROM connections")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
+        let rows = stmt.query_map((), |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -124,7 +124,7 @@ impl Store {
     pub fn count(&self) -> Result<usize, StoreError> {
         let n: i64 = self
             .db
-            .query_row("SELECT COUNT(*) FROM connections", [], |r| r.get(0))?;
+            .query_row("SELECT COUNT(*) FROM connections", (), |r| r.get(0))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
@@ -145,9 +145,9 @@ impl Store {
         let mut stmt = self
             .db
             .prepare(&format!("SELECT {PLANNING_COLUMNS} FROM connections"))?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query(())?;
         while let Some(r) = rows.next()? {
-            match planning_row(r) {
+            match planning_row(&r) {
                 Ok(row) => f(&row),
                 Err(fault) => faulty(fault),
             }
@@ -180,7 +180,7 @@ impl Store {
             ))?;
             let mut q = stmt.query([seq])?;
             while let Some(r) = q.next()? {
-                match decode(r) {
+                match decode(&r) {
                     Ok(row) => rows.push(row),
                     Err(f) => faults.push(f),
                 }
@@ -213,7 +213,7 @@ impl Store {
         let mut stmt = self
             .db
             .prepare("SELECT id, state, deadline FROM connections")?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query(())?;
         while let Some(r) = rows.next()? {
             // A row that does not read is set aside by the scheduler and
             // reported through its alert; the tally counts the others.
@@ -239,7 +239,7 @@ impl Store {
     pub fn change_seq(&self) -> Result<i64, StoreError> {
         Ok(self
             .db
-            .query_row("SELECT value FROM meta WHERE key = 'change_seq'", [], |r| {
+            .query_row("SELECT value FROM meta WHERE key = 'change_seq'", (), |r| {
                 r.get(0)
             })?)
     }
@@ -265,7 +265,7 @@ impl Store {
             .db
             .prepare("SELECT state, COUNT(*) FROM connections GROUP BY state")?;
         let mut out = BTreeMap::new();
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query(())?;
         while let Some(r) = rows.next()? {
             let s: String = r.get(0)?;
             let n: i64 = r.get(1)?;
@@ -292,10 +292,10 @@ pub struct Changes {
 
 /// The rows of a `SELECT {COLUMNS}` that decode (the status lists: a row
 /// that does not is reported through its `connection_faulty` alert).
-fn decoded(mut q: rusqlite::Rows<'_>) -> Result<Vec<ConnectionRow>, StoreError> {
+fn decoded(mut q: crate::store::sql::Rows<'_>) -> Result<Vec<ConnectionRow>, StoreError> {
     let mut out = Vec::new();
     while let Some(r) = q.next()? {
-        if let Ok(row) = decode(r) {
+        if let Ok(row) = decode(&r) {
             out.push(row);
         }
     }
@@ -308,7 +308,7 @@ impl Store {
         let filter = "state IN ('pending_authorization', 'needs_secret', 'needs_reauthorization')";
         let total: i64 = self.db.query_row(
             &format!("SELECT COUNT(*) FROM connections WHERE {filter}"),
-            [],
+            (),
             |r| r.get(0),
         )?;
         let mut stmt = self.db.prepare(&format!(

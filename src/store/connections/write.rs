@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::params;
+
+use crate::store::sql::{OptionalExtension, Transaction};
 use uuid::Uuid;
 
 use super::SecretColumn;
@@ -120,15 +122,11 @@ pub fn insert_sealed(
                 Ok(_) => {}
                 // The transaction is gone; outside it, the store shows
                 // which name another writer took meanwhile.
-                Err(
-                    e @ rusqlite::Error::SqliteFailure(
-                        rusqlite::ffi::Error {
-                            code: rusqlite::ErrorCode::ConstraintViolation,
-                            ..
-                        },
-                        _,
-                    ),
-                ) => {
+                Err(e) if e.is_unique_violation() => {
+                    // SQLite ended the transaction (`OR ROLLBACK`);
+                    // PostgreSQL aborted it and answers nothing else until
+                    // it is rolled back.
+                    tx.roll_back_now();
                     let mut exists = tx.prepare("SELECT 1 FROM connections WHERE name = ?1")?;
                     for new in rows {
                         if exists.exists([&new.conn.name])? {
@@ -158,24 +156,20 @@ fn insert_at(
     bind_new(&mut stmt, 0, new, sealed, now, seq)?;
     match stmt.raw_execute() {
         Ok(_) => Ok(()),
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            Err(StoreError::DuplicateName(new.conn.name.clone()))
-        }
+        Err(e) if e.is_unique_violation() => Err(StoreError::DuplicateName(new.conn.name.clone())),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Binds one new row's values to parameters `base + 1 ..= base + 19`.
 fn bind_new(
-    stmt: &mut rusqlite::CachedStatement<'_>,
+    stmt: &mut crate::store::sql::Statement<'_>,
     base: usize,
     new: &NewConnection,
     sealed: &Sealed,
     now: Timestamp,
     seq: i64,
-) -> rusqlite::Result<()> {
+) -> Result<(), StoreError> {
     let c = &new.conn;
     let values: [&dyn rusqlite::ToSql; INSERT_PARAMS] = [
         &sealed.id,
@@ -271,7 +265,7 @@ fn update(tx: &Transaction<'_>, row: &ConnectionRow, fields: Fields) -> Result<(
     };
     let n = tx
         .prepare_cached(&sql)?
-        .execute(rusqlite::params_from_iter(values.iter().map(|v| &**v)))?;
+        .execute(values.iter().map(|v| &**v).collect::<Vec<_>>())?;
     if n == 0 {
         return Err(StoreError::UnknownConnection(c.name.clone()));
     }
@@ -308,7 +302,8 @@ pub fn remove(tx: &Transaction<'_>, id: Uuid) -> Result<(), StoreError> {
         [&id_s],
     )?;
     tx.execute(
-        "INSERT OR REPLACE INTO tombstones (id, change_seq) VALUES (?1, ?2)",
+        "INSERT INTO tombstones (id, change_seq) VALUES (?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET change_seq = excluded.change_seq",
         params![id_s, seq],
     )?;
     Ok(())
@@ -342,7 +337,8 @@ pub fn remove_unreadable(
     if let Ok(id) = Uuid::parse_str(&key) {
         crate::store::alerts::remove_connection(tx, id, now)?;
         tx.execute(
-            "INSERT OR REPLACE INTO tombstones (id, change_seq) VALUES (?1, ?2)",
+            "INSERT INTO tombstones (id, change_seq) VALUES (?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET change_seq = excluded.change_seq",
             params![id.to_string(), seq],
         )?;
     }

@@ -1,0 +1,798 @@
+//! One SQL interface over the two engines: SQLite (rusqlite) and PostgreSQL
+//! (the synchronous `postgres` client). Every statement of the store is
+//! written once, in the dialect both accept, and runs through [`Db`].
+//!
+//! The interface keeps rusqlite's shape (`prepare_cached`, `query_row`,
+//! `Rows::next`, `Row::get`), so the store's code reads the same whichever
+//! engine is behind it, and rusqlite's value vocabulary: parameters are
+//! `rusqlite::ToSql`, columns are read through `rusqlite::types::FromSql`
+//! from a [`ValueRef`] that PostgreSQL rows are turned into too. A column
+//! that does not decode is therefore the same error on both engines, which
+//! is what turns a hand-edited row into a fault naming its column.
+//!
+//! On PostgreSQL, `?N` placeholders become `$N`, every write transaction
+//! takes one advisory lock (the writers of a store run one at a time, as
+//! SQLite's `BEGIN IMMEDIATE` makes them, so every read-decide-write in a
+//! transaction sees no other writer between its read and its write), and
+//! statements are prepared once per connection.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use postgres::types::{IsNull, ToSql as PgToSql, Type, to_sql_checked};
+pub use rusqlite::TransactionBehavior;
+pub use rusqlite::ToSql;
+pub use rusqlite::types::{FromSql, Value, ValueRef};
+
+/// The advisory lock every PostgreSQL write transaction holds until it
+/// ends: "acutoken" in ASCII, so it is recognisable in `pg_locks`.
+pub(crate) const WRITE_LOCK: i64 = 0x6163_7574_6f6b_656e;
+
+/// Statements kept prepared per PostgreSQL connection before the cache is
+/// emptied (the store has a few dozen distinct statements).
+const PG_STATEMENTS: usize = 512;
+
+/// A failure of either engine. Reading a column is reported in rusqlite's
+/// words on both (`InvalidColumnType`, `FromSqlConversionFailure`), and so
+/// is a `query_row` that found no row (`QueryReturnedNoRows`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{}", pg_message(.0))]
+    Pg(#[from] postgres::Error),
+    /// A PostgreSQL transaction an earlier statement aborted: its commit
+    /// would have been a rollback.
+    #[error("the transaction was aborted by an earlier error and rolled back")]
+    Aborted,
+}
+
+/// A PostgreSQL error in one line: the server's message (with its detail),
+/// or the client's. Parameters are never part of it.
+pub(crate) fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(d) => format!("{} ({d})", db.message()),
+            None => db.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A unique or primary-key constraint refused the write.
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            Error::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            Error::Pg(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
+            _ => false,
+        }
+    }
+
+    /// `query_row` found no row.
+    pub fn is_no_rows(&self) -> bool {
+        matches!(self, Error::Sqlite(rusqlite::Error::QueryReturnedNoRows))
+    }
+}
+
+/// `optional()` on a `query_row`: no row is `Ok(None)`.
+pub trait OptionalExtension<T, E> {
+    fn optional(self) -> std::result::Result<Option<T>, E>;
+}
+
+impl<T> OptionalExtension<T, Error> for Result<T> {
+    fn optional(self) -> Result<Option<T>> {
+        match self {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_no_rows() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<T> OptionalExtension<T, rusqlite::Error> for rusqlite::Result<T> {
+    fn optional(self) -> rusqlite::Result<Option<T>> {
+        rusqlite::OptionalExtension::optional(self)
+    }
+}
+
+/// The parameters of one statement: `params![..]`, an array of values, or
+/// `()` for none.
+pub trait Params {
+    fn values(&self) -> Vec<&dyn ToSql>;
+}
+
+impl Params for () {
+    fn values(&self) -> Vec<&dyn ToSql> {
+        Vec::new()
+    }
+}
+
+impl Params for &[&dyn ToSql] {
+    fn values(&self) -> Vec<&dyn ToSql> {
+        self.to_vec()
+    }
+}
+
+impl Params for Vec<&dyn ToSql> {
+    fn values(&self) -> Vec<&dyn ToSql> {
+        self.clone()
+    }
+}
+
+impl<T: ToSql, const N: usize> Params for [T; N] {
+    fn values(&self) -> Vec<&dyn ToSql> {
+        self.iter().map(|v| v as &dyn ToSql).collect()
+    }
+}
+
+impl<T: ToSql, const N: usize> Params for &[T; N] {
+    fn values(&self) -> Vec<&dyn ToSql> {
+        self.iter().map(|v| v as &dyn ToSql).collect()
+    }
+}
+
+/// Which engine a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// One connection to the store's database.
+pub struct Db(Conn);
+
+enum Conn {
+    Sqlite(rusqlite::Connection),
+    Pg(Pg),
+}
+
+pub(crate) struct Pg {
+    client: RefCell<postgres::Client>,
+    statements: RefCell<HashMap<String, postgres::Statement>>,
+    /// Inside a transaction, a statement failed and no savepoint has been
+    /// rolled back to since: PostgreSQL refuses everything but a rollback.
+    aborted: Cell<bool>,
+}
+
+impl Db {
+    pub fn sqlite(conn: rusqlite::Connection) -> Db {
+        Db(Conn::Sqlite(conn))
+    }
+
+    pub fn postgres(client: postgres::Client) -> Db {
+        Db(Conn::Pg(Pg {
+            client: RefCell::new(client),
+            statements: RefCell::new(HashMap::new()),
+            aborted: Cell::new(false),
+        }))
+    }
+
+    pub fn engine(&self) -> Engine {
+        match &self.0 {
+            Conn::Sqlite(_) => Engine::Sqlite,
+            Conn::Pg(_) => Engine::Postgres,
+        }
+    }
+
+    /// The SQLite connection itself, for what only SQLite has (pragmas,
+    /// `VACUUM INTO`); `None` on PostgreSQL.
+    pub fn as_sqlite(&self) -> Option<&rusqlite::Connection> {
+        match &self.0 {
+            Conn::Sqlite(c) => Some(c),
+            Conn::Pg(_) => None,
+        }
+    }
+
+    /// Runs `sql` (several statements, no parameters).
+    pub fn execute_batch(&self, sql: &str) -> Result<()> {
+        match &self.0 {
+            Conn::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Conn::Pg(pg) => pg.batch(sql),
+        }
+    }
+
+    pub fn execute<P: Params>(&self, sql: &str, params: P) -> Result<usize> {
+        self.prepare(sql)?.execute(params)
+    }
+
+    pub fn query_row<T, P, F>(&self, sql: &str, params: P, f: F) -> Result<T>
+    where
+        P: Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.prepare(sql)?.query_row(params, f)
+    }
+
+    /// A statement prepared once per connection and kept.
+    pub fn prepare_cached(&self, sql: &str) -> Result<Statement<'_>> {
+        match &self.0 {
+            Conn::Sqlite(c) => Ok(Statement(Stmt::SqliteCached(c.prepare_cached(sql)?))),
+            Conn::Pg(pg) => pg.statement(sql),
+        }
+    }
+
+    /// A statement for this one use (on PostgreSQL kept too: the server
+    /// prepares it once either way).
+    pub fn prepare(&self, sql: &str) -> Result<Statement<'_>> {
+        match &self.0 {
+            Conn::Sqlite(c) => Ok(Statement(Stmt::Sqlite(c.prepare(sql)?))),
+            Conn::Pg(pg) => pg.statement(sql),
+        }
+    }
+
+    /// Begins a transaction. `Immediate` takes the store's write lock at
+    /// once: SQLite's reserved lock, or PostgreSQL's advisory lock
+    /// [`WRITE_LOCK`], held until the transaction ends.
+    pub fn transaction_with_behavior(
+        &self,
+        behavior: TransactionBehavior,
+    ) -> Result<Transaction<'_>> {
+        match &self.0 {
+            Conn::Sqlite(c) => {
+                c.execute_batch(match behavior {
+                    TransactionBehavior::Immediate => "BEGIN IMMEDIATE",
+                    TransactionBehavior::Exclusive => "BEGIN EXCLUSIVE",
+                    _ => "BEGIN DEFERRED",
+                })?;
+            }
+            Conn::Pg(pg) => {
+                pg.aborted.set(false);
+                match behavior {
+                    TransactionBehavior::Deferred => {
+                        pg.batch("BEGIN ISOLATION LEVEL REPEATABLE READ")?
+                    }
+                    _ => pg.batch(&format!(
+                        "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+                    ))?,
+                }
+            }
+        }
+        Ok(Transaction {
+            db: self,
+            open: Cell::new(true),
+        })
+    }
+
+    /// A read transaction on `&self`: one snapshot for every statement in
+    /// it (SQLite's deferred transaction; PostgreSQL's repeatable read).
+    pub fn unchecked_transaction(&self) -> Result<Transaction<'_>> {
+        self.transaction_with_behavior(TransactionBehavior::Deferred)
+    }
+
+    /// Sets one of SQLite's per-connection knobs (journal mode, cache size
+    /// and the like). PostgreSQL has no such knob: the server's own
+    /// settings decide, and this does nothing there.
+    pub fn pragma_update<V: ToSql>(&self, name: &str, value: V) -> Result<()> {
+        match &self.0 {
+            Conn::Sqlite(c) => Ok(c.pragma_update(None, name, value)?),
+            Conn::Pg(_) => Ok(()),
+        }
+    }
+
+    /// True when no transaction is open (on PostgreSQL: when the connection
+    /// is gone, which ended any transaction it had).
+    pub fn is_autocommit(&self) -> bool {
+        match &self.0 {
+            Conn::Sqlite(c) => c.is_autocommit(),
+            Conn::Pg(pg) => pg.client.borrow().is_closed(),
+        }
+    }
+
+    /// Closes the connection, reporting what closing it found (SQLite
+    /// checkpoints and removes its WAL here).
+    pub fn close(self) -> Result<()> {
+        match self.0 {
+            Conn::Sqlite(c) => c.close().map_err(|(_, e)| e.into()),
+            Conn::Pg(pg) => Ok(pg.client.into_inner().close()?),
+        }
+    }
+
+    /// True when the PostgreSQL connection is gone (always false for SQLite).
+    pub fn is_closed(&self) -> bool {
+        match &self.0 {
+            Conn::Sqlite(_) => false,
+            Conn::Pg(pg) => pg.client.borrow().is_closed(),
+        }
+    }
+}
+
+impl Pg {
+    fn batch(&self, sql: &str) -> Result<()> {
+        let out = self.client.borrow_mut().batch_execute(sql);
+        match &out {
+            Ok(()) if sql.starts_with("ROLLBACK TO") => self.aborted.set(false),
+            Ok(()) => {}
+            Err(_) => self.aborted.set(true),
+        }
+        Ok(out?)
+    }
+
+    fn statement(&self, sql: &str) -> Result<Statement<'_>> {
+        let text = to_postgres(sql);
+        let cached = self.statements.borrow().get(&text).cloned();
+        let stmt = match cached {
+            Some(s) => s,
+            None => {
+                let s = self
+                    .client
+                    .borrow_mut()
+                    .prepare(&text)
+                    .inspect_err(|_| self.aborted.set(true))?;
+                let mut cache = self.statements.borrow_mut();
+                if cache.len() >= PG_STATEMENTS {
+                    cache.clear();
+                }
+                cache.insert(text, s.clone());
+                s
+            }
+        };
+        Ok(Statement(Stmt::Pg {
+            pg: self,
+            stmt,
+            bound: Vec::new(),
+        }))
+    }
+
+    fn run(&self, stmt: &postgres::Statement, values: &[&dyn ToSql]) -> Result<Vec<postgres::Row>> {
+        let params = pg_params(values)?;
+        let refs: Vec<&(dyn PgToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
+        Ok(self
+            .client
+            .borrow_mut()
+            .query(stmt, &refs)
+            .inspect_err(|_| self.aborted.set(true))?)
+    }
+
+    fn execute(&self, stmt: &postgres::Statement, values: &[&dyn ToSql]) -> Result<usize> {
+        let params = pg_params(values)?;
+        let refs: Vec<&(dyn PgToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
+        let n = self
+            .client
+            .borrow_mut()
+            .execute(stmt, &refs)
+            .inspect_err(|_| self.aborted.set(true))?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+}
+
+/// An open transaction; rolled back when dropped without [`commit`](Transaction::commit).
+pub struct Transaction<'c> {
+    db: &'c Db,
+    open: Cell<bool>,
+}
+
+impl std::ops::Deref for Transaction<'_> {
+    type Target = Db;
+    fn deref(&self) -> &Db {
+        self.db
+    }
+}
+
+impl Transaction<'_> {
+    pub fn commit(self) -> Result<()> {
+        self.open.set(false);
+        if let Conn::Pg(pg) = &self.db.0
+            && pg.aborted.get()
+        {
+            // PostgreSQL would answer COMMIT with a silent rollback.
+            let _ = pg.batch("ROLLBACK");
+            return Err(Error::Aborted);
+        }
+        self.db.execute_batch("COMMIT")
+    }
+
+    /// Ends the transaction now, discarding its writes (after a failure
+    /// that ended it on SQLite and aborted it on PostgreSQL), so the
+    /// caller can look at the store as it stands.
+    pub fn roll_back_now(&self) {
+        if self.open.replace(false) {
+            let _ = self.db.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if self.open.get() {
+            let _ = self.db.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// A prepared statement.
+pub struct Statement<'c>(Stmt<'c>);
+
+enum Stmt<'c> {
+    SqliteCached(rusqlite::CachedStatement<'c>),
+    Sqlite(rusqlite::Statement<'c>),
+    Pg {
+        pg: &'c Pg,
+        stmt: postgres::Statement,
+        /// Values bound one by one ([`Statement::raw_bind_parameter`]).
+        bound: Vec<Value>,
+    },
+}
+
+impl<'c> Statement<'c> {
+    fn sqlite(&mut self) -> Option<&mut rusqlite::Statement<'c>> {
+        match &mut self.0 {
+            Stmt::SqliteCached(s) => Some(s),
+            Stmt::Sqlite(s) => Some(s),
+            Stmt::Pg { .. } => None,
+        }
+    }
+
+    pub fn execute<P: Params>(&mut self, params: P) -> Result<usize> {
+        let values = params.values();
+        match &mut self.0 {
+            Stmt::Pg { pg, stmt, .. } => pg.execute(stmt, &values),
+            _ => Ok(self
+                .sqlite()
+                .expect("a SQLite statement")
+                .execute(rusqlite::params_from_iter(values))?),
+        }
+    }
+
+    pub fn query<P: Params>(&mut self, params: P) -> Result<Rows<'_>> {
+        let values = params.values();
+        match &mut self.0 {
+            Stmt::Pg { pg, stmt, .. } => Ok(Rows(RowsOf::Pg {
+                rows: pg.run(stmt, &values)?,
+                at: 0,
+            })),
+            Stmt::SqliteCached(s) => Ok(Rows(RowsOf::Sqlite(
+                s.query(rusqlite::params_from_iter(values))?,
+            ))),
+            Stmt::Sqlite(s) => Ok(Rows(RowsOf::Sqlite(
+                s.query(rusqlite::params_from_iter(values))?,
+            ))),
+        }
+    }
+
+    pub fn query_row<T, P, F>(&mut self, params: P, f: F) -> Result<T>
+    where
+        P: Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    {
+        let mut rows = self.query(params)?;
+        match rows.next()? {
+            Some(r) => Ok(f(&r)?),
+            None => Err(Error::Sqlite(rusqlite::Error::QueryReturnedNoRows)),
+        }
+    }
+
+    /// Every row through `f`.
+    pub fn query_map<T, P, F>(&mut self, params: P, f: F) -> Result<MappedRows<'_, F>>
+    where
+        P: Params,
+        F: FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    {
+        Ok(MappedRows {
+            rows: self.query(params)?,
+            f,
+        })
+    }
+
+    /// True when the query returns at least one row.
+    pub fn exists<P: Params>(&mut self, params: P) -> Result<bool> {
+        Ok(self.query(params)?.next()?.is_some())
+    }
+
+    /// Binds parameter `i` (from 1) for [`raw_execute`](Statement::raw_execute).
+    pub fn raw_bind_parameter<T: ToSql + ?Sized>(&mut self, i: usize, value: &T) -> Result<()> {
+        match &mut self.0 {
+            Stmt::Pg { bound, .. } => {
+                if bound.len() < i {
+                    bound.resize(i, Value::Null);
+                }
+                bound[i - 1] = owned(value)?;
+                Ok(())
+            }
+            _ => Ok(self
+                .sqlite()
+                .expect("a SQLite statement")
+                .raw_bind_parameter(i, value)?),
+        }
+    }
+
+    /// Runs the statement with the values bound by `raw_bind_parameter`.
+    pub fn raw_execute(&mut self) -> Result<usize> {
+        match &mut self.0 {
+            Stmt::Pg { pg, stmt, bound } => {
+                let values: Vec<&dyn ToSql> = bound.iter().map(|v| v as &dyn ToSql).collect();
+                pg.execute(stmt, &values)
+            }
+            _ => Ok(self.sqlite().expect("a SQLite statement").raw_execute()?),
+        }
+    }
+}
+
+/// The rows of a query.
+pub struct Rows<'s>(RowsOf<'s>);
+
+enum RowsOf<'s> {
+    Sqlite(rusqlite::Rows<'s>),
+    Pg { rows: Vec<postgres::Row>, at: usize },
+}
+
+impl Rows<'_> {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<Row<'_>>> {
+        match &mut self.0 {
+            RowsOf::Sqlite(rows) => Ok(rows.next()?.map(|r| Row(RowOf::Sqlite(r)))),
+            RowsOf::Pg { rows, at } => {
+                let r = rows.get(*at);
+                *at += 1;
+                Ok(r.map(|r| Row(RowOf::Pg(r))))
+            }
+        }
+    }
+}
+
+/// The rows of [`Statement::query_map`], each through its function.
+pub struct MappedRows<'s, F> {
+    rows: Rows<'s>,
+    f: F,
+}
+
+impl<T, F> Iterator for MappedRows<'_, F>
+where
+    F: FnMut(&Row<'_>) -> rusqlite::Result<T>,
+{
+    type Item = Result<T>;
+    fn next(&mut self) -> Option<Result<T>> {
+        match self.rows.next() {
+            Ok(Some(r)) => Some((self.f)(&r).map_err(Error::from)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+/// One row of a query.
+pub struct Row<'r>(RowOf<'r>);
+
+enum RowOf<'r> {
+    Sqlite(&'r rusqlite::Row<'r>),
+    Pg(&'r postgres::Row),
+}
+
+/// A column position (rusqlite also takes names; the store never does).
+pub trait ColumnIndex {
+    fn at(self) -> usize;
+}
+
+impl ColumnIndex for usize {
+    fn at(self) -> usize {
+        self
+    }
+}
+
+impl Row<'_> {
+    /// Column `i` as a `T`, in rusqlite's terms on both engines.
+    pub fn get<I: ColumnIndex, T: FromSql>(&self, i: I) -> rusqlite::Result<T> {
+        let i = i.at();
+        match &self.0 {
+            RowOf::Sqlite(r) => r.get(i),
+            RowOf::Pg(_) => {
+                let v = self.get_ref(i)?;
+                T::column_result(v).map_err(|e| match e {
+                    rusqlite::types::FromSqlError::InvalidType => {
+                        rusqlite::Error::InvalidColumnType(
+                            i,
+                            self.name(i),
+                            v.data_type(),
+                        )
+                    }
+                    rusqlite::types::FromSqlError::OutOfRange(n) => {
+                        rusqlite::Error::IntegralValueOutOfRange(i, n)
+                    }
+                    other => rusqlite::Error::FromSqlConversionFailure(
+                        i,
+                        v.data_type(),
+                        Box::new(other),
+                    ),
+                })
+            }
+        }
+    }
+
+    fn name(&self, i: usize) -> String {
+        match &self.0 {
+            RowOf::Sqlite(r) => r
+                .as_ref()
+                .column_name(i)
+                .map(str::to_string)
+                .unwrap_or_default(),
+            RowOf::Pg(r) => r
+                .columns()
+                .get(i)
+                .map(|c| c.name().to_string())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Column `i` as it is stored. PostgreSQL's types map onto SQLite's
+    /// five: integers and booleans are `Integer`, floats `Real`, text
+    /// `Text`, bytea `Blob`.
+    pub fn get_ref(&self, i: usize) -> rusqlite::Result<ValueRef<'_>> {
+        match &self.0 {
+            RowOf::Sqlite(r) => r.get_ref(i),
+            RowOf::Pg(r) => pg_value(r, i),
+        }
+    }
+}
+
+fn pg_value(r: &postgres::Row, i: usize) -> rusqlite::Result<ValueRef<'_>> {
+    let Some(col) = r.columns().get(i) else {
+        return Err(rusqlite::Error::InvalidColumnIndex(i));
+    };
+    let ty = col.type_().clone();
+    let bad = |e: postgres::Error| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Null, Box::new(e))
+    };
+    let v = if ty == Type::INT8 {
+        r.try_get::<_, Option<i64>>(i)
+            .map_err(bad)?
+            .map(ValueRef::Integer)
+    } else if ty == Type::INT4 {
+        r.try_get::<_, Option<i32>>(i)
+            .map_err(bad)?
+            .map(|v| ValueRef::Integer(v.into()))
+    } else if ty == Type::INT2 {
+        r.try_get::<_, Option<i16>>(i)
+            .map_err(bad)?
+            .map(|v| ValueRef::Integer(v.into()))
+    } else if ty == Type::BOOL {
+        r.try_get::<_, Option<bool>>(i)
+            .map_err(bad)?
+            .map(|v| ValueRef::Integer(v.into()))
+    } else if ty == Type::FLOAT8 {
+        r.try_get::<_, Option<f64>>(i)
+            .map_err(bad)?
+            .map(ValueRef::Real)
+    } else if ty == Type::FLOAT4 {
+        r.try_get::<_, Option<f32>>(i)
+            .map_err(bad)?
+            .map(|v| ValueRef::Real(v.into()))
+    } else if ty == Type::BYTEA {
+        r.try_get::<_, Option<&[u8]>>(i)
+            .map_err(bad)?
+            .map(ValueRef::Blob)
+    } else if ty == Type::TEXT || ty == Type::VARCHAR || ty == Type::BPCHAR || ty == Type::NAME {
+        r.try_get::<_, Option<&str>>(i)
+            .map_err(bad)?
+            .map(|s| ValueRef::Text(s.as_bytes()))
+    } else {
+        return Err(rusqlite::Error::InvalidColumnType(
+            i,
+            col.name().to_string(),
+            rusqlite::types::Type::Null,
+        ));
+    };
+    Ok(v.unwrap_or(ValueRef::Null))
+}
+
+/// A parameter as an owned value.
+fn owned<T: ToSql + ?Sized>(v: &T) -> Result<Value> {
+    use rusqlite::types::ToSqlOutput;
+    Ok(match v.to_sql()? {
+        ToSqlOutput::Borrowed(r) => r.into(),
+        ToSqlOutput::Owned(v) => v,
+        other => {
+            return Err(Error::Sqlite(rusqlite::Error::ToSqlConversionFailure(
+                format!("a parameter PostgreSQL cannot take: {other:?}").into(),
+            )));
+        }
+    })
+}
+
+fn pg_params(values: &[&dyn ToSql]) -> Result<Vec<PgValue>> {
+    values.iter().map(|v| owned(*v).map(PgValue)).collect()
+}
+
+/// A value sent to PostgreSQL as the type the server expects there.
+#[derive(Debug)]
+struct PgValue(Value);
+
+impl PgToSql for PgValue {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Integer(i) if *ty == Type::INT8 => send(i, ty, out),
+            Value::Integer(i) if *ty == Type::INT4 => send(i32::try_from(*i)?, ty, out),
+            Value::Integer(i) if *ty == Type::INT2 => send(i16::try_from(*i)?, ty, out),
+            Value::Integer(i) if *ty == Type::BOOL => send(*i != 0, ty, out),
+            Value::Integer(i) if *ty == Type::FLOAT8 => send(*i as f64, ty, out),
+            Value::Integer(i) if is_text(ty) => send(i.to_string().as_str(), &Type::TEXT, out),
+            Value::Real(f) if *ty == Type::FLOAT8 => send(f, ty, out),
+            Value::Text(s) if is_text(ty) => send(s.as_str(), &Type::TEXT, out),
+            Value::Text(s) if *ty == Type::BYTEA => send(s.as_bytes(), ty, out),
+            Value::Blob(b) if *ty == Type::BYTEA => send(b.as_slice(), ty, out),
+            v => Err(format!("a {:?} value cannot be sent as {ty}", v.data_type()).into()),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+type Sent = std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>>;
+
+fn send<T: PgToSql>(v: T, ty: &Type, out: &mut bytes::BytesMut) -> Sent {
+    v.to_sql(ty, out)
+}
+
+fn is_text(ty: &Type) -> bool {
+    *ty == Type::TEXT || *ty == Type::VARCHAR || *ty == Type::BPCHAR || *ty == Type::UNKNOWN
+}
+
+/// The store's SQL in PostgreSQL's terms: `?N` becomes `$N` (a bare `?`
+/// the next number), and `INSERT OR ROLLBACK`/`OR ABORT` a plain `INSERT`
+/// (PostgreSQL ends the statement on a conflict either way). Quoted text is
+/// left alone.
+pub(crate) fn to_postgres(sql: &str) -> String {
+    let sql = sql
+        .replace("INSERT OR ROLLBACK ", "INSERT ")
+        .replace("INSERT OR ABORT ", "INSERT ");
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut next = 1u32;
+    let mut quoted = false;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '?' if !quoted => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    digits.push(*d);
+                    chars.next();
+                }
+                out.push('$');
+                if digits.is_empty() {
+                    out.push_str(&next.to_string());
+                    next += 1;
+                } else {
+                    out.push_str(&digits);
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_postgres;
+
+    #[test]
+    fn placeholders_become_numbered_and_quoted_text_is_left_alone() {
+        assert_eq!(
+            to_postgres("SELECT a FROM t WHERE b = ?1 AND c = ?12 AND d = '?3'"),
+            "SELECT a FROM t WHERE b = $1 AND c = $12 AND d = '?3'"
+        );
+        assert_eq!(to_postgres("VALUES (?, ?), (?, ?)"), "VALUES ($1, $2), ($3, $4)");
+        assert_eq!(
+            to_postgres("INSERT OR ROLLBACK INTO t (a) VALUES (?1)"),
+            "INSERT INTO t (a) VALUES ($1)"
+        );
+    }
+}
