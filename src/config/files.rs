@@ -26,10 +26,9 @@ impl Config {
         }
         if let Some(url) = &self.store.url
             && let Ok(PgUrl {
-                tls:
-                    PgTls::Verify {
-                        root_cert: Some(path),
-                    },
+                tls: PgTls::Verify {
+                    root_cert: Some(path),
+                },
                 ..
             }) = parse_store_url(url)
         {

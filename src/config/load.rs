@@ -249,10 +249,7 @@ fn dotted(key: &str) -> String {
 
 /// Keys whose values are secrets: errors about them never quote the value.
 fn is_secret_key(key: &str) -> bool {
-    // `store.url` is refused when it holds a password, but a value of the
-    // wrong type never reaches that check.
-    key == "store.url"
-        || key.starts_with("alerts.webhooks") && (key.ends_with(".url") || key.ends_with(".secret"))
+    key.starts_with("alerts.webhooks") && (key.ends_with(".url") || key.ends_with(".secret"))
 }
 
 /// Turns a `config` crate error into one naming the full key and its origin.

@@ -11,7 +11,7 @@
 //! store will connect to.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use postgres::config::Host;
@@ -134,10 +134,7 @@ pub(super) fn parse_store_url(raw: &str) -> Result<PgUrl, ConfigError> {
         })?;
     // The client takes everything up to the first `@` as `user:password`;
     // look where it will look.
-    if rest
-        .find('@')
-        .is_some_and(|at| rest[..at].contains(':'))
-    {
+    if rest.find('@').is_some_and(|at| rest[..at].contains(':')) {
         return Err(holds_password());
     }
     let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -212,9 +209,7 @@ pub(super) fn parse_store_url(raw: &str) -> Result<PgUrl, ConfigError> {
     let tls = match sslmode.as_deref() {
         None if first_remote.is_none() && sslrootcert.is_none() => PgTls::Disable,
         None | Some("require" | "verify-ca" | "verify-full") => PgTls::Verify {
-            root_cert: sslrootcert
-                .filter(|p| p != "system")
-                .map(PathBuf::from),
+            root_cert: sslrootcert.filter(|p| p != "system").map(PathBuf::from),
         },
         Some("disable") => {
             if let Some(host) = first_remote {
@@ -333,7 +328,7 @@ fn display(parsed: &postgres::Config) -> String {
             .map(|(i, h)| match h {
                 Host::Tcp(name) if name.contains(':') => format!("[{name}]:{}", port(i)),
                 Host::Tcp(name) => format!("{name}:{}", port(i)),
-                Host::Unix(dir) => display_path(dir),
+                Host::Unix(dir) => dir.display().to_string(),
             })
             .collect()
     };
@@ -348,10 +343,6 @@ fn display(parsed: &postgres::Config) -> String {
         out.push_str(db);
     }
     out
-}
-
-fn display_path(dir: &Path) -> String {
-    dir.display().to_string()
 }
 
 /// Percent-decoding as the client does it: `%XX` becomes the byte, anything
@@ -459,7 +450,10 @@ mod tests {
         );
         assert_eq!(ok("postgres://a@[::1]/d").display, "a@[::1]:5432/d");
         // Asking for a CA, or for TLS, on loopback gets TLS.
-        assert_eq!(ok("postgres://a@localhost/d?sslmode=verify-full").tls, verify(None));
+        assert_eq!(
+            ok("postgres://a@localhost/d?sslmode=verify-full").tls,
+            verify(None)
+        );
         assert_eq!(
             ok("postgres://a@localhost/d?sslrootcert=/ca.pem").tls,
             verify(Some("/ca.pem"))
@@ -474,10 +468,7 @@ mod tests {
             u.url,
             "postgres://acutoken@a.example:5432,b.example:5433/acutoken?target_session_attrs=read-write&connect_timeout=5&sslmode=require"
         );
-        assert_eq!(
-            u.display,
-            "acutoken@a.example:5432,b.example:5433/acutoken"
-        );
+        assert_eq!(u.display, "acutoken@a.example:5432,b.example:5433/acutoken");
         assert_eq!(u.tls, verify(None));
         let c = postgres::Config::from_str(&u.url).unwrap();
         assert_eq!(c.get_hosts().len(), 2);
@@ -521,8 +512,14 @@ mod tests {
         let cases = [
             ("mysql://a@h/d", "must start with postgres://"),
             ("a@h/d", "must start with postgres://"),
-            ("postgres://a@h.example/d?sslmode=prefer", "use sslmode=verify-full"),
-            ("postgres://a@h.example/d?sslmode=allow", "use sslmode=verify-full"),
+            (
+                "postgres://a@h.example/d?sslmode=prefer",
+                "use sslmode=verify-full",
+            ),
+            (
+                "postgres://a@h.example/d?sslmode=allow",
+                "use sslmode=verify-full",
+            ),
             ("postgres://a@h.example/d?sslmode=verify", "must be one of"),
             (
                 "postgres://a@db.example.com/d?sslmode=disable",
@@ -532,14 +529,26 @@ mod tests {
                 "postgres://a@localhost,10.0.0.7/d?sslmode=disable",
                 "in clear to 10.0.0.7",
             ),
-            ("postgres://a@localhost/d?sslmode=disable&sslrootcert=/c", "remove one"),
-            ("postgres://a@h.example/d?frobnicate=1", "unknown option `frobnicate`"),
+            (
+                "postgres://a@localhost/d?sslmode=disable&sslrootcert=/c",
+                "remove one",
+            ),
+            (
+                "postgres://a@h.example/d?frobnicate=1",
+                "unknown option `frobnicate`",
+            ),
             ("postgres://a@h.example/d?port=x", "`port`"),
             ("postgres://a@h.example/d?sslmode", "no `=VALUE`"),
             ("postgres:///d", "names no host"),
             ("postgres://a@a,b,c:1,d/d?port=1,2", "ports"),
-            ("postgres://a@/d?hostaddr=10.0.0.1&sslmode=verify-full", "host name"),
-            ("postgres://a@/d?host=/run/postgresql&sslmode=require", "Unix socket"),
+            (
+                "postgres://a@/d?hostaddr=10.0.0.1&sslmode=verify-full",
+                "host name",
+            ),
+            (
+                "postgres://a@/d?host=/run/postgresql&sslmode=require",
+                "Unix socket",
+            ),
         ];
         for (url, want) in cases {
             let msg = err(url);
@@ -600,13 +609,19 @@ mod tests {
         fs::write(&file, "\n").unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         let msg = c.store_target_in(&env).unwrap_err().to_string();
-        assert!(msg.contains("`store.password_file`") && msg.contains("empty"), "{msg}");
+        assert!(
+            msg.contains("`store.password_file`") && msg.contains("empty"),
+            "{msg}"
+        );
 
         // An empty credential is an error too, not "no password".
         c.store.password_file = None;
         fs::write(creds.join(PASSWORD_CREDENTIAL), "").unwrap();
         let msg = c.store_target_in(&env).unwrap_err().to_string();
-        assert!(msg.contains("acutoken.pgpass") && msg.contains("empty"), "{msg}");
+        assert!(
+            msg.contains("acutoken.pgpass") && msg.contains("empty"),
+            "{msg}"
+        );
     }
 
     #[test]
