@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use acutoken::config::{
-    ChannelKind, Config, ConfigError, ConfigSource, LoadedConfig, LogFormat, check_private_file,
-    locate,
+    ChannelKind, Config, ConfigError, ConfigSource, LoadedConfig, LogFormat, PgTls, StoreTarget,
+    check_private_file, locate,
 };
 use acutoken::model::Mode;
 use acutoken::renewal::policy::Policy;
@@ -56,25 +56,44 @@ fn shipped_example_parses_to_the_defaults() {
     assert_eq!(loaded.source.as_deref(), Some(path.as_path()));
 }
 
-/// Every commented-out example value in the shipped file is a real key with
-/// a valid value: uncommenting all of them still loads.
-#[test]
-fn shipped_example_commented_values_are_valid_keys() {
-    let uncommented: String = EXAMPLE
+/// The shipped example with every commented-out `key = value` line (and the
+/// commented `[[alerts.webhooks]]` headers) uncommented, except the keys in
+/// `skip` (dotted, e.g. `store.path`): some keys exclude each other.
+fn uncommented_example(skip: &[&str]) -> String {
+    let mut section = String::new();
+    EXAMPLE
         .lines()
-        .map(|line| {
+        .filter_map(|line| {
             let body = line.strip_prefix("# ").unwrap_or("");
-            let is_key = body.split_once(" = ").is_some_and(|(k, _)| {
-                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-            });
-            if is_key || body == "[[alerts.webhooks]]" {
-                body
-            } else {
-                line
+            if body == "[[alerts.webhooks]]" {
+                section = "alerts.webhooks".into();
+                return Some(body);
+            }
+            if let Some(name) = line.strip_prefix('[') {
+                section = name.trim_matches(|c| c == '[' || c == ']').to_owned();
+                return Some(line);
+            }
+            let key = body
+                .split_once(" = ")
+                .map(|(k, _)| k)
+                .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            match key {
+                Some(k) if skip.contains(&format!("{section}.{k}").as_str()) => None,
+                Some(_) => Some(body),
+                None => Some(line),
             }
         })
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+/// Every commented-out example value in the shipped file is a real key with
+/// a valid value: uncommenting all of them still loads. `store.path` and
+/// `store.url` exclude each other, so the SQLite and the PostgreSQL keys are
+/// uncommented in turn.
+#[test]
+fn shipped_example_commented_values_are_valid_keys() {
+    let uncommented = uncommented_example(&["store.url", "store.password_file"]);
     let config = Config::from_toml_str(&uncommented).unwrap();
     assert_ne!(config, Config::default());
     assert_eq!(config.alerts.webhooks.len(), 5);
@@ -92,6 +111,21 @@ fn shipped_example_commented_values_are_valid_keys() {
     assert_eq!(config.alerts.digest.as_deref(), Some("0 8 * * 1-5"));
     assert_eq!(config.api.listen, Some("127.0.0.1:8788".parse().unwrap()));
     assert!(config.store.key_file.is_some() && config.acumatica.redirect_uri.is_some());
+    assert!(config.store.path.is_some() && config.store.url.is_none());
+
+    let postgres = Config::from_toml_str(&uncommented_example(&["store.path"])).unwrap();
+    assert!(postgres.store.path.is_none());
+    assert!(postgres.store.password_file.is_some());
+    let mut no_password = postgres.clone();
+    no_password.store.password_file = None;
+    let StoreTarget::Postgres(target) = no_password.store_target().unwrap() else {
+        panic!("the example's store.url selects PostgreSQL")
+    };
+    assert_eq!(
+        target.display,
+        "acutoken@db1.example.com:5432,db2.example.com:5432/acutoken"
+    );
+    assert_eq!(target.tls, PgTls::Verify { root_cert: None });
 }
 
 #[test]
@@ -387,6 +421,30 @@ fn each_validation_rule_names_its_key() {
         ),
         ("[api]\ntls_cert_file = \"/c\"".into(), "api.tls_key_file"),
         ("[log]\nlevel = \"verbose\"".into(), "log.level"),
+        (
+            "[store]\nurl = \"mysql://a@db.example.com/d\"".into(),
+            "store.url",
+        ),
+        (
+            "[store]\nurl = \"postgres://a:pw@db.example.com/d\"".into(),
+            "store.url",
+        ),
+        (
+            "[store]\nurl = \"postgres://a@db.example.com/d?sslmode=prefer\"".into(),
+            "store.url",
+        ),
+        (
+            "[store]\nurl = \"postgres://a@db.example.com/d?sslmode=disable\"".into(),
+            "store.url",
+        ),
+        (
+            "[store]\nurl = \"postgres://a@localhost/d\"\npath = \"/srv/a.db\"".into(),
+            "store.path",
+        ),
+        (
+            "[store]\npassword_file = \"/etc/acutoken/pgpass\"".into(),
+            "store.password_file",
+        ),
     ];
     for (text, key) in cases {
         let err = Config::from_toml_str(&text).expect_err(&text);
@@ -414,6 +472,9 @@ fn valid_edges_are_accepted() {
         "[api]\nlisten = \"0.0.0.0:8788\"\ntoken_file = \"/t\"\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"",
         "[[alerts.webhooks]]\nname = \"sink\"\nkind = \"generic\"\nurl = \"http://127.0.0.1:9/x\"\nsecret = \"s\"",
         "[[alerts.webhooks]]\nname = \"sink\"\nkind = \"slack\"\nurl = \"http://localhost:9/x\"\nmin_severity = \"critical\"",
+        "[store]\nurl = \"postgres://acutoken@a.example:5432,b.example:5432/acutoken?target_session_attrs=read-write\"",
+        "[store]\nurl = \"postgresql://acutoken@localhost/acutoken\"\npassword_file = \"/p\"",
+        "[store]\nurl = \"postgres://acutoken@/acutoken?host=/run/postgresql&sslmode=disable\"",
     ];
     for text in ok {
         Config::from_toml_str(text).unwrap_or_else(|e| panic!("{text}\n=> {e}"));
@@ -719,4 +780,267 @@ fn renewal_section_builds_the_policy() {
             ..Policy::default()
         }
     );
+}
+
+/// `store.url` and `store.password_file` come from the environment like every
+/// other key; a multi-host URL keeps its commas (only list keys are split),
+/// and a `store.path` set there counts as set.
+#[test]
+fn store_keys_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let pgpass = write(dir.path(), "pgpass", "s3cret-pg\n", 0o600);
+    let url = "postgres://acutoken@a.example:5432,b.example:5433/acutoken?target_session_attrs=read-write&sslmode=verify-full";
+    let vars = env(&[
+        ("ACUTOKEN__STORE__URL", url),
+        ("ACUTOKEN__STORE__PASSWORD_FILE", pgpass.to_str().unwrap()),
+    ]);
+    let c = load_text("", vars).unwrap().config;
+    assert_eq!(c.store.url.as_deref(), Some(url));
+    assert_eq!(c.store.password_file.as_deref(), Some(pgpass.as_path()));
+    let StoreTarget::Postgres(t) = c.store_target().unwrap() else {
+        panic!("postgres")
+    };
+    assert_eq!(
+        t.url,
+        "postgres://acutoken@a.example:5432,b.example:5433/acutoken?target_session_attrs=read-write&sslmode=require"
+    );
+    assert_eq!(t.display, "acutoken@a.example:5432,b.example:5433/acutoken");
+    assert_eq!(t.password.as_ref().map(|p| p.expose()), Some("s3cret-pg"));
+    assert!(!format!("{t:?}").contains("s3cret-pg"));
+
+    // The default path does not count as set; one from the environment does.
+    let file = format!("[store]\nurl = \"{url}\"\n");
+    assert!(load_text(&file, no_env()).is_ok());
+    let msg = load_err(&file, env(&[("ACUTOKEN__STORE__PATH", "/srv/a.db")]));
+    assert!(
+        msg.starts_with("`store.path`: is set together with store.url"),
+        "{msg}"
+    );
+    assert_eq!(
+        Config::from_toml_str("").unwrap().store_target().unwrap(),
+        StoreTarget::File(Config::default().store_path())
+    );
+}
+
+/// A password written into `store.url` is refused, and neither the error nor
+/// anything else shows it, from the file or from the environment.
+#[test]
+fn store_url_password_is_refused_and_never_shown() {
+    let secret = "Pg0SECRETpw";
+    for url in [
+        format!("postgres://acutoken:{secret}@db.example.com/acutoken"),
+        format!("postgres://acutoken@db.example.com/acutoken?password={secret}"),
+        format!("postgres://acutoken:{secret}@db.example.com/acutoken?sslmode=prefer"),
+    ] {
+        let want = "`store.url`: holds a password: put it in store.password_file or the systemd credential acutoken.pgpass";
+        let msg = load_err(&format!("[store]\nurl = \"{url}\"\n"), no_env());
+        assert_eq!(msg, want);
+        let msg = load_err("", env(&[("ACUTOKEN__STORE__URL", &url)]));
+        assert_eq!(msg, want);
+    }
+    // A value of the wrong type is not quoted either.
+    let msg = load_err(
+        &format!("[store]\nurl = [\"postgres://a:{secret}@h/d\"]\n"),
+        no_env(),
+    );
+    assert!(msg.starts_with("`store.url`: "), "{msg}");
+    assert!(!msg.contains(secret), "{msg}");
+}
+
+#[test]
+fn store_files_are_checked_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "postgres://acutoken@localhost/acutoken";
+    let with = |extra: String| format!("[store]\nurl = \"{url}{extra}\n");
+
+    let open = write(dir.path(), "open", "pw\n", 0o644);
+    let msg = load_err(
+        &with(format!("\"\npassword_file = \"{}\"", open.display())),
+        no_env(),
+    );
+    assert!(
+        msg.starts_with("`store.password_file`: ") && msg.contains("chmod 600"),
+        "{msg}"
+    );
+    let empty = write(dir.path(), "empty", "\n", 0o600);
+    let msg = load_err(
+        &with(format!("\"\npassword_file = \"{}\"", empty.display())),
+        no_env(),
+    );
+    assert!(
+        msg.starts_with("`store.password_file`: ") && msg.contains("empty"),
+        "{msg}"
+    );
+    let absent = dir.path().join("absent");
+    let msg = load_err(
+        &with(format!("\"\npassword_file = \"{}\"", absent.display())),
+        no_env(),
+    );
+    assert!(
+        msg.starts_with("`store.password_file`: cannot read"),
+        "{msg}"
+    );
+
+    let ca = write(dir.path(), "ca.pem", "-----BEGIN CERTIFICATE-----\n", 0o644);
+    let c = load_text(&with(format!("?sslrootcert={}\"", ca.display())), no_env())
+        .unwrap()
+        .config;
+    let StoreTarget::Postgres(t) = c.store_target().unwrap() else {
+        panic!("postgres")
+    };
+    assert_eq!(
+        t.tls,
+        PgTls::Verify {
+            root_cert: Some(ca)
+        }
+    );
+    for bad in [absent.clone(), dir.path().to_path_buf()] {
+        let msg = load_err(&with(format!("?sslrootcert={}\"", bad.display())), no_env());
+        assert!(
+            msg.starts_with(&format!(
+                "`store.url`: sslrootcert {} cannot be read",
+                bad.display()
+            )),
+            "{msg}"
+        );
+    }
+}
+
+/// `acutoken config check`, the real binary in a temp dir with no
+/// `ACUTOKEN*` or systemd variables from the test runner.
+fn config_check(dir: &Path, text: &str, extra: &[(&str, &str)]) -> (i32, String, String) {
+    let config = write(dir, "check.toml", text, 0o600);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acutoken"));
+    cmd.args(["-c", config.to_str().unwrap(), "config", "check"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null());
+    for (name, _) in std::env::vars_os() {
+        let upper = name.to_string_lossy().to_ascii_uppercase();
+        if upper.starts_with("ACUTOKEN")
+            || upper == "CREDENTIALS_DIRECTORY"
+            || upper == "STATE_DIRECTORY"
+            || upper == "RUNTIME_DIRECTORY"
+            || upper == "CONFIGURATION_DIRECTORY"
+        {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd.envs(extra.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Each `[store]` mistake: `config check` exits non-zero with one `error:`
+/// line naming the key, prints no config, and never the password.
+#[test]
+fn config_check_reports_each_store_error_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "Pg0SECRETpw";
+    let open = write(dir.path(), "open.pgpass", "pw\n", 0o644);
+    let cases = [
+        (
+            "[store]\nurl = \"mysql://acutoken@db.example.com/acutoken\"\n".to_owned(),
+            "store.url",
+            "postgres://",
+        ),
+        (
+            format!("[store]\nurl = \"postgres://acutoken:{secret}@db.example.com/acutoken\"\n"),
+            "store.url",
+            "holds a password",
+        ),
+        (
+            "[store]\nurl = \"postgres://acutoken@db.example.com/acutoken?sslmode=disable\"\n"
+                .to_owned(),
+            "store.url",
+            "in clear to db.example.com; use sslmode=verify-full",
+        ),
+        (
+            "[store]\nurl = \"postgres://acutoken@db.example.com/acutoken?sslmode=prefer\"\n"
+                .to_owned(),
+            "store.url",
+            "verify-full",
+        ),
+        (
+            "[store]\nurl = \"postgres://acutoken@db.example.com/acutoken?sslrootcert=/nonexistent/ca.pem\"\n"
+                .to_owned(),
+            "store.url",
+            "sslrootcert /nonexistent/ca.pem cannot be read",
+        ),
+        (
+            "[store]\npath = \"/srv/a.db\"\nurl = \"postgres://acutoken@localhost/acutoken\"\n"
+                .to_owned(),
+            "store.path",
+            "remove store.path",
+        ),
+        (
+            "[store]\npassword_file = \"/etc/acutoken/pgpass\"\n".to_owned(),
+            "store.password_file",
+            "set store.url",
+        ),
+        (
+            format!(
+                "[store]\nurl = \"postgres://acutoken@localhost/acutoken\"\npassword_file = \"{}\"\n",
+                open.display()
+            ),
+            "store.password_file",
+            "chmod 600",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let (code, stdout, stderr) = config_check(dir.path(), &text, &[]);
+        assert_ne!(code, 0, "{text}");
+        assert_eq!(stdout, "", "{text}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}\n=> {stderr}");
+        assert!(
+            lines[0].starts_with(&format!("error: `{key}`: ")),
+            "{text}\n=> {stderr}"
+        );
+        assert!(lines[0].contains(why), "{text}\n=> {stderr}");
+        assert!(!stderr.contains(secret), "{stderr}");
+    }
+    // From the environment too.
+    let (code, stdout, stderr) = config_check(
+        dir.path(),
+        "",
+        &[(
+            "ACUTOKEN__STORE__URL",
+            &format!("postgres://acutoken@db.example.com/acutoken?password={secret}"),
+        )],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.starts_with("error: `store.url`: holds a password") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains(secret));
+}
+
+/// A valid PostgreSQL config: `config check` shows `store.url` (it cannot hold
+/// a password) and the password file's path, never its content, and no
+/// `store.path` (which would conflict).
+#[test]
+fn config_check_shows_store_url_but_never_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "Pg0SECRETpw";
+    let pgpass = write(dir.path(), "pgpass", &format!("{secret}\n"), 0o600);
+    let url = "postgres://acutoken@a.example:5432,b.example:5432/acutoken?target_session_attrs=read-write";
+    let text = format!(
+        "[store]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+        pgpass.display()
+    );
+    let (code, stdout, stderr) = config_check(dir.path(), &text, &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(!format!("{stdout}{stderr}").contains(secret));
+    let shown: toml::Table = stdout.parse().unwrap();
+    assert_eq!(shown["store"]["url"].as_str(), Some(url));
+    assert_eq!(
+        shown["store"]["password_file"].as_str(),
+        Some(pgpass.to_str().unwrap())
+    );
+    assert!(shown["store"].get("path").is_none(), "{stdout}");
 }

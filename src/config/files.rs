@@ -7,14 +7,41 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use super::Config;
-use super::error::ConfigError;
+use super::error::{ConfigError, invalid};
+use super::postgres::{PgTls, PgUrl, parse_store_url};
 use super::validate::check_webhook_url;
 use crate::secret::Secret;
 
 impl Config {
-    /// Checks that the key and API files are private (see
-    /// [`check_private_file`]); webhook files are checked as they are read.
+    /// Checks that the key, API and password files are private (see
+    /// [`check_private_file`]), that the password file holds something and
+    /// that a `sslrootcert` in `store.url` can be read; webhook files are
+    /// checked as they are read.
     pub(super) fn check_files(&self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.store.password_file {
+            // Read to be refused now if empty; the store reads it again when
+            // it connects ([`Config::store_target`]), so a changed password
+            // needs no reload.
+            read_secret_file(path, "store.password_file")?;
+        }
+        if let Some(url) = &self.store.url
+            && let Ok(PgUrl {
+                tls: PgTls::Verify {
+                    root_cert: Some(path),
+                },
+                ..
+            }) = parse_store_url(url)
+        {
+            check_readable_file(&path).map_err(|e| {
+                invalid(
+                    "store.url",
+                    format!(
+                        "sslrootcert {} cannot be read ({e}); name a readable PEM file of the CA that signed the server's certificate, or leave sslrootcert out to use the system roots",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
         if let Some(path) = &self.store.key_file {
             check_private_file(path, "store.key_file")?;
         }
@@ -70,8 +97,34 @@ pub fn check_private_file(path: &Path, key: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+/// A regular file this process can open for reading.
+fn check_readable_file(path: &Path) -> io::Result<()> {
+    let file = fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a private secret file named by `key`: refused when group or others
+/// can access it, one trailing newline trimmed, empty refused.
+pub(super) fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
     check_private_file(path, key)?;
+    read_secret_text(path, key)
+}
+
+/// Reads a systemd credential: systemd makes it readable by the service only
+/// but may give it mode 0440 with a private group, so its mode is trusted
+/// (as for `acutoken.key`); otherwise as [`read_secret_file`]. `what` names
+/// it in errors.
+pub(super) fn read_credential_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
+    read_secret_text(path, what)
+}
+
+fn read_secret_text(path: &Path, key: &str) -> Result<Secret, ConfigError> {
     let file_error = |source| ConfigError::File {
         key: key.to_owned(),
         path: path.to_path_buf(),

@@ -11,8 +11,9 @@
 //! The parts: the types here (each section of the file, with its defaults),
 //! `load` (finding and reading the file, TOML and unknown keys), `env` (the
 //! `ACUTOKEN__*` overlay), `validate` (the rules of DESIGN §6), `files`
-//! (private secret files), `paths` (where the store, spills and socket live)
-//! and `mask` (the effective config with secrets hidden).
+//! (private secret files), `paths` (where the store, spills and socket live),
+//! `postgres` (`store.url` taken apart for the PostgreSQL store) and `mask`
+//! (the effective config with secrets hidden).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,11 +31,13 @@ mod files;
 mod load;
 mod mask;
 mod paths;
+mod postgres;
 mod validate;
 
 pub use error::ConfigError;
 pub use files::check_private_file;
 pub use load::{CONFIG_ENV, ConfigSource, LoadedConfig, SYSTEM_CONFIG, locate};
+pub use postgres::{PASSWORD_CREDENTIAL, PgTarget, PgTls, StoreTarget};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -74,6 +77,14 @@ pub struct StoreConfig {
     /// for the daemon and the CLI alike. `None` = `$RUNTIME_DIRECTORY/pending`,
     /// else `pending/` beside the store (see `Config::spill_dir`).
     pub spill_dir: Option<PathBuf>,
+    /// A PostgreSQL store instead of the SQLite file (DESIGN §10), e.g.
+    /// `postgres://acutoken@db.example.com/acutoken?sslmode=verify-full`;
+    /// `store.path` must then be unset. Never holds a password (refused).
+    /// See [`Config::store_target`].
+    pub url: Option<String>,
+    /// The PostgreSQL password, one line; must be private. `None` = the
+    /// systemd credential `acutoken.pgpass` when present, else no password.
+    pub password_file: Option<PathBuf>,
 }
 
 /// `[acumatica]`

@@ -13,7 +13,7 @@ impl Config {
         self.store_path_in(&|name| std::env::var_os(name))
     }
 
-    fn store_path_in(&self, env: EnvLookup<'_>) -> PathBuf {
+    pub(super) fn store_path_in(&self, env: EnvLookup<'_>) -> PathBuf {
         if let Some(path) = &self.store.path {
             return path.clone();
         }

@@ -1,10 +1,11 @@
-//! The rules of DESIGN §6 that single values and pairs of values must
-//! satisfy. Nothing here reads a file.
+//! The rules of DESIGN §6 (and §10 for `store.url`) that single values and
+//! pairs of values must satisfy. Nothing here reads a file.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use super::error::{ConfigError, invalid};
+use super::postgres::parse_store_url;
 use super::{ChannelKind, Config};
 use crate::secret::Secret;
 
@@ -15,6 +16,7 @@ impl Config {
     /// must satisfy; the first broken rule is returned, naming the key. Reads
     /// no files.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_store()?;
         self.validate_renewal()?;
         self.validate_alerts()?;
         self.validate_listeners()?;
@@ -25,6 +27,31 @@ impl Config {
                     "must be one of trace, debug, info, warn, error (is `{}`)",
                     self.log.level
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `store.url` (DESIGN §10) and the keys that go with it or against it.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        let Some(url) = &s.url else {
+            if s.password_file.is_some() {
+                return Err(invalid(
+                    "store.password_file",
+                    "is set but store.url is not: the password is for a PostgreSQL store; set store.url or remove store.password_file",
+                ));
+            }
+            return Ok(());
+        };
+        // The URL first: a password in it is the error that matters most.
+        parse_store_url(url)?;
+        // `path` is `None` unless the file or the environment set it; its
+        // default does not count.
+        if s.path.is_some() {
+            return Err(invalid(
+                "store.path",
+                "is set together with store.url: store.url selects a PostgreSQL store, store.path the SQLite file; remove store.path (the packaged config sets it) or store.url",
             ));
         }
         Ok(())
