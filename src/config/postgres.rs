@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use postgres::config::Host;
+use tokio_postgres::config::Host;
 
 use super::Config;
 use super::env::{EnvLookup, first_dir};
@@ -164,7 +164,7 @@ pub(super) fn parse_store_url(raw: &str) -> Result<PgUrl, ConfigError> {
         stripped.push('?');
         stripped.push_str(&kept.join("&"));
     }
-    let parsed = postgres::Config::from_str(&stripped).map_err(|e| {
+    let parsed = tokio_postgres::Config::from_str(&stripped).map_err(|e| {
         let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
         invalid(
             URL_KEY,
@@ -301,7 +301,7 @@ fn is_loopback_name(name: &str) -> bool {
 }
 
 /// `user@host:port[,host2:port2]/db`, from what the client parsed.
-fn display(parsed: &postgres::Config) -> String {
+fn display(parsed: &tokio_postgres::Config) -> String {
     let ports = parsed.get_ports();
     let port = |i: usize| {
         ports
@@ -442,7 +442,7 @@ mod tests {
             let u = ok(url);
             assert_eq!(u.tls, PgTls::Disable, "{url}");
             assert!(u.url.ends_with("sslmode=disable"), "{}", u.url);
-            postgres::Config::from_str(&u.url).unwrap();
+            tokio_postgres::Config::from_str(&u.url).unwrap();
         }
         assert_eq!(
             ok("postgres://a@/d?host=/run/postgresql").display,
@@ -470,13 +470,13 @@ mod tests {
         );
         assert_eq!(u.display, "acutoken@a.example:5432,b.example:5433/acutoken");
         assert_eq!(u.tls, verify(None));
-        let c = postgres::Config::from_str(&u.url).unwrap();
+        let c = tokio_postgres::Config::from_str(&u.url).unwrap();
         assert_eq!(c.get_hosts().len(), 2);
         assert_eq!(c.get_ports(), [5432, 5433]);
-        assert_eq!(c.get_ssl_mode(), postgres::config::SslMode::Require);
+        assert_eq!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
         assert_eq!(
             c.get_target_session_attrs(),
-            postgres::config::TargetSessionAttrs::ReadWrite
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
         );
     }
 

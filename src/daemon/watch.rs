@@ -32,6 +32,15 @@ impl StoreWatch {
     /// removed and made again is still seen) from a thread that sleeps in
     /// `poll` until something happens. Falls back to polling the store, with
     /// a warning, when inotify cannot be set up.
+    /// No file to watch (a PostgreSQL store): every wait is the fallback
+    /// interval, one single-row read of the change sequence each time.
+    pub fn polling() -> StoreWatch {
+        StoreWatch {
+            changed: None,
+            _stop: None,
+        }
+    }
+
     pub fn new(db: &Path) -> StoreWatch {
         let mut wal = db.file_name().unwrap_or_default().to_os_string();
         wal.push("-wal");

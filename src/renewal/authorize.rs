@@ -338,8 +338,8 @@ mod tests {
 
     fn store(dir: &tempfile::TempDir, state: State, mode: Mode) -> (Store, Uuid) {
         let now = chrono::Utc::now();
-        let mut st = Store::open(
-            &dir.path().join("acutoken.db"),
+        let mut st = crate::store::testing::open(
+            &crate::store::testing::target(dir.path()),
             Keyring::new(Key::generate(), vec![]),
             Create::Yes,
         )

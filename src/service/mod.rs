@@ -96,7 +96,7 @@ impl Connections {
                     return Ok(h.clone());
                 }
                 let st = store.lock().unwrap_or_else(|e| e.into_inner());
-                let h = StoreHandle::open(st.path(), st.shared_keyring())?;
+                let h = StoreHandle::open(st.target(), st.shared_keyring())?;
                 Ok(handle.get_or_init(|| h).clone())
             }
         }

@@ -10,12 +10,12 @@ use crate::config::Config;
 use crate::crypto::{Key, Keyring};
 use crate::model::State;
 use crate::secret::Secret;
-use crate::store::{Create, Store};
+use crate::store::Create;
 
 fn service() -> (tempfile::TempDir, Connections) {
     let dir = tempfile::tempdir().unwrap();
-    let st = Store::open(
-        &dir.path().join("acutoken.db"),
+    let st = crate::store::testing::open(
+        &crate::store::testing::target(dir.path()),
         Keyring::new(Key::generate(), vec![]),
         Create::Yes,
     )

@@ -29,6 +29,7 @@ use crate::store::sql::{Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::{Create, SharedKeyring, Store, StoreError};
+use crate::config::StoreTarget;
 use crate::crypto::Keyring;
 
 /// The most writes committed together. Bounds how long the first of them
@@ -149,17 +150,18 @@ impl StoreError {
 impl StoreHandle {
     /// Opens the store at `path` for a daemon: the writer's connection and
     /// the read connections, all on `keyring`.
-    pub fn open(path: &Path, keyring: &SharedKeyring) -> Result<StoreHandle, StoreError> {
-        let writer = Store::open_shared(path, keyring, Create::No)?;
+    pub fn open(target: &StoreTarget, keyring: &SharedKeyring) -> Result<StoreHandle, StoreError> {
+        let writer = Store::open_target(target, keyring, Create::No)?;
         StoreHandle::from_store(writer)
     }
 
     /// A handle whose writer is `writer` (already open and migrated).
     pub fn from_store(writer: Store) -> Result<StoreHandle, StoreError> {
         let path = writer.path().to_path_buf();
+        let target = writer.target().clone();
         let keyring = writer.shared_keyring().clone();
         let readers = (0..READERS)
-            .map(|_| Store::open_shared(&path, &keyring, Create::No).map(Mutex::new))
+            .map(|_| Store::open_target(&target, &keyring, Create::No).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let (queue, jobs) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
@@ -468,8 +470,8 @@ mod tests {
 
     fn handle() -> (tempfile::TempDir, StoreHandle) {
         let dir = tempfile::tempdir().unwrap();
-        let st = Store::open(
-            &dir.path().join("acutoken.db"),
+        let st = crate::store::testing::open(
+            &crate::store::testing::target(dir.path()),
             Keyring::new(Key::generate(), vec![]),
             Create::Yes,
         )
@@ -601,6 +603,9 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_last_handle_closes_the_store_like_a_store() {
+        if crate::store::testing::on_postgres() {
+            return dropping_the_last_handle_closes_its_postgres_connections().await;
+        }
         let (dir, h) = handle();
         h.write(|tx, _| put(tx, "x")).await.unwrap();
         let h2 = h.clone();
@@ -612,6 +617,43 @@ mod tests {
         drop(h2);
         // Every connection closed: SQLite checkpointed and removed the WAL.
         assert!(!dir.path().join("acutoken.db-wal").exists());
+    }
+
+    /// On PostgreSQL the writer and readers are sessions of the server:
+    /// dropping the last handle ends every one of them.
+    async fn dropping_the_last_handle_closes_its_postgres_connections() {
+        let (_dir, h) = handle();
+        h.write(|tx, _| put(tx, "x")).await.unwrap();
+        let target = h.read_blocking(|st| st.target().clone());
+        let watcher = Store::open_target(&target, h.shared_keyring(), Create::No).unwrap();
+        let sessions = |st: &Store| -> i64 {
+            st.db()
+                .query_row(
+                    "SELECT COUNT(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    (),
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(
+            sessions(&watcher),
+            1 + READERS as i64,
+            "the writer and the readers"
+        );
+        let h2 = h.clone();
+        drop(h);
+        assert_eq!(
+            sessions(&watcher),
+            1 + READERS as i64,
+            "a clone still holds them"
+        );
+        drop(h2);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sessions(&watcher) > 0 {
+            assert!(std::time::Instant::now() < deadline, "sessions left open");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[tokio::test]

@@ -17,8 +17,11 @@ mod fresh;
 mod handle;
 pub mod keys;
 mod migrations;
+mod postgres;
 pub mod refresh;
 pub mod sql;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod upkeep;
 
 use std::fs;
@@ -32,6 +35,7 @@ use rusqlite::OpenFlags;
 
 use sql::{Db, Transaction, TransactionBehavior};
 
+use crate::config::StoreTarget;
 use crate::crypto::{CryptoError, Keyring};
 use crate::model::Timestamp;
 
@@ -149,12 +153,19 @@ impl From<sql::Error> for StoreError {
 /// reached, is shutting down, is read-only (a standby) or is out of disk
 /// cannot take a write now, exactly as a full or read-only SQLite file: a
 /// rotated token is then held and spilled (DESIGN §3 invariant 2).
-fn from_postgres(e: &postgres::Error) -> StoreError {
-    use postgres::error::SqlState;
+fn from_postgres(e: &tokio_postgres::Error) -> StoreError {
+    use tokio_postgres::error::SqlState;
     let message = sql::pg_message(e);
     let Some(code) = e.code() else {
-        // No SQLSTATE: the connection failed or closed.
-        return StoreError::Unwritable(format!("the database cannot be reached: {message}"));
+        // No SQLSTATE: the connection failed or closed, or a value could
+        // not be sent or read (a bug, not an outage).
+        return if e.is_closed()
+            || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+        {
+            StoreError::Unwritable(format!("the database cannot be reached: {message}"))
+        } else {
+            StoreError::Postgres(message)
+        };
     };
     if [
         SqlState::LOCK_NOT_AVAILABLE,
@@ -214,7 +225,11 @@ impl StoreError {
 /// An open, key-verified store.
 pub struct Store {
     db: Db,
+    /// The SQLite file, or what names the PostgreSQL database in messages
+    /// (`user@host:port/db`).
     path: PathBuf,
+    /// Where it lives, to open more connections to it.
+    target: StoreTarget,
     /// Shared by every handle of a daemon ([`Store::open_shared`]), so a key
     /// rotation switches them all at once.
     keyring: SharedKeyring,
@@ -273,6 +288,7 @@ impl Store {
         let mut store = Store {
             db,
             path: path.to_path_buf(),
+            target: StoreTarget::File(path.to_path_buf()),
             keyring,
         };
         let version: i64 = store
@@ -298,6 +314,73 @@ impl Store {
             keys::register_primary(&store)?;
         }
         Ok(store)
+    }
+
+    /// Opens the store `target` names: the SQLite file ([`Store::open_shared`])
+    /// or the PostgreSQL database. On PostgreSQL an empty database is a store
+    /// not made yet: `create` decides whether this makes it.
+    pub fn open_target(
+        target: &StoreTarget,
+        keyring: &SharedKeyring,
+        create: Create,
+    ) -> Result<Store, StoreError> {
+        let pg = match target {
+            StoreTarget::File(path) => return Store::open_shared(path, keyring, create),
+            StoreTarget::Postgres(pg) => pg,
+        };
+        let db = postgres::connect(pg)?;
+        let store = Store {
+            db,
+            path: PathBuf::from(&pg.display),
+            target: target.clone(),
+            keyring: keyring.clone(),
+        };
+        let version = postgres::version(&store.db)?;
+        let known = migrations::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: store.path.clone(),
+                found: version,
+                known,
+            });
+        }
+        if version == 0 && create == Create::No {
+            return Err(StoreError::Missing {
+                path: store.path.clone(),
+            });
+        }
+        if version > 0 {
+            // Verify before any write: a wrong key must leave the database untouched.
+            keys::verify(&store)?;
+        }
+        postgres::migrate(&store.db)?;
+        // The first key is registered under the write lock, so two
+        // processes making the store at once cannot both register theirs.
+        let first = {
+            let tx = store
+                .db
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let keys: i64 = tx.query_row("SELECT COUNT(*) FROM keys", (), |r| r.get(0))?;
+            if keys == 0 {
+                keys::register_primary(&store)?;
+            }
+            tx.commit()?;
+            keys == 0
+        };
+        if !first {
+            keys::verify(&store)?;
+        }
+        Ok(store)
+    }
+
+    /// Where this store lives.
+    pub fn target(&self) -> &StoreTarget {
+        &self.target
+    }
+
+    /// True when the store is a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.target, StoreTarget::Postgres(_))
     }
 
     fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
@@ -369,8 +452,17 @@ impl Store {
         &mut self.db
     }
 
-    /// SQLite's `data_version`: changes when another connection commits.
+    /// A number that changes when another connection commits: SQLite's
+    /// `data_version`. PostgreSQL has no such counter; there it is a row
+    /// every write transaction moves (this connection's own writes too,
+    /// which only costs a reread).
     pub fn data_version(&self) -> Result<i64, StoreError> {
+        if self.is_postgres() {
+            return Ok(self
+                .db
+                .prepare_cached("SELECT value FROM meta WHERE key = 'data_version'")?
+                .query_row((), |r| r.get(0))?);
+        }
         // Asked on every token request: the prepared statement is kept.
         Ok(self
             .db

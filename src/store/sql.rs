@@ -19,14 +19,17 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use postgres::types::{IsNull, ToSql as PgToSql, Type, to_sql_checked};
-pub use rusqlite::TransactionBehavior;
 pub use rusqlite::ToSql;
+pub use rusqlite::TransactionBehavior;
 pub use rusqlite::types::{FromSql, Value, ValueRef};
+use tokio_postgres::types::{IsNull, ToSql as PgToSql, Type, to_sql_checked};
 
 /// The advisory lock every PostgreSQL write transaction holds until it
 /// ends: "acutoken" in ASCII, so it is recognisable in `pg_locks`.
 pub(crate) const WRITE_LOCK: i64 = 0x6163_7574_6f6b_656e;
+
+/// Moves the data version (see [`Transaction::commit`]).
+const DATA_VERSION_BUMP: &str = "UPDATE meta SET value = value + 1 WHERE key = 'data_version'";
 
 /// Statements kept prepared per PostgreSQL connection before the cache is
 /// emptied (the store has a few dozen distinct statements).
@@ -40,7 +43,7 @@ pub enum Error {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error("{}", pg_message(.0))]
-    Pg(#[from] postgres::Error),
+    Pg(#[from] tokio_postgres::Error),
     /// A PostgreSQL transaction an earlier statement aborted: its commit
     /// would have been a rollback.
     #[error("the transaction was aborted by an earlier error and rolled back")]
@@ -49,13 +52,18 @@ pub enum Error {
 
 /// A PostgreSQL error in one line: the server's message (with its detail),
 /// or the client's. Parameters are never part of it.
-pub(crate) fn pg_message(e: &postgres::Error) -> String {
+pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => match db.detail() {
             Some(d) => format!("{} ({d})", db.message()),
             None => db.message().to_string(),
         },
-        None => e.to_string(),
+        // The client's own words are terse ("error serializing parameter
+        // 4"); the cause says what.
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 
@@ -68,7 +76,7 @@ impl Error {
             Error::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
                 e.code == rusqlite::ErrorCode::ConstraintViolation
             }
-            Error::Pg(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
+            Error::Pg(e) => e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
             _ => false,
         }
     }
@@ -152,8 +160,11 @@ enum Conn {
 }
 
 pub(crate) struct Pg {
-    client: RefCell<postgres::Client>,
-    statements: RefCell<HashMap<String, postgres::Statement>>,
+    client: tokio_postgres::Client,
+    /// The thread that drives the connection's socket; it ends when the
+    /// client is dropped.
+    driver: Option<std::thread::JoinHandle<()>>,
+    statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
     /// Inside a transaction, a statement failed and no savepoint has been
     /// rolled back to since: PostgreSQL refuses everything but a rollback.
     aborted: Cell<bool>,
@@ -164,9 +175,14 @@ impl Db {
         Db(Conn::Sqlite(conn))
     }
 
-    pub fn postgres(client: postgres::Client) -> Db {
+    /// A PostgreSQL connection: `client`, whose socket `driver` drives.
+    pub(crate) fn postgres(
+        client: tokio_postgres::Client,
+        driver: std::thread::JoinHandle<()>,
+    ) -> Db {
         Db(Conn::Pg(Pg {
-            client: RefCell::new(client),
+            client,
+            driver: Some(driver),
             statements: RefCell::new(HashMap::new()),
             aborted: Cell::new(false),
         }))
@@ -255,6 +271,7 @@ impl Db {
         Ok(Transaction {
             db: self,
             open: Cell::new(true),
+            writes: !matches!(behavior, TransactionBehavior::Deferred),
         })
     }
 
@@ -279,7 +296,7 @@ impl Db {
     pub fn is_autocommit(&self) -> bool {
         match &self.0 {
             Conn::Sqlite(c) => c.is_autocommit(),
-            Conn::Pg(pg) => pg.client.borrow().is_closed(),
+            Conn::Pg(pg) => pg.client.is_closed(),
         }
     }
 
@@ -288,7 +305,14 @@ impl Db {
     pub fn close(self) -> Result<()> {
         match self.0 {
             Conn::Sqlite(c) => c.close().map_err(|(_, e)| e.into()),
-            Conn::Pg(pg) => Ok(pg.client.into_inner().close()?),
+            Conn::Pg(mut pg) => {
+                let driver = pg.driver.take();
+                drop(pg);
+                if let Some(d) = driver {
+                    let _ = d.join();
+                }
+                Ok(())
+            }
         }
     }
 
@@ -296,14 +320,14 @@ impl Db {
     pub fn is_closed(&self) -> bool {
         match &self.0 {
             Conn::Sqlite(_) => false,
-            Conn::Pg(pg) => pg.client.borrow().is_closed(),
+            Conn::Pg(pg) => pg.client.is_closed(),
         }
     }
 }
 
 impl Pg {
     fn batch(&self, sql: &str) -> Result<()> {
-        let out = self.client.borrow_mut().batch_execute(sql);
+        let out = block_on(self.client.batch_execute(sql));
         match &out {
             Ok(()) if sql.starts_with("ROLLBACK TO") => self.aborted.set(false),
             Ok(()) => {}
@@ -318,11 +342,8 @@ impl Pg {
         let stmt = match cached {
             Some(s) => s,
             None => {
-                let s = self
-                    .client
-                    .borrow_mut()
-                    .prepare(&text)
-                    .inspect_err(|_| self.aborted.set(true))?;
+                let s =
+                    block_on(self.client.prepare(&text)).inspect_err(|_| self.aborted.set(true))?;
                 let mut cache = self.statements.borrow_mut();
                 if cache.len() >= PG_STATEMENTS {
                     cache.clear();
@@ -338,27 +359,54 @@ impl Pg {
         }))
     }
 
-    fn run(&self, stmt: &postgres::Statement, values: &[&dyn ToSql]) -> Result<Vec<postgres::Row>> {
+    fn run(
+        &self,
+        stmt: &tokio_postgres::Statement,
+        values: &[&dyn ToSql],
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let params = pg_params(values)?;
         let refs: Vec<&(dyn PgToSql + Sync)> =
             params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
-        Ok(self
-            .client
-            .borrow_mut()
-            .query(stmt, &refs)
-            .inspect_err(|_| self.aborted.set(true))?)
+        Ok(block_on(self.client.query(stmt, &refs)).inspect_err(|_| self.aborted.set(true))?)
     }
 
-    fn execute(&self, stmt: &postgres::Statement, values: &[&dyn ToSql]) -> Result<usize> {
+    fn execute(&self, stmt: &tokio_postgres::Statement, values: &[&dyn ToSql]) -> Result<usize> {
         let params = pg_params(values)?;
         let refs: Vec<&(dyn PgToSql + Sync)> =
             params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
-        let n = self
-            .client
-            .borrow_mut()
-            .execute(stmt, &refs)
-            .inspect_err(|_| self.aborted.set(true))?;
+        let n =
+            block_on(self.client.execute(stmt, &refs)).inspect_err(|_| self.aborted.set(true))?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+}
+
+/// Waits for `f` on this thread. The client's futures only wait on the
+/// channel to the connection's own thread, so any thread may wait on them:
+/// a store call blocks its caller on PostgreSQL as it does on SQLite.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::task::{Context, Poll, Wake};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // Dropping the client ends the driver; it is not waited for here
+        // (a store dropped on an async thread must not block on it).
+        self.driver.take();
     }
 }
 
@@ -366,6 +414,8 @@ impl Pg {
 pub struct Transaction<'c> {
     db: &'c Db,
     open: Cell<bool>,
+    /// Began as a write transaction.
+    writes: bool,
 }
 
 impl std::ops::Deref for Transaction<'_> {
@@ -384,6 +434,13 @@ impl Transaction<'_> {
             // PostgreSQL would answer COMMIT with a silent rollback.
             let _ = pg.batch("ROLLBACK");
             return Err(Error::Aborted);
+        }
+        if let Conn::Pg(pg) = &self.db.0
+            && self.writes
+        {
+            // SQLite's `data_version` in PostgreSQL: every write transaction
+            // moves it, so a reader's cache knows the store changed.
+            pg.batch(DATA_VERSION_BUMP)?;
         }
         self.db.execute_batch("COMMIT")
     }
@@ -414,7 +471,7 @@ enum Stmt<'c> {
     Sqlite(rusqlite::Statement<'c>),
     Pg {
         pg: &'c Pg,
-        stmt: postgres::Statement,
+        stmt: tokio_postgres::Statement,
         /// Values bound one by one ([`Statement::raw_bind_parameter`]).
         bound: Vec<Value>,
     },
@@ -519,7 +576,10 @@ pub struct Rows<'s>(RowsOf<'s>);
 
 enum RowsOf<'s> {
     Sqlite(rusqlite::Rows<'s>),
-    Pg { rows: Vec<postgres::Row>, at: usize },
+    Pg {
+        rows: Vec<tokio_postgres::Row>,
+        at: usize,
+    },
 }
 
 impl Rows<'_> {
@@ -561,7 +621,7 @@ pub struct Row<'r>(RowOf<'r>);
 
 enum RowOf<'r> {
     Sqlite(&'r rusqlite::Row<'r>),
-    Pg(&'r postgres::Row),
+    Pg(&'r tokio_postgres::Row),
 }
 
 /// A column position (rusqlite also takes names; the store never does).
@@ -585,20 +645,14 @@ impl Row<'_> {
                 let v = self.get_ref(i)?;
                 T::column_result(v).map_err(|e| match e {
                     rusqlite::types::FromSqlError::InvalidType => {
-                        rusqlite::Error::InvalidColumnType(
-                            i,
-                            self.name(i),
-                            v.data_type(),
-                        )
+                        rusqlite::Error::InvalidColumnType(i, self.name(i), v.data_type())
                     }
                     rusqlite::types::FromSqlError::OutOfRange(n) => {
                         rusqlite::Error::IntegralValueOutOfRange(i, n)
                     }
-                    other => rusqlite::Error::FromSqlConversionFailure(
-                        i,
-                        v.data_type(),
-                        Box::new(other),
-                    ),
+                    other => {
+                        rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(other))
+                    }
                 })
             }
         }
@@ -630,12 +684,12 @@ impl Row<'_> {
     }
 }
 
-fn pg_value(r: &postgres::Row, i: usize) -> rusqlite::Result<ValueRef<'_>> {
+fn pg_value(r: &tokio_postgres::Row, i: usize) -> rusqlite::Result<ValueRef<'_>> {
     let Some(col) = r.columns().get(i) else {
         return Err(rusqlite::Error::InvalidColumnIndex(i));
     };
     let ty = col.type_().clone();
-    let bad = |e: postgres::Error| {
+    let bad = |e: tokio_postgres::Error| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Null, Box::new(e))
     };
     let v = if ty == Type::INT8 {
@@ -789,7 +843,10 @@ mod tests {
             to_postgres("SELECT a FROM t WHERE b = ?1 AND c = ?12 AND d = '?3'"),
             "SELECT a FROM t WHERE b = $1 AND c = $12 AND d = '?3'"
         );
-        assert_eq!(to_postgres("VALUES (?, ?), (?, ?)"), "VALUES ($1, $2), ($3, $4)");
+        assert_eq!(
+            to_postgres("VALUES (?, ?), (?, ?)"),
+            "VALUES ($1, $2), ($3, $4)"
+        );
         assert_eq!(
             to_postgres("INSERT OR ROLLBACK INTO t (a) VALUES (?1)"),
             "INSERT INTO t (a) VALUES ($1)"

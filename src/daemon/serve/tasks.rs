@@ -61,7 +61,11 @@ pub(super) fn spawn_store_watcher(
     let mut seq = st.change_seq()?;
     let mut version = st.data_version()?;
     let clock = clock.clone();
-    let mut watch = crate::daemon::watch::StoreWatch::new(st.path());
+    let mut watch = if st.is_postgres() {
+        crate::daemon::watch::StoreWatch::polling()
+    } else {
+        crate::daemon::watch::StoreWatch::new(st.path())
+    };
     tasks.spawn(async move {
         let mut last_prune = clock.now();
         loop {

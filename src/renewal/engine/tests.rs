@@ -11,7 +11,7 @@ const TOKEN: &str = "access-token-value-1";
 
 struct Rig {
     _dir: tempfile::TempDir,
-    path: PathBuf,
+    path: crate::config::StoreTarget,
     keyring: Keyring,
     clock: ManualClock,
     engine: Engine,
@@ -19,7 +19,7 @@ struct Rig {
 
 impl Rig {
     fn open(&self) -> Store {
-        Store::open(&self.path, self.keyring.clone(), Create::No).unwrap()
+        crate::store::testing::open(&self.path, self.keyring.clone(), Create::No).unwrap()
     }
 
     async fn answer(&self) -> Option<String> {
@@ -34,11 +34,11 @@ impl Rig {
 /// engine with the token cache on.
 fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("acutoken.db");
+    let path = crate::store::testing::target(dir.path());
     let keyring = Keyring::new(Key::generate(), Vec::new());
     let now = chrono::Utc::now();
     let clock = ManualClock::new(now);
-    let mut st = Store::open(&path, keyring.clone(), Create::Yes).unwrap();
+    let mut st = crate::store::testing::open(&path, keyring.clone(), Create::Yes).unwrap();
     let conn = Connection {
         id: Uuid::new_v4(),
         name: "acme".into(),
@@ -92,7 +92,7 @@ fn rig() -> Rig {
         limits: crate::renewal::limits::Limits::new(16, 2),
         hooks: Arc::new(NoHooks),
     });
-    let reads = Store::open(&path, keyring.clone(), Create::No).unwrap();
+    let reads = crate::store::testing::open(&path, keyring.clone(), Create::No).unwrap();
     engine.cache_tokens(reads);
     Rig {
         _dir: dir,

@@ -211,7 +211,7 @@ pub fn record_success(
         "INSERT INTO alert_deliveries (alert_id, channel, revision, status, sent_at, sends)
          SELECT ?1, ?2, ?3, ?4, ?5, 1 WHERE EXISTS (SELECT 1 FROM alerts WHERE id = ?1)
          ON CONFLICT (alert_id, channel) DO UPDATE SET revision = excluded.revision,
-            status = excluded.status, sent_at = excluded.sent_at, sends = sends + 1",
+            status = excluded.status, sent_at = excluded.sent_at, sends = alert_deliveries.sends + 1",
     )?;
     for a in accepted {
         stmt.execute(params![

@@ -187,8 +187,9 @@ pub fn digest_data(st: &Store, limit: usize) -> Result<DigestData, StoreError> {
 /// Messages each channel has accepted, counting repeats (metrics).
 pub fn delivered_counts(st: &Store) -> Result<BTreeMap<String, u64>, StoreError> {
     let db = st.db();
-    let mut stmt =
-        db.prepare("SELECT channel, CAST(SUM(sends) AS BIGINT) FROM alert_deliveries GROUP BY channel")?;
+    let mut stmt = db.prepare(
+        "SELECT channel, CAST(SUM(sends) AS BIGINT) FROM alert_deliveries GROUP BY channel",
+    )?;
     let rows = stmt.query_map((), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     let mut out = BTreeMap::new();
     for r in rows {

@@ -19,7 +19,12 @@ const CHANNEL: &str = "ops";
 
 fn store(dir: &tempfile::TempDir) -> Store {
     let keyring = Keyring::new(Key::generate(), vec![]);
-    let mut st = Store::open(&dir.path().join("acutoken.db"), keyring, Create::Yes).unwrap();
+    let mut st = crate::store::testing::open(
+        &crate::store::testing::target(dir.path()),
+        keyring,
+        Create::Yes,
+    )
+    .unwrap();
     st.write(|tx, _| sync_channels(tx, &[(CHANNEL.into(), "webhook".into())]))
         .unwrap();
     st

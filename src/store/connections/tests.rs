@@ -44,7 +44,12 @@ fn new_connection(i: usize) -> NewConnection {
 
 fn store(dir: &tempfile::TempDir) -> Store {
     let keyring = Keyring::new(Key::generate(), vec![]);
-    Store::open(&dir.path().join("acutoken.db"), keyring, Create::Yes).unwrap()
+    crate::store::testing::open(
+        &crate::store::testing::target(dir.path()),
+        keyring,
+        Create::Yes,
+    )
+    .unwrap()
 }
 
 /// Two handles on one shared keyring: switching it through one switches
@@ -53,11 +58,11 @@ fn store(dir: &tempfile::TempDir) -> Store {
 #[test]
 fn a_shared_keyring_switches_every_handle_and_passes_reseal_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("acutoken.db");
+    let path = crate::store::testing::target(dir.path());
     let old = Key::generate();
     let shared = crate::store::SharedKeyring::new(Keyring::new(old.clone(), vec![]));
-    let mut engine = Store::open_shared(&path, &shared, Create::Yes).unwrap();
-    let reads = Store::open_shared(&path, &shared, Create::No).unwrap();
+    let mut engine = Store::open_target(&path, &shared, Create::Yes).unwrap();
+    let reads = Store::open_target(&path, &shared, Create::No).unwrap();
     let news: Vec<NewConnection> = (0..25).map(new_connection).collect();
     let now = chrono::Utc::now();
     engine
@@ -70,7 +75,7 @@ fn a_shared_keyring_switches_every_handle_and_passes_reseal_everything() {
     assert_eq!(reads.keyring().primary().id(), new.id());
     // A value written through the other handle now seals under the new key.
     let id = news[0].conn.id;
-    let mut writer = Store::open_shared(&path, reads.shared_keyring(), Create::No).unwrap();
+    let mut writer = Store::open_target(&path, reads.shared_keyring(), Create::No).unwrap();
     writer
         .write(|tx, kr| {
             set_secret(
@@ -95,7 +100,8 @@ fn a_shared_keyring_switches_every_handle_and_passes_reseal_everything() {
     assert_eq!(engine.reseal_all(10, |_| {}).unwrap(), 0);
     engine.retire_keys_except(&new).unwrap();
 
-    let alone = Store::open(&path, Keyring::new(new.clone(), vec![]), Create::No).unwrap();
+    let alone =
+        crate::store::testing::open(&path, Keyring::new(new.clone(), vec![]), Create::No).unwrap();
     for n in &news {
         assert_eq!(
             alone
@@ -114,7 +120,8 @@ fn a_shared_keyring_switches_every_handle_and_passes_reseal_everything() {
             .expose(),
         "fresh"
     );
-    let err = Store::open(&path, Keyring::new(old, vec![]), Create::No).unwrap_err();
+    let err =
+        crate::store::testing::open(&path, Keyring::new(old, vec![]), Create::No).unwrap_err();
     assert!(matches!(err, StoreError::RetiredKey { .. }), "{err}");
 }
 

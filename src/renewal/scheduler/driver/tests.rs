@@ -76,9 +76,9 @@ fn engine_with(
     names: &[&str],
 ) -> (tempfile::TempDir, Arc<Engine>, Vec<Uuid>) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("acutoken.db");
+    let path = crate::store::testing::target(dir.path());
     let keyring = Keyring::new(Key::generate(), vec![]);
-    let mut st = Store::open(&path, keyring, Create::Yes).unwrap();
+    let mut st = crate::store::testing::open(&path, keyring, Create::Yes).unwrap();
     let now = clock.now();
     let ids = names.iter().map(|n| add(&mut st, n, now)).collect();
     let config = Config::default();

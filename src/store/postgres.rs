@@ -1,0 +1,222 @@
+//! The store on PostgreSQL (DESIGN §10): connecting (TLS through rustls,
+//! the password from its file, never from the URL), and the schema.
+//!
+//! The tables are SQLite's, in PostgreSQL's types ([`schema`]); every
+//! statement is the same text on both engines ([`super::sql`]). Secrets are
+//! sealed by acutoken before they are sent, exactly as on SQLite: the
+//! server, its standbys and its backups only ever hold ciphertext.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::sql::{self, Db};
+use super::{StoreError, migrations};
+use crate::config::{PgTarget, PgTls};
+
+/// How long connecting may take, per host of the URL.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a statement waits for a lock (another process's write
+/// transaction) before the store reports itself busy, as SQLite's busy
+/// timeout does.
+const LOCK_TIMEOUT: &str = "10s";
+
+/// Opens one connection to the database `target` names.
+pub(super) fn connect(target: &PgTarget) -> Result<Db, StoreError> {
+    let unreachable = |what: String| {
+        StoreError::Unwritable(format!(
+            "the database {} cannot be reached: {what}",
+            target.display
+        ))
+    };
+    let mut config = tokio_postgres::Config::from_str(&target.url)
+        .map_err(|e| StoreError::Postgres(format!("store.url: {e}")))?;
+    config
+        .application_name("acutoken")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
+    if let Some(password) = &target.password {
+        config.password(password.expose().as_bytes());
+    }
+    let tls = match &target.tls {
+        PgTls::Disable => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            None
+        }
+        PgTls::Verify { root_cert } => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(
+                root_cert.as_deref(),
+            )?))
+        }
+    };
+    // The socket is driven by a thread of its own, so that a store call may
+    // wait for its answer from any thread, async or not.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let driver = std::thread::Builder::new()
+        .name("store-pg".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                macro_rules! drive {
+                    ($connected:expr) => {
+                        match $connected {
+                            Ok((client, connection)) => {
+                                let _ = tx.send(Ok(client));
+                                // Ends with an error or when the client is dropped.
+                                let _ = connection.await;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(sql::pg_message(&e)));
+                            }
+                        }
+                    };
+                }
+                match tls {
+                    None => drive!(config.connect(tokio_postgres::NoTls).await),
+                    Some(tls) => drive!(config.connect(tls).await),
+                }
+            });
+        })
+        .map_err(|e| unreachable(e.to_string()))?;
+    let client = rx
+        .recv()
+        .map_err(|_| unreachable("the connection thread stopped".into()))?
+        .map_err(unreachable)?;
+    let db = Db::postgres(client, driver);
+    db.execute_batch(&format!(
+        "SET lock_timeout = '{LOCK_TIMEOUT}'; SET idle_in_transaction_session_timeout = '60s'"
+    ))?;
+    Ok(db)
+}
+
+/// rustls with the Mozilla roots, or only the CA of `sslrootcert`: the
+/// server's certificate and host name are always verified.
+fn tls_config(root_cert: Option<&std::path::Path>) -> Result<rustls::ClientConfig, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => {
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    StoreError::Postgres(format!(
+                        "store.url: sslrootcert {} does not read as PEM certificates: {e}",
+                        path.display()
+                    ))
+                })?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    StoreError::Postgres(format!("store.url: sslrootcert {}: {e}", path.display()))
+                })?;
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Postgres(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The schema version the database is at: 0 for an empty database.
+pub(super) fn version(db: &Db) -> Result<i64, StoreError> {
+    let exists: bool = db.query_row(
+        "SELECT to_regclass('acutoken_schema') IS NOT NULL",
+        (),
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(0);
+    }
+    Ok(db.query_row("SELECT version FROM acutoken_schema", (), |r| r.get(0))?)
+}
+
+/// Brings the schema up to date. Every step runs under the store's write
+/// lock, so two processes starting at once on an empty database run each
+/// migration once: the second waits, then finds it done.
+pub(super) fn migrate(db: &Db) -> Result<(), StoreError> {
+    let known = migrations::MIGRATIONS.len() as i64;
+    loop {
+        let tx = db.transaction_with_behavior(sql::TransactionBehavior::Immediate)?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS acutoken_schema (version BIGINT NOT NULL)")?;
+        let version: Option<i64> = tx
+            .query_row("SELECT version FROM acutoken_schema", (), |r| r.get(0))
+            .map(Some)
+            .or_else(|e| if e.is_no_rows() { Ok(None) } else { Err(e) })?;
+        let at = version.unwrap_or(0);
+        if at >= known {
+            return Ok(tx.commit()?);
+        }
+        let step = migrations::MIGRATIONS[at as usize];
+        tx.execute_batch(&schema(step))?;
+        if at == 0 {
+            tx.execute_batch(POSTGRES_ONLY)?;
+        }
+        match version {
+            None => tx.execute(
+                "INSERT INTO acutoken_schema (version) VALUES (?1)",
+                [at + 1],
+            )?,
+            Some(_) => tx.execute("UPDATE acutoken_schema SET version = ?1", [at + 1])?,
+        };
+        tx.commit()?;
+    }
+}
+
+/// What SQLite has unasked: a `rowid` on every table (the store names a
+/// row whose id does not read by it), and `PRAGMA data_version`, which here
+/// is a counter every write transaction moves.
+const POSTGRES_ONLY: &str = "
+ALTER TABLE connections ADD COLUMN rowid BIGINT GENERATED BY DEFAULT AS IDENTITY UNIQUE;
+INSERT INTO meta (key, value) VALUES ('data_version', 0);
+";
+
+/// A migration in PostgreSQL's types: 64-bit integers, `bytea` for sealed
+/// values, an identity for SQLite's integer primary key, and names that
+/// sort by their bytes as SQLite sorts them.
+fn schema(sqlite: &str) -> String {
+    sqlite
+        .replace(
+            "INTEGER PRIMARY KEY",
+            "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+        )
+        .replace("INTEGER", "BIGINT")
+        .replace("BLOB", "BYTEA")
+        .replace(
+            "name                    TEXT NOT NULL UNIQUE",
+            "name TEXT COLLATE \"C\" NOT NULL UNIQUE",
+        )
+        // The authorization URL is sealed like a secret.
+        .replace(
+            "url           TEXT NOT NULL",
+            "url           BYTEA NOT NULL",
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schema;
+
+    #[test]
+    fn the_schema_uses_postgres_types_and_byte_order_for_names() {
+        let s = schema(super::migrations::MIGRATIONS[0]);
+        assert!(!s.contains("INTEGER") && !s.contains("BLOB"), "{s}");
+        assert!(s.contains("id            BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"));
+        assert!(s.contains("name TEXT COLLATE \"C\" NOT NULL UNIQUE"), "{s}");
+        assert!(s.contains("url           BYTEA NOT NULL"), "{s}");
+    }
+}
