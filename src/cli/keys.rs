@@ -42,18 +42,36 @@ pub fn generate(out: Option<&Path>) -> anyhow::Result<i32> {
 /// directly, holding that lock, when it does not.
 pub async fn rotate(ctx: &Ctx, new_key_file: &Path) -> anyhow::Result<i32> {
     let new = Key::from_file(new_key_file, KeySource::File(new_key_file.to_path_buf()))?;
-    let path = ctx.config.store_path();
-    if !path.exists() {
-        return Err(crate::store::StoreError::Missing { path }.into());
+    let target = ctx.config.store_target()?;
+    if let crate::config::StoreTarget::File(path) = &target
+        && !path.exists()
+    {
+        return Err(crate::store::StoreError::Missing { path: path.clone() }.into());
     }
     // The daemon's own lock, held to the end: a daemon started meanwhile is
     // refused (naming this process) instead of sealing under the retired key.
-    match crate::daemon::lock::StoreLock::acquire(&path) {
+    match crate::daemon::lock::StoreLock::acquire_target(&target) {
         Ok(lock) => rotate_offline(ctx, new_key_file, new, lock),
-        Err(crate::daemon::lock::LockError::Held { .. }) => {
+        Err(e) => {
+            let held = matches!(
+                e.downcast_ref::<crate::daemon::lock::LockError>(),
+                Some(crate::daemon::lock::LockError::Held { .. })
+            ) || matches!(
+                e.downcast_ref::<crate::store::StoreError>(),
+                Some(crate::store::StoreError::Served { .. })
+            );
+            if !held {
+                return Err(e);
+            }
+            if !ctx.config.socket_path().exists() {
+                // PostgreSQL: the daemon serving the store runs elsewhere.
+                anyhow::bail!(
+                    "{e}; its socket {} is not on this machine: run `acutoken key rotate` where that daemon runs",
+                    ctx.config.socket_path().display()
+                );
+            }
             rotate_through_daemon(ctx, new_key_file, new).await
         }
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -135,7 +153,8 @@ async fn rotate_through_daemon(ctx: &Ctx, new_key_file: &Path, new: Key) -> anyh
     use crate::daemon::client::call_with_body;
     let socket = ctx.config.socket_path();
     // The daemon replaces its key only for someone who holds it.
-    let current = crate::store::resolve_keyring(&ctx.config, &ctx.config.store_path(), false)?;
+    let current =
+        crate::store::resolve_keyring_for(&ctx.config, &ctx.config.store_target()?, false)?;
     let body = {
         let req = rotate::RotateRequest {
             key: new.to_base64().expose().to_string(),

@@ -104,7 +104,15 @@ impl Ctx {
 
     /// Opens the store; with `create`, makes it (and a key beside it when none exists).
     pub fn open_store(&self, create: Create) -> anyhow::Result<Store> {
-        let path = self.config.store_path();
+        let target = self.config.store_target()?;
+        let path = match &target {
+            crate::config::StoreTarget::File(path) => path.clone(),
+            crate::config::StoreTarget::Postgres(_) => {
+                let res = store::resolve_keyring_for(&self.config, &target, false)?;
+                let keyring = store::SharedKeyring::new(res.keyring);
+                return Ok(Store::open_target(&target, &keyring, create)?);
+            }
+        };
         if create == Create::No && !path.exists() {
             return Err(store::StoreError::Missing { path }.into());
         }

@@ -1,9 +1,12 @@
-//! DESIGN §3 invariant 3: one daemon per store, by an exclusive lock beside it.
+//! DESIGN §3 invariant 3: one daemon per store, by an exclusive lock beside
+//! the SQLite file, or by the store's serve lock on PostgreSQL.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use crate::config::StoreTarget;
 
 /// The lock file beside a store: `acutoken.db` -> `acutoken.db.lock`.
 pub fn lock_path(store: &Path) -> PathBuf {
@@ -28,14 +31,45 @@ pub enum LockError {
     },
 }
 
-/// The held lock; released when dropped (and by the kernel if the process dies).
+/// The held lock; released when dropped (and by the kernel, or the
+/// database server, if the process dies).
 #[derive(Debug)]
 pub struct StoreLock {
-    _file: File,
+    _held: Held,
     path: PathBuf,
 }
 
+#[derive(Debug)]
+enum Held {
+    File(#[allow(dead_code)] File),
+    Postgres(crate::store::postgres::ServeLock),
+}
+
 impl StoreLock {
+    /// Takes the lock of the store `target` names.
+    pub fn acquire_target(target: &StoreTarget) -> anyhow::Result<StoreLock> {
+        match target {
+            StoreTarget::File(path) => Ok(StoreLock::acquire(path)?),
+            StoreTarget::Postgres(pg) => {
+                let holder = crate::store::Owner::current("serve").as_str().to_string();
+                let lock = crate::store::postgres::ServeLock::acquire(pg, &holder)?;
+                Ok(StoreLock {
+                    _held: Held::Postgres(lock),
+                    path: PathBuf::from(format!("the serve lock of {}", pg.display)),
+                })
+            }
+        }
+    }
+
+    /// False once a PostgreSQL lock's session ended (the server restarted
+    /// or the network cut it): another daemon may then take the store.
+    pub fn is_held(&self) -> bool {
+        match &self._held {
+            Held::File(_) => true,
+            Held::Postgres(l) => l.is_held(),
+        }
+    }
+
     /// Takes the exclusive lock, writing who holds it into the file.
     pub fn acquire(store: &Path) -> Result<StoreLock, LockError> {
         let path = lock_path(store);
@@ -86,11 +120,25 @@ impl StoreLock {
         )
         .map_err(io)?;
         file.sync_all().map_err(io)?;
-        Ok(StoreLock { _file: file, path })
+        Ok(StoreLock {
+            _held: Held::File(file),
+            path,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// True when a daemon on this machine serves the store `target` names: on
+/// PostgreSQL, one holds the serve lock and this machine has its socket.
+pub fn held_target(target: &StoreTarget, socket: &Path) -> bool {
+    match target {
+        StoreTarget::File(path) => held(path),
+        StoreTarget::Postgres(pg) => {
+            socket.exists() && crate::store::postgres::served(pg).unwrap_or(false)
+        }
     }
 }
 

@@ -16,7 +16,10 @@ pub mod watch;
 
 use crate::config::Config;
 
-/// True when a daemon serves the configured store.
+/// True when a daemon on this machine serves the configured store.
 pub fn running(config: &Config) -> bool {
-    lock::held(&config.store_path())
+    match config.store_target() {
+        Ok(target) => lock::held_target(&target, &config.socket_path()),
+        Err(_) => lock::held(&config.store_path()),
+    }
 }

@@ -48,6 +48,32 @@ pub fn resolve_keyring(
     })
 }
 
+/// [`resolve_keyring`] for the store `target` names. A PostgreSQL store has
+/// no "beside": its key comes from the credential, `store.key_file` or
+/// `ACUTOKEN_KEY`, and none is ever generated for it (a key that only one
+/// machine holds would strand the replicated database).
+pub fn resolve_keyring_for(
+    config: &Config,
+    target: &crate::config::StoreTarget,
+    may_create: bool,
+) -> Result<KeyResolution, StoreError> {
+    let pg = match target {
+        crate::config::StoreTarget::File(path) => return resolve_keyring(config, path, may_create),
+        crate::config::StoreTarget::Postgres(pg) => pg,
+    };
+    let previous = previous_keys(config)?;
+    match explicit_primary(config)? {
+        Some(key) => Ok(KeyResolution {
+            keyring: Keyring::new(key, previous),
+            created: None,
+            explicit: true,
+        }),
+        None => Err(StoreError::NoPostgresKey {
+            store: pg.display.clone(),
+        }),
+    }
+}
+
 /// A key made for a store that is built apart ([`Store::build`]); its file
 /// beside the store is written by [`PendingKey::write`] when the store is
 /// published, so a build that fails leaves no key behind either.
@@ -113,12 +139,7 @@ fn resolve(
     store_path: &Path,
     may_create: bool,
 ) -> Result<(Option<KeyResolution>, Option<PendingKey>), StoreError> {
-    let previous = config
-        .store
-        .previous_key_files
-        .iter()
-        .map(|p| Key::from_file(p, KeySource::ConfigFile(p.clone())))
-        .collect::<Result<Vec<_>, _>>()?;
+    let previous = previous_keys(config)?;
     let found = find_primary(config, store_path)?;
     if let Some((key, explicit)) = found {
         let res = KeyResolution {
@@ -146,27 +167,18 @@ fn resolve(
     ))
 }
 
+fn previous_keys(config: &Config) -> Result<Vec<Key>, StoreError> {
+    Ok(config
+        .store
+        .previous_key_files
+        .iter()
+        .map(|p| Key::from_file(p, KeySource::ConfigFile(p.clone())))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)>, StoreError> {
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let p = Path::new(&dir).join("acutoken.key");
-        if p.exists() {
-            // systemd makes credentials readable by the service user only, but
-            // may give them mode 0400 or 0440 with a private group; trust it.
-            let text = crypto::read_key_text(&p, KeySource::Credential(p.clone()))?;
-            return Ok(Some((
-                Key::from_base64(&text, KeySource::Credential(p))?,
-                true,
-            )));
-        }
-    }
-    if let Some(p) = &config.store.key_file {
-        return Ok(Some((
-            Key::from_file(p, KeySource::ConfigFile(p.clone()))?,
-            true,
-        )));
-    }
-    if let Some(text) = crypto::key_from_env() {
-        return Ok(Some((Key::from_base64(&text, KeySource::Env)?, true)));
+    if let Some(key) = explicit_primary(config)? {
+        return Ok(Some((key, true)));
     }
     let p = beside(store_path);
     if p.exists() {
@@ -174,6 +186,27 @@ fn find_primary(config: &Config, store_path: &Path) -> Result<Option<(Key, bool)
             Key::from_file(&p, KeySource::BesideStore(p.clone()))?,
             false,
         )));
+    }
+    Ok(None)
+}
+
+/// The key from a source the operator named: the systemd credential,
+/// `store.key_file`, then `ACUTOKEN_KEY`.
+fn explicit_primary(config: &Config) -> Result<Option<Key>, StoreError> {
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let p = Path::new(&dir).join("acutoken.key");
+        if p.exists() {
+            // systemd makes credentials readable by the service user only, but
+            // may give them mode 0400 or 0440 with a private group; trust it.
+            let text = crypto::read_key_text(&p, KeySource::Credential(p.clone()))?;
+            return Ok(Some(Key::from_base64(&text, KeySource::Credential(p))?));
+        }
+    }
+    if let Some(p) = &config.store.key_file {
+        return Ok(Some(Key::from_file(p, KeySource::ConfigFile(p.clone()))?));
+    }
+    if let Some(text) = crypto::key_from_env() {
+        return Ok(Some(Key::from_base64(&text, KeySource::Env)?));
     }
     Ok(None)
 }

@@ -17,7 +17,7 @@ mod fresh;
 mod handle;
 pub mod keys;
 mod migrations;
-mod postgres;
+pub mod postgres;
 pub mod refresh;
 pub mod sql;
 #[cfg(test)]
@@ -47,6 +47,7 @@ pub use fresh::{Fresh, Leftovers};
 pub use handle::{BATCH_MAX, StoreHandle, WriterStats};
 pub use keys::{
     KeyResolution, PendingKey, SharedKeyring, resolve_keyring, resolve_keyring_deferred,
+    resolve_keyring_for,
 };
 
 /// How long a writer waits for another process's lock before giving up.
@@ -80,6 +81,16 @@ pub enum StoreError {
         "the store {path} exists but no key was found (looked in $CREDENTIALS_DIRECTORY/acutoken.key, store.key_file, ACUTOKEN_KEY and {beside}): supply the key it was created with"
     )]
     NoKey { path: PathBuf, beside: PathBuf },
+    /// A PostgreSQL store takes its key only from a source the operator names.
+    #[error(
+        "no key for the store {store}: a store on PostgreSQL takes its key from the systemd credential acutoken.key, store.key_file or ACUTOKEN_KEY (the same key on every machine that serves it); make one with `acutoken key generate --out FILE`, or use the key of the SQLite store you copy from"
+    )]
+    NoPostgresKey { store: String },
+    /// Another daemon serves this PostgreSQL store.
+    #[error(
+        "another acutoken daemon serves the store {store} ({holder}): stop it first; one daemon serves a store"
+    )]
+    Served { store: String, holder: String },
     /// The file was made by a newer acutoken: upgrade the binary.
     #[error(
         "the store {path} has schema version {found}, newer than this acutoken knows ({known}): upgrade acutoken"

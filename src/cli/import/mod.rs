@@ -54,10 +54,17 @@ pub(super) fn import(ctx: &Ctx, file: &Path, now: Timestamp) -> anyhow::Result<i
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let path = ctx.config.store_path();
-    let (outcome, new_key) = if path.exists() {
+    // A PostgreSQL store is written in place, in one transaction, whether
+    // its database is new or not; a SQLite store that does not exist yet is
+    // built apart and published whole.
+    let on_postgres = matches!(
+        ctx.config.store_target()?,
+        crate::config::StoreTarget::Postgres(_)
+    );
+    let (outcome, new_key) = if on_postgres || path.exists() {
         // Names already in the store are named with the other problems, so
         // one run lists every record to fix.
-        let mut st = ctx.open_store(Create::No)?;
+        let mut st = ctx.open_store(if on_postgres { Create::Yes } else { Create::No })?;
         let existing: HashSet<String> = st.names()?.into_iter().collect();
         (
             write_checked(&mut st, &text, &ctx.config, now, &existing)?,

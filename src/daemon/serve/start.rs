@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 use crate::alerts::{AlertFacts, AlertKind};
-use crate::config::Config;
+use crate::config::{Config, StoreTarget};
 use crate::daemon::lock::StoreLock;
 use crate::model::{Fault, Timestamp};
 use crate::renewal::engine::import_spilled;
@@ -19,7 +19,9 @@ use crate::store::{self, Create, SharedKeyring, Store, StoreHandle};
 
 /// The store as `serve` holds it: its path, its lock, and its keyring.
 pub(super) struct Opened {
+    /// The SQLite file, or the PostgreSQL database as messages name it.
     pub(super) path: PathBuf,
+    target: StoreTarget,
     /// Held until the daemon has stopped: one daemon per store.
     pub(super) lock: StoreLock,
     /// One keyring for every handle: a key rotation switches them all at once.
@@ -39,7 +41,7 @@ pub(super) struct Handles {
 impl Opened {
     /// Another handle on the same file and keyring.
     pub(super) fn open(&self, create: Create) -> Result<Store, store::StoreError> {
-        Store::open_shared(&self.path, &self.keyring, create)
+        Store::open_target(&self.target, &self.keyring, create)
     }
 }
 
@@ -48,8 +50,55 @@ impl Opened {
 /// store's directory, takes the store lock, and opens the handles. The lock
 /// comes before the first handle so that two daemons never share a store.
 pub(super) fn open_store(config: &Config) -> anyhow::Result<(Opened, Handles)> {
-    let path = config.store_path();
-    let keys = store::resolve_keyring(config, &path, false);
+    let target = config.store_target()?;
+    let (path, lock, keys) = match &target {
+        StoreTarget::File(path) => {
+            let (lock, keys) = lock_file_store(config, path)?;
+            (path.clone(), lock, keys)
+        }
+        StoreTarget::Postgres(pg) => {
+            // The key first: without it nothing is opened, and a wrong one
+            // is refused by the first handle before anything is written.
+            let keys = store::resolve_keyring_for(config, &target, false)?;
+            let lock = StoreLock::acquire_target(&target)?;
+            (PathBuf::from(&pg.display), lock, keys)
+        }
+    };
+    // One keyring for every handle: a key rotation switches them all at once.
+    let keyring = store::SharedKeyring::new(keys.keyring.clone());
+    let open = |create| Store::open_target(&target, &keyring, create);
+    let engine_store = open(Create::Yes)?;
+    if engine_store.registered_key_ids()?.len() > 1 {
+        // Only a rotation that stopped midway leaves two keys registered.
+        tracing::warn!(
+            "a key rotation did not finish (the store has more than one key): run `acutoken key rotate --new-key-file FILE` again with the same new key; until then a value it re-sealed opens only if that key is in store.previous_key_files"
+        );
+    }
+    let watcher_store = open(Create::No)?;
+    let alerts_store = open(Create::No)?;
+    Ok((
+        Opened {
+            path,
+            target: target.clone(),
+            lock,
+            keyring,
+        },
+        Handles {
+            engine: engine_store,
+            watcher: watcher_store,
+            alerts: alerts_store,
+        },
+    ))
+}
+
+/// The SQLite store's key and lock: a missing store is refused unless the
+/// key was given explicitly (an empty daemon is then intended); its
+/// directory is made; the lock is taken before the first handle opens.
+fn lock_file_store(
+    config: &Config,
+    path: &std::path::Path,
+) -> anyhow::Result<(StoreLock, store::KeyResolution)> {
+    let keys = store::resolve_keyring(config, path, false);
     if !path.exists() {
         match &keys {
             Ok(k) if k.explicit => {}
@@ -70,31 +119,7 @@ pub(super) fn open_store(config: &Config) -> anyhow::Result<(Opened, Handles)> {
             .create(dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let lock = StoreLock::acquire(&path)?;
-    // One keyring for every handle: a key rotation switches them all at once.
-    let keyring = store::SharedKeyring::new(keys.keyring.clone());
-    let open = |create| Store::open_shared(&path, &keyring, create);
-    let engine_store = open(Create::Yes)?;
-    if engine_store.registered_key_ids()?.len() > 1 {
-        // Only a rotation that stopped midway leaves two keys registered.
-        tracing::warn!(
-            "a key rotation did not finish (the store has more than one key): run `acutoken key rotate --new-key-file FILE` again with the same new key; until then a value it re-sealed opens only if that key is in store.previous_key_files"
-        );
-    }
-    let watcher_store = open(Create::No)?;
-    let alerts_store = open(Create::No)?;
-    Ok((
-        Opened {
-            path,
-            lock,
-            keyring,
-        },
-        Handles {
-            engine: engine_store,
-            watcher: watcher_store,
-            alerts: alerts_store,
-        },
-    ))
+    Ok((StoreLock::acquire(path)?, keys))
 }
 
 /// Imports the rotated tokens a previous run could not save and spilled
