@@ -53,6 +53,23 @@ pub enum Command {
     Key(KeyCommand),
     /// Write a consistent online copy of the store (mode 0600)
     Backup { file: PathBuf },
+    /// Move the store between SQLite and PostgreSQL
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy the whole store into a new one (all or nothing, sealed values stay sealed, the same key opens it); refused while a daemon serves the store
+    Copy {
+        /// A SQLite file that does not exist yet, or a PostgreSQL URL
+        /// (postgres://USER@HOST/DB, no password) whose database is empty
+        #[arg(long, value_name = "PATH_OR_URL")]
+        to: String,
+        /// The PostgreSQL password for --to (else the systemd credential acutoken.pgpass)
+        #[arg(long, value_name = "FILE")]
+        to_password_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,7 @@ mod io;
 mod keys;
 mod ops;
 mod status_text;
+mod store_copy;
 
 pub use io::print_table;
 
@@ -18,7 +19,7 @@ use anyhow::Context as _;
 use clap::Parser;
 
 pub use args::Cli;
-use args::{AlertCommand, Command, ConfigCommand, KeyCommand};
+use args::{AlertCommand, Command, ConfigCommand, KeyCommand, StoreCommand};
 
 use crate::config::Config;
 use crate::store::{self, Create, Store};
@@ -162,6 +163,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
+        Command::Store(StoreCommand::Copy {
+            to,
+            to_password_file,
+        }) => store_copy::run(&Ctx::load(explicit)?, &to, to_password_file.as_deref()),
         Command::Serve => ops::serve(explicit).await,
         Command::Demo { webhook } => demo::run(webhook).await,
         Command::Token { name, json } => ops::token(&Ctx::load(explicit)?, &name, json).await,

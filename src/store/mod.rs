@@ -11,6 +11,7 @@ pub mod authorizations;
 pub mod blocking;
 pub mod claims;
 pub mod connections;
+pub mod copy;
 pub mod edits;
 pub mod events;
 mod fresh;
@@ -489,6 +490,19 @@ impl Store {
                 path: dest.to_path_buf(),
                 error: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
             });
+        }
+        if self.is_postgres() {
+            // PostgreSQL's own backups are the server's; this writes the
+            // store as a SQLite file any acutoken opens with the same key.
+            let copied = Store::open_shared(dest, &self.keyring, Create::Yes).and_then(|mut to| {
+                to.write(|tx, _| copy::copy_into(self, tx, |_| {}))?;
+                to.db.close()?;
+                Ok(())
+            });
+            if copied.is_err() {
+                let _ = fs::remove_file(dest);
+            }
+            return copied;
         }
         create_file(dest)?;
         let quoted = dest.to_string_lossy().replace('\'', "''");

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::config::{PgTarget, PgTls, StoreTarget};
 use crate::secret::Secret;
 
-const MISSING: &str = "ACUTOKEN_TEST_STORE=postgres needs a server: run `.ci/pg start` and source /tmp/acutoken-pg/env (see README, Testing)";
+const MISSING: &str = "this test needs a PostgreSQL server: run `.ci/pg start` and source /tmp/acutoken-pg/env (see README, Testing)";
 
 /// True when this run keeps its stores on PostgreSQL.
 pub(crate) fn on_postgres() -> bool {
@@ -22,6 +22,13 @@ pub(crate) fn target(dir: &Path) -> StoreTarget {
     if !on_postgres() {
         return StoreTarget::File(dir.join("acutoken.db"));
     }
+    postgres_target()
+}
+
+/// A new, empty database on the test server, whatever this run's engine:
+/// for the tests of what goes between the two (`store copy`). Fails, saying
+/// what to do, when no server was started.
+pub(crate) fn postgres_target() -> StoreTarget {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let env = |name: &str| {
         std::env::var(name).unwrap_or_else(|_| panic!("{MISSING} ({name} is not set)"))

@@ -14,7 +14,7 @@ mod reseal;
 mod write;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub(super) use decode::from_row;
 pub use read::{Changes, get_by_id_tx, get_tx, read_by_id_tx};

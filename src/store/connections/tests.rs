@@ -13,7 +13,7 @@ use crate::model::{Connection, Mode, NewConnection, State};
 use crate::secret::Secret;
 use crate::store::{Create, Store, StoreError};
 
-fn new_connection(i: usize) -> NewConnection {
+pub(crate) fn new_connection(i: usize) -> NewConnection {
     NewConnection {
         conn: Connection {
             id: Uuid::new_v4(),
