@@ -2,6 +2,7 @@
 //! `api.listen` behind bearer tokens.
 
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
@@ -27,7 +28,7 @@ pub struct Api {
     /// A separate read connection, so listing never waits behind a refresh's write.
     pub store: StoreHandle,
     pub config: tokio::sync::watch::Receiver<Arc<Config>>,
-    pub ready: Arc<AtomicBool>,
+    pub ready: Arc<Readiness>,
     pub scheduler: tokio::sync::watch::Receiver<crate::renewal::scheduler::Snapshot>,
     /// Bearer tokens for `api.listen` (re-read on SIGHUP).
     pub tokens: Arc<std::sync::RwLock<Vec<Secret>>>,
@@ -117,21 +118,61 @@ fn routes(api: Api) -> Router {
         .with_state(api)
 }
 
+/// What `/readyz` answers: ready once started, until stopping begins, and
+/// while the store's database can be reached (PostgreSQL; a SQLite file is
+/// always there).
+#[derive(Debug, Default)]
+pub struct Readiness {
+    started: AtomicBool,
+    /// Why the store cannot be reached now, if it cannot.
+    store_down: Mutex<Option<String>>,
+}
+
+impl Readiness {
+    pub fn set_started(&self, started: bool) {
+        self.started.store(started, Ordering::SeqCst);
+    }
+
+    /// Records whether the store can be reached; true when that changed.
+    pub fn set_store_down(&self, why: Option<String>) -> bool {
+        let mut down = self.store_down.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = down.is_some() != why.is_some();
+        *down = why;
+        changed
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+            && self
+                .store_down
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+    }
+
+    fn answer(&self) -> (StatusCode, String) {
+        if !self.started.load(Ordering::SeqCst) {
+            return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into());
+        }
+        match &*self.store_down.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => (StatusCode::OK, "ready\n".into()),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the store cannot be reached: {why}\n"),
+            ),
+        }
+    }
+}
+
 /// `/healthz` and `/readyz` (also on the metrics listener).
-pub fn health_routes<S: Clone + Send + Sync + 'static>(ready: Arc<AtomicBool>) -> Router<S> {
+pub fn health_routes<S: Clone + Send + Sync + 'static>(ready: Arc<Readiness>) -> Router<S> {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
                 let ready = ready.clone();
-                async move {
-                    if ready.load(Ordering::SeqCst) {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
-                    }
-                }
+                async move { ready.answer() }
             }),
         )
 }
@@ -341,7 +382,7 @@ pub async fn current_status(api: &Api) -> Result<status::Status, StoreError> {
     let info = DaemonInfo {
         running: true,
         pid: Some(std::process::id()),
-        ready: api.ready.load(Ordering::SeqCst),
+        ready: api.ready.is_ready(),
         unsaved_tokens: api.engine.unsaved(),
         scheduled: snap.scheduled,
         refreshing: snap.running,

@@ -42,7 +42,24 @@ pub struct StoreLock {
 #[derive(Debug)]
 enum Held {
     File(#[allow(dead_code)] File),
-    Postgres(crate::store::postgres::ServeLock),
+    Postgres {
+        lock: std::sync::Mutex<crate::store::postgres::ServeLock>,
+        target: crate::config::PgTarget,
+        holder: String,
+    },
+}
+
+/// What [`StoreLock::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockHealth {
+    /// Held, by this process.
+    Held,
+    /// Its session had ended (a database restart or failover); taken again.
+    Renewed,
+    /// The database cannot be reached: the lock cannot be known.
+    Unreachable(String),
+    /// Another daemon took the store while this one was cut off.
+    TakenBy(String),
 }
 
 impl StoreLock {
@@ -54,19 +71,39 @@ impl StoreLock {
                 let holder = crate::store::Owner::current("serve").as_str().to_string();
                 let lock = crate::store::postgres::ServeLock::acquire(pg, &holder)?;
                 Ok(StoreLock {
-                    _held: Held::Postgres(lock),
+                    _held: Held::Postgres {
+                        lock: std::sync::Mutex::new(lock),
+                        target: pg.clone(),
+                        holder,
+                    },
                     path: PathBuf::from(format!("the serve lock of {}", pg.display)),
                 })
             }
         }
     }
 
-    /// False once a PostgreSQL lock's session ended (the server restarted
-    /// or the network cut it): another daemon may then take the store.
-    pub fn is_held(&self) -> bool {
-        match &self._held {
-            Held::File(_) => true,
-            Held::Postgres(l) => l.is_held(),
+    /// Whether the lock is still held, taking it again when its session
+    /// ended and nobody else took it meanwhile. Blocks (asks the database).
+    pub fn check(&self) -> LockHealth {
+        let Held::Postgres {
+            lock,
+            target,
+            holder,
+        } = &self._held
+        else {
+            return LockHealth::Held;
+        };
+        let mut lock = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if lock.is_held() {
+            return LockHealth::Held;
+        }
+        match crate::store::postgres::ServeLock::acquire(target, holder) {
+            Ok(again) => {
+                *lock = again;
+                LockHealth::Renewed
+            }
+            Err(crate::store::StoreError::Served { holder, .. }) => LockHealth::TakenBy(holder),
+            Err(e) => LockHealth::Unreachable(e.to_string()),
         }
     }
 

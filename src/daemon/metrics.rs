@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use axum::Router;
@@ -139,7 +138,7 @@ impl Metrics {
     }
 
     /// `/metrics`, `/healthz`, `/readyz`.
-    pub fn router(&self, ready: Arc<AtomicBool>) -> Router {
+    pub fn router(&self, ready: Arc<super::api::Readiness>) -> Router {
         let me = self.clone();
         Router::new()
             .route(

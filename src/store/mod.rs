@@ -157,6 +157,7 @@ impl From<sql::Error> for StoreError {
             sql::Error::Sqlite(e) => e.into(),
             sql::Error::Pg(e) => from_postgres(&e),
             sql::Error::Aborted => StoreError::Postgres(sql::Error::Aborted.to_string()),
+            sql::Error::Unreachable(why) => StoreError::Unwritable(why),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::sql::{self, Db};
+use super::sql::{self, Db, Session};
 use super::{StoreError, migrations};
 use crate::config::{PgTarget, PgTls};
 
@@ -22,16 +22,26 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// timeout does.
 const LOCK_TIMEOUT: &str = "10s";
 
-/// Opens one connection to the database `target` names.
+/// Opens one connection to the database `target` names. It opens a new
+/// session by itself when its session ends (a restart, a failover to the
+/// host `target_session_attrs` picks, a cut network), between transactions.
 pub(crate) fn connect(target: &PgTarget) -> Result<Db, StoreError> {
-    let unreachable = |what: String| {
-        StoreError::Unwritable(format!(
-            "the database {} cannot be reached: {what}",
-            target.display
-        ))
-    };
-    let mut config = tokio_postgres::Config::from_str(&target.url)
-        .map_err(|e| StoreError::Postgres(format!("store.url: {e}")))?;
+    let session = open_session(target).map_err(StoreError::Unwritable)?;
+    let again = target.clone();
+    Ok(Db::postgres(
+        session,
+        Box::new(move || open_session(&again)),
+    ))
+}
+
+/// One session: connected, its socket driven by a thread of its own (so a
+/// store call may wait for its answer from any thread, async or not), and
+/// set up. The error says why the database cannot be reached.
+fn open_session(target: &PgTarget) -> Result<Session, String> {
+    let unreachable =
+        |what: String| format!("the database {} cannot be reached: {what}", target.display);
+    let mut config =
+        tokio_postgres::Config::from_str(&target.url).map_err(|e| format!("store.url: {e}"))?;
     config
         .application_name("acutoken")
         .connect_timeout(CONNECT_TIMEOUT)
@@ -47,13 +57,11 @@ pub(crate) fn connect(target: &PgTarget) -> Result<Db, StoreError> {
         }
         PgTls::Verify { root_cert } => {
             config.ssl_mode(tokio_postgres::config::SslMode::Require);
-            Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(
-                root_cert.as_deref(),
-            )?))
+            Some(tokio_postgres_rustls::MakeRustlsConnect::new(
+                tls_config(root_cert.as_deref()).map_err(|e| e.to_string())?,
+            ))
         }
     };
-    // The socket is driven by a thread of its own, so that a store call may
-    // wait for its answer from any thread, async or not.
     let (tx, rx) = std::sync::mpsc::channel();
     let driver = std::thread::Builder::new()
         .name("store-pg".into())
@@ -94,11 +102,13 @@ pub(crate) fn connect(target: &PgTarget) -> Result<Db, StoreError> {
         .recv()
         .map_err(|_| unreachable("the connection thread stopped".into()))?
         .map_err(unreachable)?;
-    let db = Db::postgres(client, driver);
-    db.execute_batch(&format!(
+    let session = Session { client, driver };
+    let setup = format!(
         "SET lock_timeout = '{LOCK_TIMEOUT}'; SET idle_in_transaction_session_timeout = '60s'"
-    ))?;
-    Ok(db)
+    );
+    sql::block_on(session.client.batch_execute(&setup))
+        .map_err(|e| unreachable(sql::pg_message(&e)))?;
+    Ok(session)
 }
 
 /// rustls with the Mozilla roots, or only the CA of `sslrootcert`: the
@@ -210,6 +220,96 @@ fn schema(sqlite: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::schema;
+    use crate::config::StoreTarget;
+    use crate::store::{Create, Store, testing};
+
+    fn ends_every_session_of(target: &StoreTarget) {
+        let StoreTarget::Postgres(pg) = target else {
+            unreachable!("a PostgreSQL target")
+        };
+        let db_name = pg.display.rsplit('/').next().unwrap().to_string();
+        let admin = testing::admin();
+        let ended: i64 = admin
+            .query_row(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = ?1 AND pid <> pg_backend_pid()) AS t",
+                [db_name],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(ended > 0, "the store's sessions were found and ended");
+    }
+
+    /// A session the server ended (a restart, a failover) is replaced
+    /// between transactions: at most the statement in flight fails, as a
+    /// store that cannot be written, and nothing written is lost.
+    #[test]
+    fn a_store_opens_a_new_session_when_its_session_ends() {
+        let target = testing::postgres_target();
+        let keyring = crate::crypto::Keyring::new(crate::crypto::Key::generate(), vec![]);
+        let mut st = testing::open(&target, keyring, Create::Yes).unwrap();
+        st.write(|tx, _| Ok(tx.execute("INSERT INTO meta (key, value) VALUES ('kept', 7)", ())?))
+            .unwrap();
+        ends_every_session_of(&target);
+        let mut failures = 0;
+        let kept = loop {
+            match st
+                .db()
+                .query_row("SELECT value FROM meta WHERE key = 'kept'", (), |r| {
+                    r.get::<_, i64>(0)
+                }) {
+                Ok(v) => break v,
+                Err(e) => {
+                    let e = crate::store::StoreError::from(e);
+                    assert!(e.is_unwritable(), "an outage, not another error: {e}");
+                    failures += 1;
+                    assert!(failures < 100, "no new session after {failures} tries: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        };
+        assert_eq!(kept, 7);
+        assert!(
+            failures <= 1,
+            "only the statement in flight fails ({failures})"
+        );
+        st.write(|tx, _| Ok(tx.execute("UPDATE meta SET value = 8 WHERE key = 'kept'", ())?))
+            .unwrap();
+    }
+
+    /// The serve lock is the session's: once its session ends it is no
+    /// longer held, and another daemon may take it.
+    #[test]
+    fn the_serve_lock_is_lost_with_its_session_and_can_be_taken_again() {
+        let target = testing::postgres_target();
+        let keyring = crate::store::SharedKeyring::new(crate::crypto::Keyring::new(
+            crate::crypto::Key::generate(),
+            vec![],
+        ));
+        drop(Store::open_target(&target, &keyring, Create::Yes).unwrap());
+        let StoreTarget::Postgres(pg) = &target else {
+            unreachable!()
+        };
+        let lock = super::ServeLock::acquire(pg, "first").unwrap();
+        assert!(lock.is_held());
+        let refused = super::ServeLock::acquire(pg, "second").unwrap_err();
+        assert!(
+            refused.to_string().contains("acutoken serve first"),
+            "{refused}"
+        );
+        assert!(super::served(pg).unwrap());
+        ends_every_session_of(&target);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lock.is_held() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still held after its session ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let again = super::ServeLock::acquire(pg, "second").unwrap();
+        assert!(again.is_held());
+    }
 
     #[test]
     fn the_schema_uses_postgres_types_and_byte_order_for_names() {
@@ -265,13 +365,20 @@ impl ServeLock {
         })
     }
 
-    /// True while the session that holds the lock is alive.
+    /// True while this lock's session is alive and holds it. Asked of the
+    /// server, not assumed: a session that ended (and was renewed) lost it.
     pub fn is_held(&self) -> bool {
         !self.db.is_closed()
             && self
                 .db
-                .query_row("SELECT 1", (), |r| r.get::<_, i64>(0))
-                .is_ok()
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid()
+                       AND locktype = 'advisory' AND granted
+                       AND classid = ?1 AND objid = ?2 AND objsubid = 1)",
+                    [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
+                    |r| r.get::<_, bool>(0),
+                )
+                .unwrap_or(false)
     }
 }
 

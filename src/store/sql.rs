@@ -1,5 +1,5 @@
 //! One SQL interface over the two engines: SQLite (rusqlite) and PostgreSQL
-//! (the synchronous `postgres` client). Every statement of the store is
+//! (`tokio-postgres`, its socket driven by a thread of its own). Every statement of the store is
 //! written once, in the dialect both accept, and runs through [`Db`].
 //!
 //! The interface keeps rusqlite's shape (`prepare_cached`, `query_row`,
@@ -44,6 +44,9 @@ pub enum Error {
     Sqlite(#[from] rusqlite::Error),
     #[error("{}", pg_message(.0))]
     Pg(#[from] tokio_postgres::Error),
+    /// No PostgreSQL session could be opened.
+    #[error("{0}")]
+    Unreachable(String),
     /// A PostgreSQL transaction an earlier statement aborted: its commit
     /// would have been a rollback.
     #[error("the transaction was aborted by an earlier error and rolled back")]
@@ -159,11 +162,24 @@ enum Conn {
     Pg(Pg),
 }
 
+/// Opens a new session: the client, and the thread that drives its socket.
+pub(crate) type Connect = Box<dyn Fn() -> std::result::Result<Session, String> + Send + 'static>;
+
+/// A PostgreSQL session: its client and the thread driving its socket
+/// (which ends when the client is dropped).
+pub(crate) struct Session {
+    pub client: tokio_postgres::Client,
+    pub driver: std::thread::JoinHandle<()>,
+}
+
 pub(crate) struct Pg {
-    client: tokio_postgres::Client,
-    /// The thread that drives the connection's socket; it ends when the
-    /// client is dropped.
-    driver: Option<std::thread::JoinHandle<()>>,
+    session: RefCell<Session>,
+    /// How to open a new session when this one has ended (the server
+    /// restarted, failed over, or the network cut it). Only between
+    /// transactions: a transaction that lost its session has failed.
+    connect: Connect,
+    /// A transaction is open on this session.
+    in_tx: Cell<bool>,
     statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
     /// Inside a transaction, a statement failed and no savepoint has been
     /// rolled back to since: PostgreSQL refuses everything but a rollback.
@@ -175,14 +191,12 @@ impl Db {
         Db(Conn::Sqlite(conn))
     }
 
-    /// A PostgreSQL connection: `client`, whose socket `driver` drives.
-    pub(crate) fn postgres(
-        client: tokio_postgres::Client,
-        driver: std::thread::JoinHandle<()>,
-    ) -> Db {
+    /// A PostgreSQL connection: `session`, renewed through `connect`.
+    pub(crate) fn postgres(session: Session, connect: Connect) -> Db {
         Db(Conn::Pg(Pg {
-            client,
-            driver: Some(driver),
+            session: RefCell::new(session),
+            connect,
+            in_tx: Cell::new(false),
             statements: RefCell::new(HashMap::new()),
             aborted: Cell::new(false),
         }))
@@ -296,7 +310,7 @@ impl Db {
     pub fn is_autocommit(&self) -> bool {
         match &self.0 {
             Conn::Sqlite(c) => c.is_autocommit(),
-            Conn::Pg(pg) => pg.client.is_closed(),
+            Conn::Pg(pg) => pg.session.borrow().client.is_closed(),
         }
     }
 
@@ -305,12 +319,10 @@ impl Db {
     pub fn close(self) -> Result<()> {
         match self.0 {
             Conn::Sqlite(c) => c.close().map_err(|(_, e)| e.into()),
-            Conn::Pg(mut pg) => {
-                let driver = pg.driver.take();
-                drop(pg);
-                if let Some(d) = driver {
-                    let _ = d.join();
-                }
+            Conn::Pg(pg) => {
+                let Session { client, driver } = pg.session.into_inner();
+                drop(client);
+                let _ = driver.join();
                 Ok(())
             }
         }
@@ -320,30 +332,56 @@ impl Db {
     pub fn is_closed(&self) -> bool {
         match &self.0 {
             Conn::Sqlite(_) => false,
-            Conn::Pg(pg) => pg.client.is_closed(),
+            Conn::Pg(pg) => pg.session.borrow().client.is_closed(),
         }
     }
 }
 
 impl Pg {
+    /// A new session in place of one that ended, between transactions.
+    fn ensure_session(&self) -> Result<()> {
+        if self.in_tx.get() || !self.session.borrow().client.is_closed() {
+            return Ok(());
+        }
+        let fresh = (self.connect)().map_err(Error::Unreachable)?;
+        // The old session's prepared statements went with it.
+        self.statements.borrow_mut().clear();
+        self.aborted.set(false);
+        drop(self.session.replace(fresh));
+        Ok(())
+    }
+
     fn batch(&self, sql: &str) -> Result<()> {
-        let out = block_on(self.client.batch_execute(sql));
+        let begins = sql.starts_with("BEGIN");
+        let ends = sql == "COMMIT" || sql == "ROLLBACK";
+        if begins {
+            self.in_tx.set(false);
+        }
+        self.ensure_session()?;
+        let out = block_on(self.session.borrow().client.batch_execute(sql));
         match &out {
             Ok(()) if sql.starts_with("ROLLBACK TO") => self.aborted.set(false),
             Ok(()) => {}
             Err(_) => self.aborted.set(true),
         }
+        if begins {
+            self.in_tx.set(out.is_ok());
+        }
+        if ends {
+            self.in_tx.set(false);
+        }
         Ok(out?)
     }
 
     fn statement(&self, sql: &str) -> Result<Statement<'_>> {
+        self.ensure_session()?;
         let text = to_postgres(sql);
         let cached = self.statements.borrow().get(&text).cloned();
         let stmt = match cached {
             Some(s) => s,
             None => {
-                let s =
-                    block_on(self.client.prepare(&text)).inspect_err(|_| self.aborted.set(true))?;
+                let s = block_on(self.session.borrow().client.prepare(&text))
+                    .inspect_err(|_| self.aborted.set(true))?;
                 let mut cache = self.statements.borrow_mut();
                 if cache.len() >= PG_STATEMENTS {
                     cache.clear();
@@ -367,15 +405,16 @@ impl Pg {
         let params = pg_params(values)?;
         let refs: Vec<&(dyn PgToSql + Sync)> =
             params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
-        Ok(block_on(self.client.query(stmt, &refs)).inspect_err(|_| self.aborted.set(true))?)
+        Ok(block_on(self.session.borrow().client.query(stmt, &refs))
+            .inspect_err(|_| self.aborted.set(true))?)
     }
 
     fn execute(&self, stmt: &tokio_postgres::Statement, values: &[&dyn ToSql]) -> Result<usize> {
         let params = pg_params(values)?;
         let refs: Vec<&(dyn PgToSql + Sync)> =
             params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
-        let n =
-            block_on(self.client.execute(stmt, &refs)).inspect_err(|_| self.aborted.set(true))?;
+        let n = block_on(self.session.borrow().client.execute(stmt, &refs))
+            .inspect_err(|_| self.aborted.set(true))?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 }
@@ -383,7 +422,7 @@ impl Pg {
 /// Waits for `f` on this thread. The client's futures only wait on the
 /// channel to the connection's own thread, so any thread may wait on them:
 /// a store call blocks its caller on PostgreSQL as it does on SQLite.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
     use std::task::{Context, Poll, Wake};
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
@@ -399,14 +438,6 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
             return v;
         }
         std::thread::park();
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        // Dropping the client ends the driver; it is not waited for here
-        // (a store dropped on an async thread must not block on it).
-        self.driver.take();
     }
 }
 
@@ -767,6 +798,7 @@ impl PgToSql for PgValue {
             Value::Integer(i) if *ty == Type::INT8 => send(i, ty, out),
             Value::Integer(i) if *ty == Type::INT4 => send(i32::try_from(*i)?, ty, out),
             Value::Integer(i) if *ty == Type::INT2 => send(i16::try_from(*i)?, ty, out),
+            Value::Integer(i) if *ty == Type::OID => send(u32::try_from(*i)?, ty, out),
             Value::Integer(i) if *ty == Type::BOOL => send(*i != 0, ty, out),
             Value::Integer(i) if *ty == Type::FLOAT8 => send(*i as f64, ty, out),
             Value::Integer(i) if is_text(ty) => send(i.to_string().as_str(), &Type::TEXT, out),
@@ -792,7 +824,14 @@ fn send<T: PgToSql>(v: T, ty: &Type, out: &mut bytes::BytesMut) -> Sent {
 }
 
 fn is_text(ty: &Type) -> bool {
-    *ty == Type::TEXT || *ty == Type::VARCHAR || *ty == Type::BPCHAR || *ty == Type::UNKNOWN
+    [
+        Type::TEXT,
+        Type::VARCHAR,
+        Type::BPCHAR,
+        Type::NAME,
+        Type::UNKNOWN,
+    ]
+    .contains(ty)
 }
 
 /// The store's SQL in PostgreSQL's terms: `?N` becomes `$N` (a bare `?`

@@ -43,16 +43,9 @@ pub(crate) fn postgres_target() -> StoreTarget {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    // The store's own client: the tests run on async threads, where a
-    // client with a runtime of its own may not wait.
-    let server = PgTarget {
-        url: format!("{admin}?sslmode=disable"),
-        display: "the test server".into(),
-        tls: PgTls::Disable,
-        password: None,
-    };
-    let db = super::postgres::connect(&server).unwrap_or_else(|e| panic!("{MISSING}: {e}"));
-    db.execute_batch(&format!("CREATE DATABASE {name} OWNER acutoken"))
+    let _ = admin;
+    admin_db()
+        .execute_batch(&format!("CREATE DATABASE {name} OWNER acutoken"))
         .unwrap_or_else(|e| panic!("cannot create the test database {name}: {e}"));
     let base = user_url
         .rsplit_once('/')
@@ -66,6 +59,25 @@ pub(crate) fn postgres_target() -> StoreTarget {
         tls: PgTls::Disable,
         password: Some(Secret::new(password.trim_end_matches('\n'))),
     })
+}
+
+/// A connection to the test server as its superuser, through the store's
+/// own client (the tests run on async threads, where a client with a
+/// runtime of its own may not wait).
+pub(crate) fn admin() -> super::sql::Db {
+    admin_db()
+}
+
+fn admin_db() -> super::sql::Db {
+    let admin = std::env::var("ACUTOKEN_TEST_PG_ADMIN")
+        .unwrap_or_else(|_| panic!("{MISSING} (ACUTOKEN_TEST_PG_ADMIN is not set)"));
+    let server = PgTarget {
+        url: format!("{admin}?sslmode=disable"),
+        display: "the test server".into(),
+        tls: PgTls::Disable,
+        password: None,
+    };
+    super::postgres::connect(&server).unwrap_or_else(|e| panic!("{MISSING}: {e}"))
 }
 
 /// [`Store::open_target`] on a keyring of its own.

@@ -5,7 +5,6 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
 
@@ -29,7 +28,7 @@ pub(super) async fn spawn_listeners(
     api: &Api,
     engine: &Arc<Engine>,
     metrics: &Metrics,
-    ready: &Arc<AtomicBool>,
+    ready: &Arc<crate::daemon::api::Readiness>,
     common: &Common,
 ) -> anyhow::Result<PathBuf> {
     let Common { shutdown, wake, .. } = common;

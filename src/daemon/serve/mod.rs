@@ -15,7 +15,6 @@ mod tasks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -179,7 +178,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     tasks::spawn_alerts(&mut tasks, handles.alerts, &opened, &config, &common)?;
     tasks::spawn_metrics(&mut tasks, &metrics, &opened, &config, &snapshot, &common)?;
 
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(crate::daemon::api::Readiness::default());
     let tokens = Arc::new(std::sync::RwLock::new(read_api_tokens(&config)?));
     let api = Api {
         engine: engine.clone(),
@@ -202,7 +201,8 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     )
     .await?;
 
-    ready.store(true, Ordering::SeqCst);
+    ready.set_started(true);
+    tasks::spawn_store_health(&mut tasks, &opened, &ready, &common, &stop);
     metrics.reloaded(clock.now());
     notify::notify("READY=1");
     let (path, lock) = (&opened.path, &opened.lock);

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -17,7 +16,7 @@ use crate::renewal::engine::Engine;
 /// What a running daemon holds that stopping lets go of.
 pub(super) struct Running {
     /// False from the moment stopping begins (`/readyz`).
-    pub(super) ready: Arc<AtomicBool>,
+    pub(super) ready: Arc<crate::daemon::api::Readiness>,
     pub(super) engine: Arc<Engine>,
     /// Cancels every task.
     pub(super) shutdown: CancellationToken,
@@ -26,7 +25,7 @@ pub(super) struct Running {
     /// The API socket, removed at the end.
     pub(super) socket: PathBuf,
     /// Released once nothing more is written.
-    pub(super) lock: StoreLock,
+    pub(super) lock: Arc<StoreLock>,
     /// Where unsaved tokens are spilled (named in the report).
     pub(super) spill_dir: PathBuf,
 }
@@ -46,7 +45,7 @@ impl Running {
             spill_dir,
         } = self;
         notify::notify("STOPPING=1");
-        ready.store(false, Ordering::SeqCst);
+        ready.set_started(false);
         // No new claims from here on (scheduler, API, callback); what is in flight
         // finishes and saves.
         engine.stop_claims();

@@ -23,7 +23,7 @@ pub(super) struct Opened {
     pub(super) path: PathBuf,
     target: StoreTarget,
     /// Held until the daemon has stopped: one daemon per store.
-    pub(super) lock: StoreLock,
+    pub(super) lock: std::sync::Arc<StoreLock>,
     /// One keyring for every handle: a key rotation switches them all at once.
     keyring: SharedKeyring,
 }
@@ -39,6 +39,10 @@ pub(super) struct Handles {
 }
 
 impl Opened {
+    pub(super) fn is_postgres(&self) -> bool {
+        matches!(self.target, StoreTarget::Postgres(_))
+    }
+
     /// Another handle on the same file and keyring.
     pub(super) fn open(&self, create: Create) -> Result<Store, store::StoreError> {
         Store::open_target(&self.target, &self.keyring, create)
@@ -80,7 +84,7 @@ pub(super) fn open_store(config: &Config) -> anyhow::Result<(Opened, Handles)> {
         Opened {
             path,
             target: target.clone(),
-            lock,
+            lock: std::sync::Arc::new(lock),
             keyring,
         },
         Handles {

@@ -218,3 +218,65 @@ pub(super) fn spawn_metrics(
     }
     Ok(())
 }
+
+/// How often a daemon on PostgreSQL makes sure it still holds its store.
+const STORE_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// On PostgreSQL: every few seconds, whether the serve lock is still held
+/// (taken again after a restart or failover ended its session) and the
+/// database can be reached, which `/readyz` and sd_notify STATUS say. A
+/// daemon that finds another one took the store while it was cut off
+/// stops: one daemon serves a store.
+pub(super) fn spawn_store_health(
+    tasks: &mut Tasks,
+    opened: &Opened,
+    ready: &std::sync::Arc<crate::daemon::api::Readiness>,
+    common: &Common,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    if !opened.is_postgres() {
+        return;
+    }
+    let (lock, ready, shutdown) = (opened.lock.clone(), ready.clone(), common.shutdown.clone());
+    let stop = stop.clone();
+    tasks.spawn(async move {
+        use crate::daemon::lock::LockHealth;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(STORE_HEALTH_EVERY) => {}
+            }
+            let lock = lock.clone();
+            let Ok(health) = tokio::task::spawn_blocking(move || lock.check()).await else {
+                continue;
+            };
+            match health {
+                LockHealth::Held => {
+                    if ready.set_store_down(None) {
+                        tracing::warn!("the store's database can be reached again");
+                        crate::daemon::notify::notify("STATUS=ready");
+                    }
+                }
+                LockHealth::Renewed => {
+                    ready.set_store_down(None);
+                    tracing::warn!("the store's database session had ended (a restart or failover); the daemon holds the store again");
+                    crate::daemon::notify::notify("STATUS=ready");
+                }
+                LockHealth::Unreachable(why) => {
+                    if ready.set_store_down(Some(why.clone())) {
+                        tracing::error!(error = %why, "the store's database cannot be reached: no new refresh is claimed; rotated tokens that cannot be saved are held and spilled");
+                        crate::daemon::notify::notify(&format!(
+                            "STATUS=the store cannot be reached: {}",
+                            why.replace('\n', " ")
+                        ));
+                    }
+                }
+                LockHealth::TakenBy(holder) => {
+                    tracing::error!(holder = %holder, "another acutoken daemon took the store while this one was cut off from it: stopping (one daemon serves a store)");
+                    stop.cancel();
+                    break;
+                }
+            }
+        }
+    });
+}
