@@ -618,8 +618,9 @@ fn production_outside_store() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Only the store touches SQLite: outside `src/store/`, no production code
-/// names a `rusqlite` type, takes the store's raw connection (`.db()`),
+/// Only the store touches SQLite or PostgreSQL: outside `src/store/`, no
+/// production code names a `rusqlite` or `tokio_postgres` type (the config
+/// reads `store.url` with the client's own parser, and connects nowhere), takes the store's raw connection (`.db()`),
 /// hands the store a closure that receives a transaction
 /// (`.write(|tx, ..| ..)`) or builds its own blocking bridge; it calls the
 /// store's named operations, which a second backend can offer too.
@@ -632,7 +633,9 @@ fn only_the_store_touches_sqlite() {
             // The blocking bridge is written once, in `store::blocking` (and
             // the handle); the key rotation's spill files are not the store.
             let bridge = line.contains("spawn_blocking") && rel != "daemon/rotate.rs";
+            let postgres = line.contains("tokio_postgres") && rel != "config/postgres.rs";
             if line.contains("rusqlite")
+                || postgres
                 || squeezed.contains(".write(|")
                 || squeezed.contains(".write(move|")
                 || squeezed.contains(".db()")

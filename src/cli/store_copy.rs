@@ -87,7 +87,7 @@ fn copy_to(
         indicatif::ProgressBar::hidden()
     };
     let rows = dest
-        .write(|tx, _| copy::copy_into(from, tx, |n| bar.set_position(n)))
+        .copy_from(from, |n| bar.set_position(n))
         .with_context(|| format!("copying into {}", dest.path().display()))?;
     bar.finish_and_clear();
     let connections = dest.names()?.len();
@@ -102,7 +102,7 @@ fn destination(ctx: &Ctx, to: &str, password_file: Option<&Path>) -> anyhow::Res
         c.store.url = Some(to.to_string());
         c.store.path = None;
         c.store.password_file = password_file.map(Path::to_path_buf);
-        return Ok(c.store_target().context("--to")?);
+        return c.store_target().context("--to");
     }
     if password_file.is_some() {
         anyhow::bail!("--to-password-file goes with a PostgreSQL --to (postgres://...)");

@@ -42,11 +42,15 @@ pub struct StoreLock {
 #[derive(Debug)]
 enum Held {
     File(#[allow(dead_code)] File),
-    Postgres {
-        lock: std::sync::Mutex<crate::store::postgres::ServeLock>,
-        target: crate::config::PgTarget,
-        holder: String,
-    },
+    Postgres(Box<PgHeld>),
+}
+
+/// The PostgreSQL serve lock, and what it takes to take it again.
+#[derive(Debug)]
+struct PgHeld {
+    lock: std::sync::Mutex<crate::store::postgres::ServeLock>,
+    target: crate::config::PgTarget,
+    holder: String,
 }
 
 /// What [`StoreLock::check`] found.
@@ -71,11 +75,11 @@ impl StoreLock {
                 let holder = crate::store::Owner::current("serve").as_str().to_string();
                 let lock = crate::store::postgres::ServeLock::acquire(pg, &holder)?;
                 Ok(StoreLock {
-                    _held: Held::Postgres {
+                    _held: Held::Postgres(Box::new(PgHeld {
                         lock: std::sync::Mutex::new(lock),
                         target: pg.clone(),
                         holder,
-                    },
+                    })),
                     path: PathBuf::from(format!("the serve lock of {}", pg.display)),
                 })
             }
@@ -85,14 +89,14 @@ impl StoreLock {
     /// Whether the lock is still held, taking it again when its session
     /// ended and nobody else took it meanwhile. Blocks (asks the database).
     pub fn check(&self) -> LockHealth {
-        let Held::Postgres {
+        let Held::Postgres(held) = &self._held else {
+            return LockHealth::Held;
+        };
+        let PgHeld {
             lock,
             target,
             holder,
-        } = &self._held
-        else {
-            return LockHealth::Held;
-        };
+        } = held.as_ref();
         let mut lock = lock.lock().unwrap_or_else(|e| e.into_inner());
         if lock.is_held() {
             return LockHealth::Held;

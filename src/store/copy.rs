@@ -91,6 +91,15 @@ pub fn is_empty(st: &Store) -> Result<bool, StoreError> {
     Ok(keys == 0)
 }
 
+impl Store {
+    /// Copies every row of `from` into this store, whose tables must be
+    /// empty ([`is_empty`]), in one transaction; `done` hears how many rows
+    /// went so far. Returns how many went in all.
+    pub fn copy_from(&mut self, from: &Store, done: impl FnMut(u64)) -> Result<u64, StoreError> {
+        self.write(|tx, _| copy_into(from, tx, done))
+    }
+}
+
 /// Copies every row of `from` into `to` (whose tables must be empty) in
 /// the transaction `tx` of `to`; `done` hears how many rows went so far.
 /// `from` is read in one snapshot.

@@ -128,7 +128,7 @@ impl Store {
         let db = Db::sqlite(db);
         let mut store = Store {
             db,
-            target: crate::config::StoreTarget::File(tmp.clone()),
+            target: Box::new(crate::config::StoreTarget::File(tmp.clone())),
             path: tmp,
             keyring: keyring.into(),
         };

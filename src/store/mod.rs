@@ -242,7 +242,7 @@ pub struct Store {
     /// (`user@host:port/db`).
     path: PathBuf,
     /// Where it lives, to open more connections to it.
-    target: StoreTarget,
+    target: Box<StoreTarget>,
     /// Shared by every handle of a daemon ([`Store::open_shared`]), so a key
     /// rotation switches them all at once.
     keyring: SharedKeyring,
@@ -301,7 +301,7 @@ impl Store {
         let mut store = Store {
             db,
             path: path.to_path_buf(),
-            target: StoreTarget::File(path.to_path_buf()),
+            target: Box::new(StoreTarget::File(path.to_path_buf())),
             keyring,
         };
         let version: i64 = store
@@ -345,7 +345,7 @@ impl Store {
         let store = Store {
             db,
             path: PathBuf::from(&pg.display),
-            target: target.clone(),
+            target: Box::new(target.clone()),
             keyring: keyring.clone(),
         };
         let version = postgres::version(&store.db)?;
@@ -393,7 +393,7 @@ impl Store {
 
     /// True when the store is a PostgreSQL database.
     pub fn is_postgres(&self) -> bool {
-        matches!(self.target, StoreTarget::Postgres(_))
+        matches!(*self.target, StoreTarget::Postgres(_))
     }
 
     fn migrate(&mut self, from: i64) -> Result<(), StoreError> {

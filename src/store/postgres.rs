@@ -217,6 +217,106 @@ fn schema(sqlite: &str) -> String {
         )
 }
 
+/// The advisory lock a serving daemon holds for its whole life (DESIGN §3:
+/// one daemon per store): "acutokes" in ASCII, apart from the write lock.
+const SERVE_LOCK: i64 = 0x6163_7574_6f6b_6573;
+
+/// One daemon per PostgreSQL store: a session-level advisory lock on a
+/// connection of its own, released when the daemon's session ends (a dead
+/// daemon's session ends with it). Claims keep every refresh safe across
+/// processes whatever this lock says; it keeps two daemons from both
+/// planning, alerting and delivering for one store.
+pub struct ServeLock {
+    db: Db,
+    display: String,
+}
+
+impl std::fmt::Debug for ServeLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServeLock({})", self.display)
+    }
+}
+
+impl ServeLock {
+    /// Takes the lock, naming this process as its holder (`holder` shows in
+    /// the refusal another daemon gets, and in `pg_stat_activity`).
+    pub fn acquire(target: &PgTarget, holder: &str) -> Result<ServeLock, StoreError> {
+        let db = connect(target)?;
+        // The holder is set as the session's application name, where a
+        // refused daemon reads it.
+        let name = holder.replace('\'', "");
+        db.execute_batch(&format!("SET application_name = 'acutoken serve {name}'"))?;
+        let got: bool = db.query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
+            r.get(0)
+        })?;
+        if got {
+            return Ok(ServeLock {
+                db,
+                display: target.display.clone(),
+            });
+        }
+        Err(StoreError::Served {
+            store: target.display.clone(),
+            holder: holder_of(&db)?.unwrap_or_else(|| "a session this role cannot see".into()),
+        })
+    }
+
+    /// True while this lock's session is alive and holds it. Asked of the
+    /// server, not assumed: a session that ended (and was renewed) lost it.
+    pub fn is_held(&self) -> bool {
+        !self.db.is_closed()
+            && self
+                .db
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid()
+                       AND locktype = 'advisory' AND granted
+                       AND classid = ?1 AND objid = ?2 AND objsubid = 1)",
+                    [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
+                    |r| r.get::<_, bool>(0),
+                )
+                .unwrap_or(false)
+    }
+}
+
+/// Who holds the serve lock of the database `db` is connected to: the
+/// application name and address of that session, if this role may see it.
+fn holder_of(db: &Db) -> Result<Option<String>, StoreError> {
+    let row: Option<(Option<String>, Option<String>)> = {
+        use super::sql::OptionalExtension;
+        db.query_row(
+            "SELECT a.application_name, host(a.client_addr)
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND l.classid = ?1 AND l.objid = ?2 AND l.objsubid = 1",
+            [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+    };
+    Ok(row.map(|(name, addr)| {
+        let name = name.unwrap_or_default();
+        match addr {
+            Some(a) => format!("{name} from {a}"),
+            None => format!("{name} on the database host"),
+        }
+    }))
+}
+
+/// True when some daemon holds the serve lock of `target`.
+pub fn served(target: &PgTarget) -> Result<bool, StoreError> {
+    let db = connect(target)?;
+    let free: bool = db.query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
+        r.get(0)
+    })?;
+    if free {
+        db.query_row("SELECT pg_advisory_unlock(?1)", [SERVE_LOCK], |r| {
+            r.get::<_, bool>(0)
+        })?;
+    }
+    Ok(!free)
+}
+
 #[cfg(test)]
 mod tests {
     use super::schema;
@@ -319,104 +419,4 @@ mod tests {
         assert!(s.contains("name TEXT COLLATE \"C\" NOT NULL UNIQUE"), "{s}");
         assert!(s.contains("url           BYTEA NOT NULL"), "{s}");
     }
-}
-
-/// The advisory lock a serving daemon holds for its whole life (DESIGN §3:
-/// one daemon per store): "acutokes" in ASCII, apart from the write lock.
-const SERVE_LOCK: i64 = 0x6163_7574_6f6b_6573;
-
-/// One daemon per PostgreSQL store: a session-level advisory lock on a
-/// connection of its own, released when the daemon's session ends (a dead
-/// daemon's session ends with it). Claims keep every refresh safe across
-/// processes whatever this lock says; it keeps two daemons from both
-/// planning, alerting and delivering for one store.
-pub struct ServeLock {
-    db: Db,
-    display: String,
-}
-
-impl std::fmt::Debug for ServeLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ServeLock({})", self.display)
-    }
-}
-
-impl ServeLock {
-    /// Takes the lock, naming this process as its holder (`holder` shows in
-    /// the refusal another daemon gets, and in `pg_stat_activity`).
-    pub fn acquire(target: &PgTarget, holder: &str) -> Result<ServeLock, StoreError> {
-        let db = connect(target)?;
-        // The holder is set as the session's application name, where a
-        // refused daemon reads it.
-        let name = holder.replace('\'', "");
-        db.execute_batch(&format!("SET application_name = 'acutoken serve {name}'"))?;
-        let got: bool = db.query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
-            r.get(0)
-        })?;
-        if got {
-            return Ok(ServeLock {
-                db,
-                display: target.display.clone(),
-            });
-        }
-        Err(StoreError::Served {
-            store: target.display.clone(),
-            holder: holder_of(&db)?.unwrap_or_else(|| "a session this role cannot see".into()),
-        })
-    }
-
-    /// True while this lock's session is alive and holds it. Asked of the
-    /// server, not assumed: a session that ended (and was renewed) lost it.
-    pub fn is_held(&self) -> bool {
-        !self.db.is_closed()
-            && self
-                .db
-                .query_row(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid()
-                       AND locktype = 'advisory' AND granted
-                       AND classid = ?1 AND objid = ?2 AND objsubid = 1)",
-                    [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
-                    |r| r.get::<_, bool>(0),
-                )
-                .unwrap_or(false)
-    }
-}
-
-/// Who holds the serve lock of the database `db` is connected to: the
-/// application name and address of that session, if this role may see it.
-fn holder_of(db: &Db) -> Result<Option<String>, StoreError> {
-    let row: Option<(Option<String>, Option<String>)> = {
-        use super::sql::OptionalExtension;
-        db.query_row(
-            "SELECT a.application_name, host(a.client_addr)
-             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND l.granted
-               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND l.classid = ?1 AND l.objid = ?2 AND l.objsubid = 1",
-            [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?
-    };
-    Ok(row.map(|(name, addr)| {
-        let name = name.unwrap_or_default();
-        match addr {
-            Some(a) => format!("{name} from {a}"),
-            None => format!("{name} on the database host"),
-        }
-    }))
-}
-
-/// True when some daemon holds the serve lock of `target`.
-pub fn served(target: &PgTarget) -> Result<bool, StoreError> {
-    let db = connect(target)?;
-    let free: bool = db.query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
-        r.get(0)
-    })?;
-    if free {
-        db.query_row("SELECT pg_advisory_unlock(?1)", [SERVE_LOCK], |r| {
-            r.get::<_, bool>(0)
-        })?;
-    }
-    Ok(!free)
 }

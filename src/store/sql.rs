@@ -159,7 +159,7 @@ pub struct Db(Conn);
 
 enum Conn {
     Sqlite(rusqlite::Connection),
-    Pg(Pg),
+    Pg(Box<Pg>),
 }
 
 /// Opens a new session: the client, and the thread that drives its socket.
@@ -193,13 +193,13 @@ impl Db {
 
     /// A PostgreSQL connection: `session`, renewed through `connect`.
     pub(crate) fn postgres(session: Session, connect: Connect) -> Db {
-        Db(Conn::Pg(Pg {
+        Db(Conn::Pg(Box::new(Pg {
             session: RefCell::new(session),
             connect,
             in_tx: Cell::new(false),
             statements: RefCell::new(HashMap::new()),
             aborted: Cell::new(false),
-        }))
+        })))
     }
 
     pub fn engine(&self) -> Engine {

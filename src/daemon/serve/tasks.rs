@@ -246,8 +246,9 @@ pub(super) fn spawn_store_health(
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(STORE_HEALTH_EVERY) => {}
             }
-            let lock = lock.clone();
-            let Ok(health) = tokio::task::spawn_blocking(move || lock.check()).await else {
+            let Ok((_, health)) =
+                store::blocking::with_owned(lock.clone(), |lock| lock.check()).await
+            else {
                 continue;
             };
             match health {
