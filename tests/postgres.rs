@@ -659,3 +659,198 @@ fn a_rotated_token_the_server_will_not_take_is_held_spilled_and_saved_afterwards
         assert_eq!(d.exit().await.code(), Some(0), "{}", d.logs());
     });
 }
+
+/// Runs `f` with a superuser session in the server's `postgres` database
+/// (to act on the test's database from outside it), on a thread of its own.
+fn as_server_admin<T: Send>(f: impl FnOnce(&mut postgres::Client) -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(move || f(&mut support_pg::admin()))
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// The database cut off: no new session may open, and every open one
+/// (the daemon's) is ended, as when the server goes away.
+fn cut_off(db: &PgDb) -> u64 {
+    let name = db.name.clone();
+    as_server_admin(move |c| {
+        c.batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"
+        ))
+        .unwrap();
+        c.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .unwrap()
+        .len() as u64
+    })
+}
+
+fn reconnectable(db: &PgDb) {
+    let name = db.name.clone();
+    as_server_admin(move |c| {
+        c.batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+            .unwrap();
+    });
+}
+
+/// Fails today: the daemon's store connections (the writer, the readers,
+/// the watcher's) are opened once and never again, so once the server has
+/// ended them every save fails with "the database cannot be reached:
+/// connection closed" for as long as the daemon runs, though the server is
+/// back (the held token is retried every 3 s and spilled again; it is
+/// saved only by the next start, see the test after this one).
+#[test]
+#[ignore = "product bug for the lead: no reconnection after the PostgreSQL sessions end"]
+fn a_rotated_token_saved_while_the_database_is_unreachable_is_held_and_saved_once_it_is_back() {
+    let db = support_pg::fresh("unreachable");
+    run(async {
+        let rig = rig_on(&db).await;
+        let first = rig.add("acme", SITE, false).await;
+        rig.sim.hold_token_requests();
+        let mut d = rig.serve(None);
+        eventually("the refresh held at the simulator", || {
+            rig.sim.in_flight(SITE) == 1
+        })
+        .await;
+        let ended = cut_off(&db);
+        assert!(ended > 0, "the daemon's sessions were ended");
+        rig.sim.release_token_requests();
+        d.log_line("spilled the unsaved token").await;
+        assert_eq!(spill_files(&rig.path("pending")).len(), 1);
+        let rotated = rig.sim.current_refresh_token(SITE, CLIENT).unwrap();
+        assert_ne!(rotated, first);
+
+        reconnectable(&db);
+        d.log_line("the held refresh token is saved").await;
+        assert_eq!(
+            rig.stored_refresh_token("acme").as_deref(),
+            Some(rotated.as_str())
+        );
+        let row = rig.row("acme");
+        assert_eq!(row.conn.state, State::Active);
+        assert!(row.claim.is_none(), "the claim was released");
+        assert!(
+            spill_files(&rig.path("pending")).is_empty(),
+            "spill removed"
+        );
+        assert_eq!(rig.sim.token_requests(SITE), 1, "nothing was resent");
+        assert_eq!(rig.sim.total_replays(), 0);
+        d.signal(Signal::SIGTERM);
+        assert_eq!(d.exit().await.code(), Some(0), "{}", d.logs());
+    });
+}
+
+/// What holds today when the database goes away under a refresh: the
+/// rotated token is held and spilled, a stop says so (exit 1), and the next
+/// start, with the database back, imports it; nothing is resent.
+#[test]
+fn a_rotated_token_cut_off_from_the_database_is_spilled_and_imported_by_the_next_start() {
+    let db = support_pg::fresh("unreachable_restart");
+    run(async {
+        let rig = rig_on(&db).await;
+        let first = rig.add("acme", SITE, false).await;
+        rig.sim.hold_token_requests();
+        let mut d = rig.serve(None);
+        eventually("the refresh held at the simulator", || {
+            rig.sim.in_flight(SITE) == 1
+        })
+        .await;
+        assert!(cut_off(&db) > 0, "the daemon's sessions were ended");
+        rig.sim.release_token_requests();
+        d.log_line("spilled the unsaved token").await;
+        let rotated = rig.sim.current_refresh_token(SITE, CLIENT).unwrap();
+        assert_ne!(rotated, first);
+
+        d.signal(Signal::SIGTERM);
+        assert_eq!(d.exit().await.code(), Some(1), "{}", d.logs());
+        let said: Vec<String> = d
+            .logs()
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(said.len(), 1, "{}", d.logs());
+        assert!(
+            said[0].contains("1 rotated refresh token(s) could not be saved"),
+            "{said:?}"
+        );
+        assert_eq!(spill_files(&rig.path("pending")).len(), 1);
+        assert!(!d.logs().contains(&rotated), "the token is never logged");
+
+        reconnectable(&db);
+        assert_eq!(
+            rig.stored_refresh_token("acme").as_deref(),
+            Some(first.as_str()),
+            "the database never saw the rotated token"
+        );
+        let mut d = rig.serve(None);
+        d.ready().await;
+        d.log_line("imported a spilled refresh token").await;
+        assert_eq!(
+            rig.stored_refresh_token("acme").as_deref(),
+            Some(rotated.as_str())
+        );
+        assert!(
+            spill_files(&rig.path("pending")).is_empty(),
+            "spill removed"
+        );
+        let row = rig.row("acme");
+        assert_eq!(row.conn.state, State::Active);
+        assert!(row.claim.is_none(), "the claim was released");
+        assert_eq!(rig.sim.token_requests(SITE), 1, "nothing was resent");
+
+        let out = rig.cli(&["connection", "refresh", "acme"], None).await;
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        assert_eq!(rig.sim.total_replays(), 0);
+        d.signal(Signal::SIGTERM);
+        assert_eq!(d.exit().await.code(), Some(0), "{}", d.logs());
+    });
+}
+
+/// One daemon per store holds when the database ends the daemon's
+/// sessions (a restart, a failover, a network cut), which also ends the
+/// session holding the serve lock: once the database is back, either the
+/// first daemon holds the store again (a second is refused) or it has
+/// stopped; never two serving at once.
+#[test]
+#[ignore = "product bug for the lead: a daemon whose lock session ended keeps serving unlocked"]
+fn a_daemon_that_lost_its_lock_session_never_serves_beside_a_second_one() {
+    let db = support_pg::fresh("lock_lost");
+    run(async {
+        let rig = rig_on(&db).await;
+        rig.add("acme", SITE, true).await;
+        let mut first = rig.serve(None);
+        first.ready().await;
+        assert!(cut_off(&db) > 0, "the daemon's sessions were ended");
+        reconnectable(&db);
+
+        // Its own socket and callback port, so that only the store can
+        // refuse it.
+        let other = rig.path("second.sock");
+        let callback = format!("127.0.0.1:{}", support_daemon::free_port());
+        let mut second = rig.serve_with_env(
+            None,
+            &[
+                ("ACUTOKEN__API__SOCKET", other.to_str().unwrap()),
+                ("ACUTOKEN__CALLBACK__LISTEN", &callback),
+            ],
+        );
+        eventually("one of the two daemons to give way", || {
+            first.has_exited() || second.has_exited()
+        })
+        .await;
+        assert!(
+            !(first.has_exited() && second.has_exited()),
+            "one of them serves"
+        );
+        assert!(
+            !second.logs().contains("cannot listen"),
+            "the second is refused by the store, not by a port: {}",
+            second.logs()
+        );
+    });
+}

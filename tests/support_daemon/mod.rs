@@ -432,6 +432,13 @@ impl Daemon {
         }
     }
 
+    /// True once the process has exited (its status is kept for [`Daemon::exit`]).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     /// Waits for `GET /readyz` to answer 200 on the socket.
     pub async fn ready(&mut self) {
         let deadline = Instant::now() + WAIT;
