@@ -84,11 +84,22 @@ pub struct Opts {
     pub webhooks: String,
 }
 
+/// A PostgreSQL database as a store (DESIGN §10): its URL (no password)
+/// and the file holding role `acutoken`'s password.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pub url: String,
+    pub password_file: PathBuf,
+}
+
 /// One test's world: temp dir, config file, simulator.
 pub struct Rig {
     pub dir: TempDir,
     pub sim: Simulator,
     pub callback_port: u16,
+    /// The store is this PostgreSQL database (its key in `acutoken.key`,
+    /// named by `store.key_file`), not the SQLite file.
+    pub pg: Option<PgStore>,
 }
 
 impl Rig {
@@ -100,7 +111,18 @@ impl Rig {
             dir,
             sim,
             callback_port: free_port(),
+            pg: None,
         };
+        rig.write_config(&Opts::default());
+        rig
+    }
+
+    /// A rig whose store is the PostgreSQL database `pg`. PostgreSQL gets no
+    /// generated key, so one is written to `acutoken.key` and named.
+    pub async fn on_postgres(pg: PgStore) -> Rig {
+        let mut rig = Rig::new().await;
+        acutoken::crypto::write_key_file(&rig.path("acutoken.key"), &Key::generate()).unwrap();
+        rig.pg = Some(pg);
         rig.write_config(&Opts::default());
         rig
     }
@@ -132,9 +154,19 @@ impl Rig {
             Some(p) => format!("[metrics]\nlisten = \"127.0.0.1:{p}\"\n"),
             None => String::new(),
         };
+        let store = match &self.pg {
+            None => format!("path = \"{}\"", self.store_path().display()),
+            Some(pg) => format!(
+                "url = \"{}\"\npassword_file = \"{}\"\nkey_file = \"{}\"\nspill_dir = \"{}\"",
+                pg.url,
+                pg.password_file.display(),
+                self.path("acutoken.key").display(),
+                self.path("pending").display()
+            ),
+        };
         format!(
             r#"[store]
-path = "{store}"
+{store}
 
 [acumatica]
 allow_insecure_loopback = true
@@ -166,7 +198,6 @@ level = "info"
 {log_extra}
 {webhooks}
 "#,
-            store = self.store_path().display(),
             redirect = self.redirect_uri(),
             socket = self.socket().display(),
             cb = self.callback_port,
@@ -316,6 +347,14 @@ level = "info"
     pub fn open_store(&self) -> Store {
         let key_path = self.path("acutoken.key");
         let key = Key::from_file(&key_path, KeySource::BesideStore(key_path.clone())).unwrap();
+        if self.pg.is_some() {
+            let config = acutoken::config::Config::load(Some(&self.config_path()))
+                .unwrap()
+                .config;
+            let keyring = acutoken::store::SharedKeyring::new(Keyring::new(key, Vec::new()));
+            return Store::open_target(&config.store_target().unwrap(), &keyring, Create::No)
+                .unwrap();
+        }
         Store::open(
             &self.store_path(),
             Keyring::new(key, Vec::new()),
@@ -391,6 +430,13 @@ impl Daemon {
                 self.logs()
             );
         }
+    }
+
+    /// True once the process has exited (its status is kept for [`Daemon::exit`]).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     /// Waits for `GET /readyz` to answer 200 on the socket.
