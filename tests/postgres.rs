@@ -442,7 +442,6 @@ fn serve_on_postgres_refreshes_fifty_due_connections_once_each_without_replay() 
 /// `serve` ends with `error: store error: error serializing parameter 0: a
 /// Integer value cannot be sent as oid` (src/store/postgres.rs `holder_of`).
 #[test]
-#[ignore = "product bug for the lead: holder_of binds i64 to pg_locks oid columns"]
 fn a_second_serve_on_postgres_is_refused_saying_another_daemon_serves_the_store() {
     let db = support_pg::fresh("one_daemon_message");
     run(async {
@@ -704,7 +703,6 @@ fn reconnectable(db: &PgDb) {
 /// back (the held token is retried every 3 s and spilled again; it is
 /// saved only by the next start, see the test after this one).
 #[test]
-#[ignore = "product bug for the lead: no reconnection after the PostgreSQL sessions end"]
 fn a_rotated_token_saved_while_the_database_is_unreachable_is_held_and_saved_once_it_is_back() {
     let db = support_pg::fresh("unreachable");
     run(async {
@@ -817,7 +815,6 @@ fn a_rotated_token_cut_off_from_the_database_is_spilled_and_imported_by_the_next
 /// first daemon holds the store again (a second is refused) or it has
 /// stopped; never two serving at once.
 #[test]
-#[ignore = "product bug for the lead: a daemon whose lock session ended keeps serving unlocked"]
 fn a_daemon_that_lost_its_lock_session_never_serves_beside_a_second_one() {
     let db = support_pg::fresh("lock_lost");
     run(async {
