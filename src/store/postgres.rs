@@ -104,7 +104,7 @@ fn open_session(target: &PgTarget) -> Result<Session, String> {
         .map_err(unreachable)?;
     let session = Session { client, driver };
     let setup = format!(
-        "SET lock_timeout = '{LOCK_TIMEOUT}'; SET idle_in_transaction_session_timeout = '60s'"
+        "SET lock_timeout = '{LOCK_TIMEOUT}'; SET idle_in_transaction_session_timeout = '10min'"
     );
     sql::block_on(session.client.batch_execute(&setup))
         .map_err(|e| unreachable(sql::pg_message(&e)))?;

@@ -397,16 +397,19 @@ impl Pg {
         }))
     }
 
+    /// Runs a query whose rows arrive as they are read: a scan of a
+    /// million rows never sits in memory whole, as on SQLite.
     fn run(
         &self,
         stmt: &tokio_postgres::Statement,
         values: &[&dyn ToSql],
-    ) -> Result<Vec<tokio_postgres::Row>> {
+    ) -> Result<std::pin::Pin<Box<tokio_postgres::RowStream>>> {
         let params = pg_params(values)?;
-        let refs: Vec<&(dyn PgToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
-        Ok(block_on(self.session.borrow().client.query(stmt, &refs))
-            .inspect_err(|_| self.aborted.set(true))?)
+        let refs = params.iter().map(|p| p as &(dyn PgToSql + Sync));
+        Ok(Box::pin(
+            block_on(self.session.borrow().client.query_raw(stmt, refs))
+                .inspect_err(|_| self.aborted.set(true))?,
+        ))
     }
 
     fn execute(&self, stmt: &tokio_postgres::Statement, values: &[&dyn ToSql]) -> Result<usize> {
@@ -532,8 +535,9 @@ impl<'c> Statement<'c> {
         let values = params.values();
         match &mut self.0 {
             Stmt::Pg { pg, stmt, .. } => Ok(Rows(RowsOf::Pg {
+                pg,
                 rows: pg.run(stmt, &values)?,
-                at: 0,
+                current: None,
             })),
             Stmt::SqliteCached(s) => Ok(Rows(RowsOf::Sqlite(
                 s.query(rusqlite::params_from_iter(values))?,
@@ -608,8 +612,10 @@ pub struct Rows<'s>(RowsOf<'s>);
 enum RowsOf<'s> {
     Sqlite(rusqlite::Rows<'s>),
     Pg {
-        rows: Vec<tokio_postgres::Row>,
-        at: usize,
+        pg: &'s Pg,
+        rows: std::pin::Pin<Box<tokio_postgres::RowStream>>,
+        /// The row [`Rows::next`] handed out last.
+        current: Option<tokio_postgres::Row>,
     },
 }
 
@@ -618,10 +624,19 @@ impl Rows<'_> {
     pub fn next(&mut self) -> Result<Option<Row<'_>>> {
         match &mut self.0 {
             RowsOf::Sqlite(rows) => Ok(rows.next()?.map(|r| Row(RowOf::Sqlite(r)))),
-            RowsOf::Pg { rows, at } => {
-                let r = rows.get(*at);
-                *at += 1;
-                Ok(r.map(|r| Row(RowOf::Pg(r))))
+            RowsOf::Pg { pg, rows, current } => {
+                let next = block_on(std::future::poll_fn(|cx| {
+                    futures_core::Stream::poll_next(rows.as_mut(), cx)
+                }));
+                *current = match next {
+                    None => None,
+                    Some(Ok(row)) => Some(row),
+                    Some(Err(e)) => {
+                        pg.aborted.set(true);
+                        return Err(e.into());
+                    }
+                };
+                Ok(current.as_ref().map(|r| Row(RowOf::Pg(r))))
             }
         }
     }
