@@ -158,6 +158,7 @@ impl From<sql::Error> for StoreError {
             sql::Error::Pg(e) => from_postgres(&e),
             sql::Error::Aborted => StoreError::Postgres(sql::Error::Aborted.to_string()),
             sql::Error::Unreachable(why) => StoreError::Unwritable(why),
+            sql::Error::Nested => StoreError::Postgres(sql::Error::Nested.to_string()),
         }
     }
 }

@@ -44,6 +44,10 @@ pub enum Error {
     Sqlite(#[from] rusqlite::Error),
     #[error("{}", pg_message(.0))]
     Pg(#[from] tokio_postgres::Error),
+    /// A statement was sent while the rows of another were unread (a bug:
+    /// on PostgreSQL it would wait forever).
+    #[error("a statement was sent while the rows of another were being read")]
+    Nested,
     /// No PostgreSQL session could be opened.
     #[error("{0}")]
     Unreachable(String),
@@ -180,6 +184,12 @@ pub(crate) struct Pg {
     connect: Connect,
     /// A transaction is open on this session.
     in_tx: Cell<bool>,
+    /// Queries whose rows are still being read. The session answers in
+    /// order, and a query's rows are handed over one message at a time: a
+    /// second statement sent before they are all read would wait forever
+    /// behind them. The store never does that; if it ever did, the second
+    /// statement fails at once instead.
+    reading: Cell<usize>,
     statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
     /// Inside a transaction, a statement failed and no savepoint has been
     /// rolled back to since: PostgreSQL refuses everything but a rollback.
@@ -197,6 +207,7 @@ impl Db {
             session: RefCell::new(session),
             connect,
             in_tx: Cell::new(false),
+            reading: Cell::new(0),
             statements: RefCell::new(HashMap::new()),
             aborted: Cell::new(false),
         })))
@@ -338,6 +349,15 @@ impl Db {
 }
 
 impl Pg {
+    /// Refuses a statement while the rows of another are unread (see `reading`).
+    fn one_at_a_time(&self) -> Result<()> {
+        if self.reading.get() > 0 {
+            debug_assert!(false, "a statement while the rows of another are unread");
+            return Err(Error::Nested);
+        }
+        Ok(())
+    }
+
     /// A new session in place of one that ended, between transactions.
     fn ensure_session(&self) -> Result<()> {
         if self.in_tx.get() || !self.session.borrow().client.is_closed() {
@@ -357,6 +377,7 @@ impl Pg {
         if begins {
             self.in_tx.set(false);
         }
+        self.one_at_a_time()?;
         self.ensure_session()?;
         let out = block_on(self.session.borrow().client.batch_execute(sql));
         match &out {
@@ -374,6 +395,7 @@ impl Pg {
     }
 
     fn statement(&self, sql: &str) -> Result<Statement<'_>> {
+        self.one_at_a_time()?;
         self.ensure_session()?;
         let text = to_postgres(sql);
         let cached = self.statements.borrow().get(&text).cloned();
@@ -404,15 +426,19 @@ impl Pg {
         stmt: &tokio_postgres::Statement,
         values: &[&dyn ToSql],
     ) -> Result<std::pin::Pin<Box<tokio_postgres::RowStream>>> {
+        self.one_at_a_time()?;
         let params = pg_params(values)?;
         let refs = params.iter().map(|p| p as &(dyn PgToSql + Sync));
-        Ok(Box::pin(
+        let rows = Box::pin(
             block_on(self.session.borrow().client.query_raw(stmt, refs))
                 .inspect_err(|_| self.aborted.set(true))?,
-        ))
+        );
+        self.reading.set(self.reading.get() + 1);
+        Ok(rows)
     }
 
     fn execute(&self, stmt: &tokio_postgres::Statement, values: &[&dyn ToSql]) -> Result<usize> {
+        self.one_at_a_time()?;
         let params = pg_params(values)?;
         let refs: Vec<&(dyn PgToSql + Sync)> =
             params.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
@@ -538,6 +564,7 @@ impl<'c> Statement<'c> {
                 pg,
                 rows: pg.run(stmt, &values)?,
                 current: None,
+                done: false,
             })),
             Stmt::SqliteCached(s) => Ok(Rows(RowsOf::Sqlite(
                 s.query(rusqlite::params_from_iter(values))?,
@@ -616,7 +643,21 @@ enum RowsOf<'s> {
         rows: std::pin::Pin<Box<tokio_postgres::RowStream>>,
         /// The row [`Rows::next`] handed out last.
         current: Option<tokio_postgres::Row>,
+        /// Every row was read.
+        done: bool,
     },
+}
+
+impl Drop for Rows<'_> {
+    fn drop(&mut self) {
+        if let RowsOf::Pg { pg, done, .. } = &self.0
+            && !*done
+        {
+            // Rows left unread are thrown away by the session as they
+            // arrive: it is free for the next statement.
+            pg.reading.set(pg.reading.get() - 1);
+        }
+    }
 }
 
 impl Rows<'_> {
@@ -624,12 +665,24 @@ impl Rows<'_> {
     pub fn next(&mut self) -> Result<Option<Row<'_>>> {
         match &mut self.0 {
             RowsOf::Sqlite(rows) => Ok(rows.next()?.map(|r| Row(RowOf::Sqlite(r)))),
-            RowsOf::Pg { pg, rows, current } => {
+            RowsOf::Pg {
+                pg,
+                rows,
+                current,
+                done,
+            } => {
                 let next = block_on(std::future::poll_fn(|cx| {
                     futures_core::Stream::poll_next(rows.as_mut(), cx)
                 }));
                 *current = match next {
-                    None => None,
+                    None => {
+                        // Every row is read: the session is free again.
+                        if !*done {
+                            *done = true;
+                            pg.reading.set(pg.reading.get() - 1);
+                        }
+                        None
+                    }
                     Some(Ok(row)) => Some(row),
                     Some(Err(e)) => {
                         pg.aborted.set(true);
