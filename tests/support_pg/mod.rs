@@ -303,15 +303,16 @@ impl Cluster {
 
         let password = format!("{:032x}", rand::random::<u128>());
         write_private(&cluster.password_file, &format!("{password}\n"));
-        cluster.admin("postgres", |c| {
-            // The password is sent as a literal (no parameters in utility
-            // statements); it is hex, so needs no quoting beyond the quotes.
-            c.batch_execute(&format!(
-                "CREATE ROLE acutoken LOGIN PASSWORD '{password}'"
-            ))?;
-            c.batch_execute("CREATE DATABASE acutoken OWNER acutoken")
-        })
-        .unwrap_or_else(|e| panic!("cannot create role and database acutoken: {}", describe(&e)));
+        cluster
+            .admin("postgres", |c| {
+                // The password is sent as a literal (no parameters in utility
+                // statements); it is hex, so needs no quoting beyond the quotes.
+                c.batch_execute(&format!("CREATE ROLE acutoken LOGIN PASSWORD '{password}'"))?;
+                c.batch_execute("CREATE DATABASE acutoken OWNER acutoken")
+            })
+            .unwrap_or_else(|e| {
+                panic!("cannot create role and database acutoken: {}", describe(&e))
+            });
         cluster
     }
 
@@ -386,7 +387,10 @@ impl Cluster {
     /// immediate`): no checkpoint, sessions cut.
     pub fn stop_immediate(&self) {
         self.run_ok(
-            self.pg_ctl().args(["-m", "immediate", "stop"]), "pg_ctl stop -m immediate", Some(&self.log));
+            self.pg_ctl().args(["-m", "immediate", "stop"]),
+            "pg_ctl stop -m immediate",
+            Some(&self.log),
+        );
     }
 
     /// Starts it again on the same port, after [`Cluster::stop_immediate`]
@@ -394,12 +398,18 @@ impl Cluster {
     pub fn start_again(&self) {
         self.run_ok(
             self.pg_ctl().arg("-l").arg(&self.log).arg("start"),
-            "pg_ctl start", Some(&self.log));
+            "pg_ctl start",
+            Some(&self.log),
+        );
     }
 
     /// Promotes a standby to a primary; returns once it accepts writes.
     pub fn promote(&self) {
-        self.run_ok(self.pg_ctl().arg("promote"), "pg_ctl promote", Some(&self.log));
+        self.run_ok(
+            self.pg_ctl().arg("promote"),
+            "pg_ctl promote",
+            Some(&self.log),
+        );
         let read_only: bool = self
             .admin("postgres", |c| {
                 c.query_one("SELECT pg_is_in_recovery()", &[])
