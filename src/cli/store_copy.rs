@@ -72,6 +72,18 @@ fn copy_to(
     to: &StoreTarget,
     keyring: &SharedKeyring,
 ) -> anyhow::Result<(u64, usize, String)> {
+    if let StoreTarget::File(path) = to
+        && let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let _to_lock = StoreLock::acquire_target(to)?;
     let mut dest = Store::open_target(to, keyring, Create::Yes)?;
     if !copy::is_empty(&dest)? {

@@ -7,9 +7,9 @@
 use super::sql::{Transaction, Value};
 use super::{Store, StoreError, migrations};
 
-/// Rows per INSERT: one statement per row would cost a round trip each on
-/// PostgreSQL.
-const ROWS_PER_INSERT: usize = 100;
+/// Rows per bulk write ([`super::sql::Db::copy_in`]): a COPY of this many on
+/// PostgreSQL, INSERTs of 100 rows each on SQLite.
+const ROWS_PER_INSERT: usize = 5000;
 
 /// One table as the copy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +115,7 @@ pub fn copy_into(
     tx.execute("DELETE FROM meta WHERE key <> 'data_version'", ())?;
     for t in tables() {
         let cols = t.columns.join(", ");
+        let columns: Vec<&str> = t.columns.iter().map(String::as_str).collect();
         let filter = if t.name == "meta" {
             " WHERE key <> 'data_version'"
         } else {
@@ -136,7 +137,7 @@ pub fn copy_into(
             }
             pending += 1;
             if pending == ROWS_PER_INSERT {
-                insert(tx, &t, pending, &batch)?;
+                tx.copy_in(&t.name, &columns, &batch)?;
                 copied += pending as u64;
                 done(copied);
                 batch.clear();
@@ -144,32 +145,12 @@ pub fn copy_into(
             }
         }
         if pending > 0 {
-            insert(tx, &t, pending, &batch)?;
+            tx.copy_in(&t.name, &columns, &batch)?;
             copied += pending as u64;
             done(copied);
         }
     }
     Ok(copied)
-}
-
-fn insert(
-    tx: &Transaction<'_>,
-    t: &Table,
-    rows: usize,
-    values: &[Value],
-) -> Result<(), StoreError> {
-    let width = t.columns.len();
-    let one = format!("({})", vec!["?"; width].join(", "));
-    let sql = format!(
-        "INSERT INTO {} ({}) VALUES {}",
-        t.name,
-        t.columns.join(", "),
-        vec![one; rows].join(", ")
-    );
-    let params: Vec<&dyn super::sql::ToSql> =
-        values.iter().map(|v| v as &dyn super::sql::ToSql).collect();
-    tx.prepare_cached(&sql)?.execute(params)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -266,6 +266,31 @@ impl Db {
         }
     }
 
+    /// Writes many rows into `table` at once: `values` holds the rows one
+    /// after the other, `columns.len()` values each. PostgreSQL takes them
+    /// through `COPY ... FROM STDIN` in its binary format (one round trip
+    /// for all of them); SQLite through INSERTs of many rows each.
+    pub fn copy_in(&self, table: &str, columns: &[&str], values: &[Value]) -> Result<u64> {
+        let width = columns.len();
+        let cols = columns.join(", ");
+        match &self.0 {
+            Conn::Sqlite(_) => {
+                const ROWS: usize = 100;
+                for chunk in values.chunks(width * ROWS) {
+                    let one = format!("({})", vec!["?"; width].join(", "));
+                    let sql = format!(
+                        "INSERT INTO {table} ({cols}) VALUES {}",
+                        vec![one; chunk.len() / width].join(", ")
+                    );
+                    let params: Vec<&dyn ToSql> = chunk.iter().map(|v| v as &dyn ToSql).collect();
+                    self.prepare_cached(&sql)?.execute(params)?;
+                }
+                Ok((values.len() / width.max(1)) as u64)
+            }
+            Conn::Pg(pg) => pg.copy_in(table, &cols, width, values),
+        }
+    }
+
     /// Begins a transaction. `Immediate` takes the store's write lock at
     /// once: SQLite's reserved lock, or PostgreSQL's advisory lock
     /// [`WRITE_LOCK`], held until the transaction ends.
@@ -417,6 +442,36 @@ impl Pg {
             stmt,
             bound: Vec::new(),
         }))
+    }
+
+    fn copy_in(&self, table: &str, cols: &str, width: usize, values: &[Value]) -> Result<u64> {
+        self.one_at_a_time()?;
+        self.ensure_session()?;
+        // The columns' types, which the binary format must name.
+        let probe = match self
+            .statement(&format!("SELECT {cols} FROM {table} LIMIT 0"))?
+            .0
+        {
+            Stmt::Pg { stmt, .. } => stmt,
+            _ => unreachable!("a PostgreSQL statement"),
+        };
+        let types: Vec<Type> = probe.columns().iter().map(|c| c.type_().clone()).collect();
+        let session = self.session.borrow();
+        let copied = (|| {
+            let sink = block_on(session.client.copy_in::<_, bytes::Bytes>(&format!(
+                "COPY {table} ({cols}) FROM STDIN (FORMAT binary)"
+            )))?;
+            let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+            let mut writer = std::pin::pin!(writer);
+            for row in values.chunks(width) {
+                let refs: Vec<PgRef<'_>> = row.iter().map(PgRef).collect();
+                let params: Vec<&(dyn PgToSql + Sync)> =
+                    refs.iter().map(|p| p as &(dyn PgToSql + Sync)).collect();
+                block_on(writer.as_mut().write(&params))?;
+            }
+            block_on(writer.as_mut().finish())
+        })();
+        Ok(copied.inspect_err(|_| self.aborted.set(true))?)
     }
 
     /// Runs a query whose rows arrive as they are read: a scan of a
@@ -834,7 +889,7 @@ fn pg_value(r: &tokio_postgres::Row, i: usize) -> rusqlite::Result<ValueRef<'_>>
 }
 
 /// A parameter as an owned value.
-fn owned<T: ToSql + ?Sized>(v: &T) -> Result<Value> {
+pub(crate) fn owned<T: ToSql + ?Sized>(v: &T) -> Result<Value> {
     use rusqlite::types::ToSqlOutput;
     Ok(match v.to_sql()? {
         ToSqlOutput::Borrowed(r) => r.into(),
@@ -861,7 +916,43 @@ impl PgToSql for PgValue {
         ty: &Type,
         out: &mut bytes::BytesMut,
     ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match &self.0 {
+        encode(&self.0, ty, out)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// [`PgValue`] borrowed: a row of a bulk copy, sent without a copy of its values.
+#[derive(Debug)]
+struct PgRef<'a>(&'a Value);
+
+impl PgToSql for PgRef<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        encode(self.0, ty, out)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn encode(
+    value: &Value,
+    ty: &Type,
+    out: &mut bytes::BytesMut,
+) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    {
+        match value {
             Value::Null => Ok(IsNull::Yes),
             Value::Integer(i) if *ty == Type::INT8 => send(i, ty, out),
             Value::Integer(i) if *ty == Type::INT4 => send(i32::try_from(*i)?, ty, out),
@@ -877,12 +968,6 @@ impl PgToSql for PgValue {
             v => Err(format!("a {:?} value cannot be sent as {ty}", v.data_type()).into()),
         }
     }
-
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-
-    to_sql_checked!();
 }
 
 type Sent = std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>>;

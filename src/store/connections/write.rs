@@ -108,6 +108,10 @@ pub fn insert_sealed(
 ) -> Result<i64, StoreError> {
     assert_eq!(news.len(), sealed.len(), "one Sealed per new connection");
     let seq = next_seq(tx)?;
+    if tx.engine() == crate::store::sql::Engine::Postgres {
+        copy_sealed(tx, news, sealed, now, seq)?;
+        return Ok(seq);
+    }
     let bulk = news.len() - news.len() % BULK_ROWS;
     if bulk > 0 {
         let mut stmt = tx.prepare_cached(&insert_sql(BULK_ROWS, "ROLLBACK"))?;
@@ -145,6 +149,51 @@ pub fn insert_sealed(
     Ok(seq)
 }
 
+/// [`insert_sealed`] on PostgreSQL: `COPY` in chunks, one round trip each.
+fn copy_sealed(
+    tx: &Transaction<'_>,
+    news: &[NewConnection],
+    sealed: &[Sealed],
+    now: Timestamp,
+    seq: i64,
+) -> Result<(), StoreError> {
+    const ROWS: usize = 5000;
+    let list = INSERT_COLUMNS
+        .split_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map_or("", |(cols, _)| cols);
+    let columns: Vec<&str> = list.split(',').map(str::trim).collect();
+    debug_assert_eq!(columns.len(), INSERT_PARAMS);
+    for (rows, seals) in news.chunks(ROWS).zip(sealed.chunks(ROWS)) {
+        let mut values = Vec::with_capacity(rows.len() * INSERT_PARAMS);
+        for (new, sealed) in rows.iter().zip(seals) {
+            with_values(new, sealed, now, seq, |row| {
+                for v in row {
+                    values.push(crate::store::sql::owned(*v)?);
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        }
+        match tx.copy_in("connections", &columns, &values) {
+            Ok(_) => {}
+            Err(e) if e.is_unique_violation() => {
+                // PostgreSQL aborted the transaction: outside it, the store
+                // shows which name another writer took meanwhile.
+                tx.roll_back_now();
+                let mut exists = tx.prepare("SELECT 1 FROM connections WHERE name = ?1")?;
+                for new in news {
+                    if exists.exists([&new.conn.name])? {
+                        return Err(StoreError::DuplicateName(new.conn.name.clone()));
+                    }
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 fn insert_at(
     tx: &Transaction<'_>,
     new: &NewConnection,
@@ -170,6 +219,23 @@ fn bind_new(
     now: Timestamp,
     seq: i64,
 ) -> Result<(), StoreError> {
+    with_values(new, sealed, now, seq, |values| {
+        for (i, v) in values.iter().enumerate() {
+            stmt.raw_bind_parameter(base + i + 1, *v)?;
+        }
+        Ok(())
+    })
+}
+
+/// Calls `f` with one new row's values, in the order of [`INSERT_COLUMNS`]
+/// (borrowed: the import binds them straight from the row).
+fn with_values<T>(
+    new: &NewConnection,
+    sealed: &Sealed,
+    now: Timestamp,
+    seq: i64,
+    f: impl FnOnce(&[&dyn rusqlite::ToSql; INSERT_PARAMS]) -> T,
+) -> T {
     let c = &new.conn;
     let values: [&dyn rusqlite::ToSql; INSERT_PARAMS] = [
         &sealed.id,
@@ -192,10 +258,7 @@ fn bind_new(
         &seq,
         &to_ms(now),
     ];
-    for (i, v) in values.into_iter().enumerate() {
-        stmt.raw_bind_parameter(base + i + 1, v)?;
-    }
-    Ok(())
+    f(&values)
 }
 
 /// Writes every non-secret field of `row` back, bumping version and change sequence.
