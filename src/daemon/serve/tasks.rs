@@ -219,8 +219,11 @@ pub(super) fn spawn_metrics(
     Ok(())
 }
 
-/// How often a daemon on PostgreSQL makes sure it still holds its store.
+/// How often a daemon on PostgreSQL makes sure it still holds its store;
+/// every second while the store cannot be reached, so the lock is taken
+/// again soon after the database is back (its writes resume at once).
 const STORE_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const STORE_HEALTH_DOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// On PostgreSQL: every few seconds, whether the serve lock is still held
 /// (taken again after a restart or failover ended its session) and the
@@ -241,15 +244,20 @@ pub(super) fn spawn_store_health(
     let stop = stop.clone();
     tasks.spawn(async move {
         use crate::daemon::lock::LockHealth;
+        let mut every = STORE_HEALTH_EVERY;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(STORE_HEALTH_EVERY) => {}
+                _ = tokio::time::sleep(every) => {}
             }
             let Ok((_, health)) =
                 store::blocking::with_owned(lock.clone(), |lock| lock.check()).await
             else {
                 continue;
+            };
+            every = match health {
+                LockHealth::Unreachable(_) => STORE_HEALTH_DOWN,
+                _ => STORE_HEALTH_EVERY,
             };
             match health {
                 LockHealth::Held => {
