@@ -120,7 +120,13 @@ pub fn normalize(input: &str) -> Result<String, InstanceError> {
     // A host named `http` or `https` with a port would be stored as
     // `https:8443`, which reads back as a mangled scheme: refuse it now rather
     // than store what the token client cannot use.
-    if out.starts_with("http:") || out.starts_with("https:") {
+    // The same for the schemes refused on input (`mailto.:6886` would be
+    // stored as `mailto:6886`, which reads back as a `mailto:` link).
+    let reads_as_scheme = ["http", "https"]
+        .iter()
+        .chain(NOT_WEB)
+        .any(|scheme| out.strip_prefix(scheme).is_some_and(|r| r.starts_with(':')));
+    if reads_as_scheme {
         return Err(InstanceError::MissingHost(trimmed.to_string()));
     }
     for segment in virtual_dir(path)? {
@@ -129,6 +135,24 @@ pub fn normalize(input: &str) -> Result<String, InstanceError> {
     }
     Ok(out)
 }
+
+/// Schemes people paste by accident.
+const NOT_WEB: &[&str] = &[
+    "ftp",
+    "ftps",
+    "sftp",
+    "ssh",
+    "file",
+    "mailto",
+    "smb",
+    "ldap",
+    "ldaps",
+    "tel",
+    "javascript",
+    "data",
+    "ws",
+    "wss",
+];
 
 /// Removes `scheme://` (http or https only). A bare `host:port` is not a scheme.
 fn strip_scheme(s: &str) -> Result<&str, InstanceError> {
@@ -159,24 +183,8 @@ fn strip_scheme(s: &str) -> Result<&str, InstanceError> {
         // `https:acme.com`: too mangled to guess which part is the host.
         return Err(InstanceError::MissingHost(s.to_string()));
     }
-    // Schemes people paste by accident; anything else before a colon is a host
-    // followed by a port, which the port check judges.
-    const NOT_WEB: &[&str] = &[
-        "ftp",
-        "ftps",
-        "sftp",
-        "ssh",
-        "file",
-        "mailto",
-        "smb",
-        "ldap",
-        "ldaps",
-        "tel",
-        "javascript",
-        "data",
-        "ws",
-        "wss",
-    ];
+    // Anything else before a colon is a host followed by a port, which the
+    // port check judges.
     if NOT_WEB.contains(&scheme.as_str()) {
         return Err(InstanceError::Scheme { scheme });
     }
@@ -571,5 +579,26 @@ mod tests {
             ok("https://ERP.Example.com/AcumaticaERP/main"),
             "erp.example.com/AcumaticaERP"
         );
+    }
+
+    /// Found by fuzzing: `mailto.:6886` was stored as `mailto:6886`, which
+    /// then read back as a `mailto:` scheme: refused, as `http:PORT` is.
+    #[test]
+    fn a_host_named_like_a_scheme_with_a_port_reads_back_the_same() {
+        for input in ["mailto.:6886/", "ftp.:2121/Erp", "ssh.:22", "//MAILTO.:25"] {
+            assert!(normalize(input).is_err(), "{input}");
+        }
+        assert_eq!(
+            normalize("mailto.example.com:6886").unwrap(),
+            "mailto.example.com:6886"
+        );
+        assert!(matches!(
+            normalize("mailto:ops@example.com"),
+            Err(InstanceError::Scheme { .. })
+        ));
+        assert!(matches!(
+            normalize("ftp://erp.example.com"),
+            Err(InstanceError::Scheme { .. })
+        ));
     }
 }
