@@ -19,13 +19,13 @@ mod support_pg;
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use acutoken::model::State;
 use acutoken::store::connections::SecretColumn;
 use nix::sys::signal::Signal;
-use support_daemon::{Daemon, Opts, PgStore, Rig, SECRET, SITE, WAIT, api};
+use support_daemon::{Daemon, Opts, PgStore, Rig, SECRET, SITE, WAIT, api, spill_files};
 use support_pg::Cluster;
 
 /// Connections due at once when the daemon starts.
@@ -118,17 +118,6 @@ fn logged_saved(logs: &str) -> BTreeSet<String> {
         .filter(|v| v["message"] == "refresh attempt" && v["outcome"] == "refreshed")
         .filter_map(|v| v["connection"].as_str().map(str::to_string))
         .collect()
-}
-
-fn spill_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Waits until `cond` holds, at most `bound`; panics naming `what` and

@@ -18,7 +18,9 @@ use std::time::Duration;
 use acutoken::model::State;
 use acutoken::sim::Fault;
 use nix::sys::signal::Signal;
-use support_daemon::{CLIENT, Output, PgStore, Rig, SECRET, SITE, WAIT, api, eventually, json};
+use support_daemon::{
+    CLIENT, Output, PgStore, Rig, SECRET, SITE, WAIT, api, eventually, json, spill_files,
+};
 use support_pg::PgDb;
 
 /// Runs `f` on a runtime of its own, as `#[tokio::test]` would.
@@ -562,17 +564,6 @@ fn cli_writes_on_postgres_reach_the_running_daemon() {
         d.signal(Signal::SIGTERM);
         assert_eq!(d.exit().await.code(), Some(0), "{}", d.logs());
     });
-}
-
-fn spill_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A server that refuses every write to `connections` as a full disk does

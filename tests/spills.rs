@@ -4,23 +4,12 @@
 
 mod support_daemon;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use acutoken::model::State;
-use support_daemon::{CLIENT, Opts, Rig, SITE, Sink, WAIT, eventually};
+use support_daemon::{CLIENT, Opts, Rig, SITE, Sink, WAIT, eventually, spill_files};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn spill_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// A `connection refresh` run by the CLI with no daemon, whose save the store
 /// refuses (another process holds it locked), killed once it has spilled:
