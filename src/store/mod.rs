@@ -308,14 +308,7 @@ impl Store {
         let version: i64 = store
             .db
             .query_row("PRAGMA user_version", (), |r| r.get(0))?;
-        let known = migrations::MIGRATIONS.len() as i64;
-        if version > known {
-            return Err(StoreError::TooNew {
-                path: store.path.clone(),
-                found: version,
-                known,
-            });
-        }
+        too_new(&store.path, version)?;
         if version > 0 {
             // Verify before any write: a wrong key must leave the file untouched.
             keys::verify(&store)?;
@@ -350,14 +343,7 @@ impl Store {
             keyring: keyring.clone(),
         };
         let version = postgres::version(&store.db)?;
-        let known = migrations::MIGRATIONS.len() as i64;
-        if version > known {
-            return Err(StoreError::TooNew {
-                path: store.path.clone(),
-                found: version,
-                known,
-            });
-        }
+        too_new(&store.path, version)?;
         if version == 0 && create == Create::No {
             return Err(StoreError::Missing {
                 path: store.path.clone(),
@@ -526,6 +512,19 @@ impl Store {
             Err(StoreError::Corrupt(result))
         }
     }
+}
+
+/// Refuses a store whose schema is newer than this binary's migrations.
+fn too_new(path: &Path, found: i64) -> Result<(), StoreError> {
+    let known = migrations::MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known,
+        });
+    }
+    Ok(())
 }
 
 /// Creates an empty file with mode 0600 (its parent 0700 when we create it).
