@@ -28,6 +28,9 @@ pub struct Status {
     #[serde(default)]
     pub set_aside: Vec<SetAsideItem>,
     pub alerts: AlertInfo,
+    /// The replicas serving a PostgreSQL store (DESIGN §10); empty on SQLite.
+    #[serde(default)]
+    pub replicas: Vec<crate::store::replicas::Replica>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -51,6 +54,9 @@ pub struct DaemonInfo {
     pub unsaved_tokens: usize,
     pub scheduled: usize,
     pub refreshing: usize,
+    /// The name of the replica answering, on a PostgreSQL store.
+    #[serde(default)]
+    pub replica: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -96,7 +102,7 @@ pub fn gather(
     st: &Store,
     config: &crate::config::Config,
     daemon: DaemonInfo,
-    _now: Timestamp,
+    now: Timestamp,
 ) -> Result<Status, StoreError> {
     let counts_by_state = st.state_counts()?;
     let mut counts = BTreeMap::new();
@@ -176,6 +182,7 @@ pub fn gather(
         nearest_deadlines,
         set_aside,
         alerts,
+        replicas: st.replicas(now)?,
     })
 }
 

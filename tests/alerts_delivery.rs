@@ -37,6 +37,7 @@ fn start(path: &Path, key: &Key, cfg: &Config, clock: SharedClock) -> Worker {
         clock,
         shutdown.clone(),
         wake.clone(),
+        acutoken::store::replicas::Duty::always(),
     ));
     Worker {
         handle,

@@ -682,6 +682,7 @@ async fn a_webhook_that_resets_or_hangs_does_not_keep_alerts_from_other_channels
         clock::system(),
         shutdown.clone(),
         wake.clone(),
+        acutoken::store::replicas::Duty::always(),
     ));
     let before = resets.load(std::sync::atomic::Ordering::SeqCst);
     alerts_support::set_state(&mut store, &ids, State::NeedsSecret, None, now);

@@ -439,12 +439,11 @@ fn serve_on_postgres_refreshes_fifty_due_connections_once_each_without_replay() 
     });
 }
 
-/// The refusal names what refused it. Fails today: the holder lookup sends
-/// an `i64` where `pg_locks.classid`/`objid` are `oid`, so the second
-/// `serve` ends with `error: store error: error serializing parameter 0: a
-/// Integer value cannot be sent as oid` (src/store/postgres.rs `holder_of`).
+/// Replicas are named (DESIGN §10; the default name is the host name), and
+/// a second `serve` under a live replica's name is refused, naming the
+/// replica that holds it.
 #[test]
-fn a_second_serve_on_postgres_is_refused_saying_another_daemon_serves_the_store() {
+fn a_second_serve_under_a_live_replica_name_is_refused_naming_the_holder() {
     let db = support_pg::fresh("one_daemon_message");
     run(async {
         let rig = rig_on(&db).await;
@@ -453,10 +452,7 @@ fn a_second_serve_on_postgres_is_refused_saying_another_daemon_serves_the_store(
         first.ready().await;
         let out = rig.cli(&["serve"], None).await;
         let line = one_error(&out);
-        assert!(
-            line.contains("another acutoken daemon serves the store"),
-            "{line}"
-        );
+        assert!(line.contains("another acutoken replica named `"), "{line}");
         assert!(line.contains("acutoken serve"), "names the holder: {line}");
         assert!(!line.contains(&support_pg::password()), "{line}");
         assert_eq!(api(&rig.socket(), "GET", "/readyz").await.status, 200);
@@ -466,7 +462,7 @@ fn a_second_serve_on_postgres_is_refused_saying_another_daemon_serves_the_store(
 }
 
 #[test]
-fn one_serve_per_database_until_the_first_stops_or_dies() {
+fn one_serve_per_replica_name_until_the_first_stops_or_dies() {
     let db = support_pg::fresh("one_daemon");
     run(async {
         let rig = rig_on(&db).await;

@@ -302,9 +302,21 @@ pub async fn run_digest(
             }
             () = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
                 let now = clock.now();
-                if next.is_some_and(|at| now >= at) {
-                    if let Err(e) = send_digest(&store, &cfg, &clock).await {
-                        tracing::error!("{e}");
+                if let Some(at) = next.filter(|at| now >= *at) {
+                    // Of several replicas, the first to claim this time sends.
+                    let claimed = crate::store::blocking::with_shared(&store, move |st| {
+                        st.claim_digest(at)
+                    })
+                    .await
+                    .map_err(|e| DigestError::Schedule(e.to_string()))?;
+                    match claimed {
+                        Ok(true) => {
+                            if let Err(e) = send_digest(&store, &cfg, &clock).await {
+                                tracing::error!("{e}");
+                            }
+                        }
+                        Ok(false) => tracing::info!("the digest due at {} was sent by another replica", crate::model::fmt_time(at)),
+                        Err(e) => tracing::error!("cannot record the digest due at {} (not sent; the next one is): {e}", crate::model::fmt_time(at)),
                     }
                     // From the time the digest went out, so the times that
                     // passed while sending it are skipped, not sent late.

@@ -400,12 +400,16 @@ fn record(store: &mut Store, a: &AlertsConfig, batch: &Batch, outcome: &Outcome,
 /// `store` is the worker's own connection (opened by the daemon). Undelivered
 /// alerts stay in the outbox when it stops; posts in flight get
 /// [`SHUTDOWN_GRACE`] to be answered and recorded.
+///
+/// Only while `duty` is held: of several replicas on one PostgreSQL store,
+/// one delivers at a time, so each alert goes out once per channel.
 pub async fn run(
     store: Store,
     mut config: watch::Receiver<Arc<Config>>,
     clock: SharedClock,
     shutdown: CancellationToken,
     wake: Wake,
+    duty: Arc<crate::store::replicas::Duty>,
 ) -> Result<(), WorkerError> {
     let http_client = http::client()?;
     let store: Shared = Arc::new(Mutex::new(store));
@@ -430,8 +434,13 @@ pub async fn run(
     let mut last_prune: Option<std::time::Instant> = None;
     loop {
         let now = clock.now();
+        let on_duty = duty.held();
         let prune_due = last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
-        let plans = {
+        let plans = if !on_duty {
+            // Another replica delivers; this one looks again when it wins
+            // the duty (or in a minute at the latest).
+            Ok(Vec::new())
+        } else {
             let c = cfg.clone();
             let l = links.clone();
             let busy: HashSet<String> = in_flight.values().cloned().collect();
@@ -458,7 +467,7 @@ pub async fn run(
             .await?
         };
         // A prune put off comes back when it is due.
-        let mut next: Option<Timestamp> = (!prune_due).then(|| add(now, PRUNE_EVERY));
+        let mut next: Option<Timestamp> = (on_duty && !prune_due).then(|| add(now, PRUNE_EVERY));
         match plans {
             Ok(plans) => {
                 channels_synced = true;
@@ -523,6 +532,7 @@ pub async fn run(
                 }
             }
             _ = wake.wait() => {}
+            _ = duty.taken(), if !on_duty => {}
             _ = tokio::time::sleep(sleep) => {}
         }
     }

@@ -253,6 +253,7 @@ pub async fn status(ctx: &Ctx, json: bool) -> anyhow::Result<i32> {
             unsaved_tokens: 0,
             scheduled: 0,
             refreshing: 0,
+            replica: None,
         };
         status::gather(&store, &ctx.config, info, clock::SystemClock.now())?
     };

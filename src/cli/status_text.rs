@@ -44,6 +44,37 @@ pub(super) fn print_human(s: &Status) {
         );
     }
     println!("store     {}", s.store);
+    if !s.replicas.is_empty() {
+        let live = s.replicas.iter().filter(|r| r.live).count();
+        println!("replicas  {live} live of {}", s.replicas.len());
+        let mut rows = vec![vec![
+            "  NAME".to_string(),
+            "HOST".into(),
+            "PID".into(),
+            "HEARTBEAT".into(),
+            "CLAIMS".into(),
+            "DUTIES".into(),
+        ]];
+        for r in &s.replicas {
+            rows.push(vec![
+                format!("  {}", r.name),
+                r.host.clone(),
+                r.pid.to_string(),
+                if r.live {
+                    r.heartbeat_at.clone()
+                } else {
+                    paint("31", &format!("{} (lapsed)", r.heartbeat_at))
+                },
+                r.claims.to_string(),
+                if r.alerts {
+                    "alerts".into()
+                } else {
+                    "-".into()
+                },
+            ]);
+        }
+        print_table(&rows);
+    }
     let counts: Vec<String> = s
         .counts
         .iter()

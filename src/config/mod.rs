@@ -64,7 +64,7 @@ pub struct Config {
 }
 
 /// `[store]`
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `None` = `$STATE_DIRECTORY/acutoken.db`, else `./acutoken.db` (see `Config::store_path`).
@@ -85,6 +85,25 @@ pub struct StoreConfig {
     /// The PostgreSQL password, one line; must be private. `None` = the
     /// systemd credential `acutoken.pgpass` when present, else no password.
     pub password_file: Option<PathBuf>,
+    /// On PostgreSQL, how long a replica's claims and duties outlive its
+    /// last heartbeat (DESIGN §10): a replica that died, stalled or was
+    /// cut off has its work taken over within this (plus a few seconds).
+    #[serde(with = "crate::model::dur")]
+    pub lease: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: None,
+            key_file: None,
+            previous_key_files: Vec::new(),
+            spill_dir: None,
+            url: None,
+            password_file: None,
+            lease: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[acumatica]`
@@ -377,12 +396,16 @@ pub struct ServeConfig {
     /// How long refreshes in flight may take to finish at shutdown.
     #[serde(with = "crate::model::dur")]
     pub shutdown_timeout: Duration,
+    /// This replica's name on a PostgreSQL store (DESIGN §10): unique among
+    /// the live replicas. `None` = the host name (see `Config::replica_name`).
+    pub replica_name: Option<String>,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             shutdown_timeout: Duration::from_secs(45),
+            replica_name: None,
         }
     }
 }

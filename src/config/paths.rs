@@ -23,6 +23,18 @@ impl Config {
         }
     }
 
+    /// `serve.replica_name`, else this machine's host name (DESIGN §10).
+    pub fn replica_name(&self) -> String {
+        match &self.serve.replica_name {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "localhost".into()),
+        }
+    }
+
     /// `store.spill_dir`, else `$RUNTIME_DIRECTORY/pending` (a tmpfs under
     /// systemd), else `pending` beside the store. The packaged config names
     /// it, so that a CLI run without `$RUNTIME_DIRECTORY` spills where the

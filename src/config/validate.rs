@@ -35,6 +35,31 @@ impl Config {
     /// `store.url` (DESIGN §10) and the keys that go with it or against it.
     fn validate_store(&self) -> Result<(), ConfigError> {
         let s = &self.store;
+        if let Some(name) = &self.serve.replica_name {
+            let fine = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !fine {
+                return Err(invalid(
+                    "serve.replica_name",
+                    format!(
+                        "must be 1 to 63 letters, digits, `.`, `_` or `-` (is `{}`)",
+                        name.escape_debug()
+                    ),
+                ));
+            }
+        }
+        if s.lease < Duration::from_secs(3) || s.lease > Duration::from_secs(600) {
+            return Err(invalid(
+                "store.lease",
+                format!(
+                    "must be between 3s and 10m: a replica heartbeats every third of it (is {})",
+                    crate::model::fmt_duration(s.lease)
+                ),
+            ));
+        }
         let Some(url) = &s.url else {
             if s.password_file.is_some() {
                 return Err(invalid(

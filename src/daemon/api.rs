@@ -386,9 +386,14 @@ pub async fn current_status(api: &Api) -> Result<status::Status, StoreError> {
         unsaved_tokens: api.engine.unsaved(),
         scheduled: snap.scheduled,
         refreshing: snap.running,
+        replica: None,
     };
     let now = api.engine.clock().now();
     let config = api.config.borrow().clone();
+    let info = DaemonInfo {
+        replica: config.store.url.is_some().then(|| config.replica_name()),
+        ..info
+    };
     api.store
         .read(move |st| status::gather(st, &config, info, now))
         .await

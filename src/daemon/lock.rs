@@ -7,6 +7,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::StoreTarget;
+use crate::store::postgres::{Hold, ServeLock};
 
 /// The lock file beside a store: `acutoken.db` -> `acutoken.db.lock`.
 pub fn lock_path(store: &Path) -> PathBuf {
@@ -48,7 +49,7 @@ enum Held {
 /// The PostgreSQL serve lock, and what it takes to take it again.
 #[derive(Debug)]
 struct PgHeld {
-    lock: std::sync::Mutex<crate::store::postgres::ServeLock>,
+    lock: std::sync::Mutex<ServeLock>,
     target: crate::config::PgTarget,
     holder: String,
 }
@@ -67,20 +68,37 @@ pub enum LockHealth {
 }
 
 impl StoreLock {
-    /// Takes the lock of the store `target` names.
+    /// Takes the lock of the store `target` names, to have it alone: a
+    /// SQLite file's lock, or PostgreSQL's serve lock held exclusively (no
+    /// replica serves meanwhile).
     pub fn acquire_target(target: &StoreTarget) -> anyhow::Result<StoreLock> {
+        Self::take(target, Hold::Alone)
+    }
+
+    /// Takes the lock a daemon serves the store under: a SQLite file's
+    /// lock, or on PostgreSQL the name lock of replica `name`, beside any
+    /// other replicas (DESIGN §10).
+    pub fn serve(target: &StoreTarget, name: &str) -> anyhow::Result<StoreLock> {
+        Self::take(target, Hold::Replica(name.to_string()))
+    }
+
+    fn take(target: &StoreTarget, hold: Hold) -> anyhow::Result<StoreLock> {
         match target {
             StoreTarget::File(path) => Ok(StoreLock::acquire(path)?),
             StoreTarget::Postgres(pg) => {
                 let holder = crate::store::Owner::current("serve").as_str().to_string();
-                let lock = crate::store::postgres::ServeLock::acquire(pg, &holder)?;
+                let path = match &hold {
+                    Hold::Alone => format!("the serve lock of {}", pg.display),
+                    Hold::Replica(name) => format!("replica `{name}` of {}", pg.display),
+                };
+                let lock = ServeLock::acquire(pg, &holder, hold)?;
                 Ok(StoreLock {
                     _held: Held::Postgres(Box::new(PgHeld {
                         lock: std::sync::Mutex::new(lock),
                         target: pg.clone(),
                         holder,
                     })),
-                    path: PathBuf::from(format!("the serve lock of {}", pg.display)),
+                    path: PathBuf::from(path),
                 })
             }
         }
@@ -101,12 +119,15 @@ impl StoreLock {
         if lock.is_held() {
             return LockHealth::Held;
         }
-        match crate::store::postgres::ServeLock::acquire(target, holder) {
+        match ServeLock::acquire(target, holder, lock.hold().clone()) {
             Ok(again) => {
                 *lock = again;
                 LockHealth::Renewed
             }
-            Err(crate::store::StoreError::Served { holder, .. }) => LockHealth::TakenBy(holder),
+            Err(
+                crate::store::StoreError::Served { holder, .. }
+                | crate::store::StoreError::ReplicaNameTaken { holder, .. },
+            ) => LockHealth::TakenBy(holder),
             Err(e) => LockHealth::Unreachable(e.to_string()),
         }
     }

@@ -118,6 +118,18 @@ impl Metrics {
             "acutoken_alert_channel_failures",
             "Failed deliveries in a row per channel"
         );
+        metrics::describe_gauge!(
+            "acutoken_replicas",
+            "Replicas serving the PostgreSQL store, by whether their heartbeat is within its lease (live) or not (lapsed)"
+        );
+        metrics::describe_gauge!(
+            "acutoken_replica_heartbeat_age_seconds",
+            "Seconds since each replica's last heartbeat"
+        );
+        metrics::describe_gauge!(
+            "acutoken_replica_claims",
+            "Refreshes in flight (claims) each replica holds"
+        );
         metrics::describe_gauge!("acutoken_build_info", "Version of the running binary");
         metrics::gauge!("acutoken_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Ok(Metrics { handle: h.clone() })
@@ -176,7 +188,7 @@ impl Metrics {
             let (st, tally) = state.take().expect("given back every turn");
             let ((st, tally), res) =
                 crate::store::blocking::with_owned((st, tally), move |(st, tally)| {
-                    store_gauges(st, tally, &cfg)
+                    store_gauges(st, tally, &cfg, now)
                 })
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -333,6 +345,7 @@ fn store_gauges(
     st: &Store,
     tally: &mut Option<Tally>,
     config: &crate::config::Config,
+    now: Timestamp,
 ) -> Result<(), StoreError> {
     let changed = match tally {
         Some(t) => t.catch_up(st)?,
@@ -341,6 +354,23 @@ fn store_gauges(
             true
         }
     };
+    // Heartbeats move every few seconds whether or not anything changed.
+    if st.is_postgres() {
+        let replicas = st.replicas(now)?;
+        let live = replicas.iter().filter(|r| r.live).count();
+        metrics::gauge!("acutoken_replicas", "state" => "live").set(live as f64);
+        metrics::gauge!("acutoken_replicas", "state" => "lapsed")
+            .set((replicas.len() - live) as f64);
+        for r in &replicas {
+            let age = crate::model::parse_time(&r.heartbeat_at)
+                .map(|t| (now - t).num_milliseconds() as f64 / 1000.0)
+                .unwrap_or(0.0);
+            metrics::gauge!("acutoken_replica_heartbeat_age_seconds", "replica" => r.name.clone())
+                .set(age);
+            metrics::gauge!("acutoken_replica_claims", "replica" => r.name.clone())
+                .set(r.claims as f64);
+        }
+    }
     if !changed {
         return Ok(());
     }

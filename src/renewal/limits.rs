@@ -58,6 +58,14 @@ impl Limits {
         self.freed.notify_waiters();
     }
 
+    /// `renewal.per_instance_concurrent` as it is now.
+    pub fn per_instance(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .per_instance
+    }
+
     /// How many requests hold a place now.
     pub fn running(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).running

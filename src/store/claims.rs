@@ -124,7 +124,8 @@ fn probe(pid: u32) -> Probe {
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name, as claims and replicas record it.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
@@ -223,6 +224,10 @@ pub enum ClaimOutcome {
     /// A scheduled refresh whose plan moved since it fell due (refreshed from
     /// elsewhere meanwhile): nothing sent, the row tells when it is due now.
     NotDue(ConnectionRow),
+    /// The instance already has `running` requests in flight from all
+    /// replicas together (`renewal.per_instance_concurrent`): nothing
+    /// written, try again when one ends.
+    InstanceFull { running: usize },
 }
 
 /// The outcome to save when the request finished.
@@ -249,6 +254,23 @@ pub fn claim(
     trigger: Trigger,
     now: Timestamp,
 ) -> Result<ClaimOutcome, StoreError> {
+    claim_within(tx, keyring, id, owner, ttl, trigger, None, now)
+}
+
+/// [`claim`], and with `instance_limit` (replicas on PostgreSQL) only while
+/// fewer than that many live claims of any process are on the connection's
+/// instance: `renewal.per_instance_concurrent` across every replica.
+#[allow(clippy::too_many_arguments)]
+pub fn claim_within(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    id: Uuid,
+    owner: &Owner,
+    ttl: Duration,
+    trigger: Trigger,
+    instance_limit: Option<usize>,
+    now: Timestamp,
+) -> Result<ClaimOutcome, StoreError> {
     let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
         return Err(StoreError::UnknownConnection(id.to_string()));
     };
@@ -261,15 +283,26 @@ pub fn claim(
     {
         return Ok(ClaimOutcome::NotDue(row));
     }
-    let mut after_unknown = row.outcome_unknown;
-    if let Some((holder, until)) = row.claim.clone() {
-        let orphaned = until <= now || Owner::is_dead(&holder);
-        if !orphaned {
-            return Ok(ClaimOutcome::Busy {
-                owner: holder,
-                until,
-            });
+    if let Some((holder, until)) = row.claim.clone()
+        && until > now
+        && !Owner::is_dead(&holder)
+    {
+        return Ok(ClaimOutcome::Busy {
+            owner: holder,
+            until,
+        });
+    }
+    // Before anything is written: a claim refused for room changes nothing.
+    if let Some(limit) = instance_limit {
+        let running =
+            super::replicas::instance_claims(tx, &row.conn.instance, &id.to_string(), now)?;
+        if running >= limit {
+            return Ok(ClaimOutcome::InstanceFull { running });
         }
+    }
+    let mut after_unknown = row.outcome_unknown;
+    if let Some((holder, _)) = row.claim.clone() {
+        // Orphaned: past its lease, or its process is gone.
         if row.outcome_unknown {
             // The token went out under two claims whose outcomes are both lost.
             row.conn.state = State::NeedsReauthorization;

@@ -20,6 +20,7 @@ pub mod keys;
 mod migrations;
 pub mod postgres;
 pub mod refresh;
+pub mod replicas;
 pub mod sql;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -89,9 +90,18 @@ pub enum StoreError {
     NoPostgresKey { store: String },
     /// Another daemon serves this PostgreSQL store.
     #[error(
-        "another acutoken daemon serves the store {store} ({holder}): stop it first; one daemon serves a store"
+        "another acutoken process holds the store {store} ({holder}): this needs the store to itself, so stop every daemon that serves it, or wait for that command to finish"
     )]
     Served { store: String, holder: String },
+    /// A live replica of this PostgreSQL store already has this name.
+    #[error(
+        "another acutoken replica named `{name}` serves the store {store} ({holder}): give this one another serve.replica_name, or stop that one first"
+    )]
+    ReplicaNameTaken {
+        store: String,
+        name: String,
+        holder: String,
+    },
     /// The file was made by a newer acutoken: upgrade the binary.
     #[error(
         "the store {path} has schema version {found}, newer than this acutoken knows ({known}): upgrade acutoken"

@@ -169,6 +169,15 @@ pub(crate) fn migrate(db: &Db) -> Result<(), StoreError> {
             .or_else(|e| if e.is_no_rows() { Ok(None) } else { Err(e) })?;
         let at = version.unwrap_or(0);
         if at >= known {
+            // The replicas' tables came after the first PostgreSQL release:
+            // made here, outside the versioned steps both engines share.
+            let missing: bool =
+                tx.query_row("SELECT to_regclass('acutoken_leases') IS NULL", (), |r| {
+                    r.get(0)
+                })?;
+            if missing {
+                tx.execute_batch(super::replicas::SCHEMA)?;
+            }
             return Ok(tx.commit()?);
         }
         let step = migrations::MIGRATIONS[at as usize];
@@ -217,79 +226,161 @@ fn schema(sqlite: &str) -> String {
         )
 }
 
-/// The advisory lock a serving daemon holds for its whole life (DESIGN §3:
-/// one daemon per store): "acutokes" in ASCII, apart from the write lock.
+/// The serve lock: every replica holds it shared for its whole life, and
+/// what must have the store to itself (`key rotate`, `store copy`) takes it
+/// exclusively, so neither runs while a replica serves. "acutokes" in
+/// ASCII, apart from the write lock.
 const SERVE_LOCK: i64 = 0x6163_7574_6f6b_6573;
 
-/// One daemon per PostgreSQL store: a session-level advisory lock on a
-/// connection of its own, released when the daemon's session ends (a dead
-/// daemon's session ends with it). Claims keep every refresh safe across
-/// processes whatever this lock says; it keeps two daemons from both
-/// planning, alerting and delivering for one store.
+/// The first key of a replica's name lock ("acut"); the second is
+/// [`name_key`]. Two live replicas with one name would be one replica's
+/// claims and heartbeats written by two processes.
+const REPLICA_NS: i32 = 0x6163_7574;
+
+/// The second key of the name lock of replica `name`.
+fn name_key(name: &str) -> i32 {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(name.as_bytes());
+    i32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+/// How a [`ServeLock`] holds the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    /// The store alone: no replica serves it meanwhile.
+    Alone,
+    /// As the replica of this name, beside any others.
+    Replica(String),
+}
+
+/// A session-level advisory lock on a connection of its own, released when
+/// the session ends (a dead process's session ends with it). Claims keep
+/// every refresh safe across processes whatever this lock says; it keeps
+/// two replicas from sharing a name, and the store's exclusive operations
+/// from running under a replica.
 pub struct ServeLock {
     db: Db,
     display: String,
+    hold: Hold,
 }
 
 impl std::fmt::Debug for ServeLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ServeLock({})", self.display)
+        write!(f, "ServeLock({}, {:?})", self.display, self.hold)
     }
 }
 
 impl ServeLock {
-    /// Takes the lock, naming this process as its holder (`holder` shows in
-    /// the refusal another daemon gets, and in `pg_stat_activity`).
-    pub fn acquire(target: &PgTarget, holder: &str) -> Result<ServeLock, StoreError> {
+    /// Takes the lock as `hold` says, naming this process as its holder
+    /// (`holder` shows in the refusal another process gets, and in
+    /// `pg_stat_activity`).
+    pub fn acquire(target: &PgTarget, holder: &str, hold: Hold) -> Result<ServeLock, StoreError> {
         let db = connect(target)?;
         // The holder is set as the session's application name, where a
-        // refused daemon reads it.
-        let name = holder.replace('\'', "");
-        db.execute_batch(&format!("SET application_name = 'acutoken serve {name}'"))?;
-        let got: bool = db.query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
-            r.get(0)
-        })?;
-        if got {
-            return Ok(ServeLock {
-                db,
-                display: target.display.clone(),
+        // refused process reads it.
+        let who = match &hold {
+            Hold::Alone => holder.to_string(),
+            Hold::Replica(name) => format!("{name}: {holder}"),
+        };
+        db.execute_batch(&format!(
+            "SET application_name = 'acutoken serve {}'",
+            who.replace('\'', "")
+        ))?;
+        let lock = ServeLock {
+            db,
+            display: target.display.clone(),
+            hold,
+        };
+        let got: bool = match &lock.hold {
+            Hold::Alone => {
+                lock.db
+                    .query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
+                        r.get(0)
+                    })?
+            }
+            Hold::Replica(_) => lock.db.query_row(
+                "SELECT pg_try_advisory_lock_shared(?1)",
+                [SERVE_LOCK],
+                |r| r.get(0),
+            )?,
+        };
+        if !got {
+            return Err(StoreError::Served {
+                store: target.display.clone(),
+                holder: holder_of(&lock.db, None)?
+                    .unwrap_or_else(|| "a session this role cannot see".into()),
             });
         }
-        Err(StoreError::Served {
-            store: target.display.clone(),
-            holder: holder_of(&db)?.unwrap_or_else(|| "a session this role cannot see".into()),
-        })
+        if let Hold::Replica(name) = &lock.hold {
+            let key = name_key(name);
+            let got: bool = lock.db.query_row(
+                "SELECT pg_try_advisory_lock((?1::bigint)::int4, (?2::bigint)::int4)",
+                [i64::from(REPLICA_NS), i64::from(key)],
+                |r| r.get(0),
+            )?;
+            if !got {
+                return Err(StoreError::ReplicaNameTaken {
+                    store: target.display.clone(),
+                    name: name.clone(),
+                    holder: holder_of(&lock.db, Some(key))?
+                        .unwrap_or_else(|| "a session this role cannot see".into()),
+                });
+            }
+        }
+        Ok(lock)
     }
 
     /// True while this lock's session is alive and holds it. Asked of the
     /// server, not assumed: a session that ended (and was renewed) lost it.
     pub fn is_held(&self) -> bool {
-        !self.db.is_closed()
-            && self
-                .db
-                .query_row(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid()
-                       AND locktype = 'advisory' AND granted
-                       AND classid = ?1 AND objid = ?2 AND objsubid = 1)",
-                    [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
-                    |r| r.get::<_, bool>(0),
-                )
-                .unwrap_or(false)
+        if self.db.is_closed() {
+            return false;
+        }
+        let (want, name) = match &self.hold {
+            Hold::Alone => (1, 0),
+            Hold::Replica(name) => (2, i64::from(name_key(name) as u32)),
+        };
+        self.db
+            .query_row(
+                "SELECT COUNT(*) FROM pg_locks WHERE pid = pg_backend_pid()
+                   AND locktype = 'advisory' AND granted
+                   AND ((classid::bigint = ?1 AND objid::bigint = ?2 AND objsubid = 1)
+                     OR (classid::bigint = ?3 AND objid::bigint = ?4 AND objsubid = 2))",
+                [
+                    SERVE_LOCK >> 32,
+                    SERVE_LOCK & 0xffff_ffff,
+                    i64::from(REPLICA_NS),
+                    name,
+                ],
+                |r| r.get::<_, i64>(0),
+            )
+            .is_ok_and(|n| n == want)
+    }
+
+    /// How this lock holds the store.
+    pub fn hold(&self) -> &Hold {
+        &self.hold
     }
 }
 
-/// Who holds the serve lock of the database `db` is connected to: the
-/// application name and address of that session, if this role may see it.
-fn holder_of(db: &Db) -> Result<Option<String>, StoreError> {
+/// Who holds the serve lock (or, with `name`, the name lock of that key) of
+/// the database `db` is connected to: the application name and address of
+/// a session holding it, if this role may see it.
+fn holder_of(db: &Db, name: Option<i32>) -> Result<Option<String>, StoreError> {
+    let (classid, objid, sub) = match name {
+        None => (SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff, 1),
+        Some(key) => (i64::from(REPLICA_NS), i64::from(key as u32), 2),
+    };
     let row: Option<(Option<String>, Option<String>)> = {
         use super::sql::OptionalExtension;
         db.query_row(
             "SELECT a.application_name, host(a.client_addr)
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND l.granted
+             WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND l.classid = ?1 AND l.objid = ?2 AND l.objsubid = 1",
-            [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
+               AND l.classid::bigint = ?1 AND l.objid::bigint = ?2 AND l.objsubid = ?3
+             ORDER BY a.backend_start LIMIT 1",
+            [classid, objid, sub],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?
@@ -303,7 +394,7 @@ fn holder_of(db: &Db) -> Result<Option<String>, StoreError> {
     }))
 }
 
-/// True when some daemon holds the serve lock of `target`.
+/// True when some replica (or an exclusive operation) holds the serve lock of `target`.
 pub fn served(target: &PgTarget) -> Result<bool, StoreError> {
     let db = connect(target)?;
     let free: bool = db.query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
@@ -319,7 +410,7 @@ pub fn served(target: &PgTarget) -> Result<bool, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use super::schema;
+    use super::{Hold, schema};
     use crate::config::StoreTarget;
     use crate::store::{Create, Store, testing};
 
@@ -390,9 +481,9 @@ mod tests {
         let StoreTarget::Postgres(pg) = &target else {
             unreachable!()
         };
-        let lock = super::ServeLock::acquire(pg, "first").unwrap();
+        let lock = super::ServeLock::acquire(pg, "first", Hold::Alone).unwrap();
         assert!(lock.is_held());
-        let refused = super::ServeLock::acquire(pg, "second").unwrap_err();
+        let refused = super::ServeLock::acquire(pg, "second", Hold::Alone).unwrap_err();
         assert!(
             refused.to_string().contains("acutoken serve first"),
             "{refused}"
@@ -407,8 +498,48 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let again = super::ServeLock::acquire(pg, "second").unwrap();
+        let again = super::ServeLock::acquire(pg, "second", Hold::Alone).unwrap();
         assert!(again.is_held());
+    }
+
+    /// Replicas share the store, one per name; what needs the store alone
+    /// waits for every replica to stop, and no replica starts under it.
+    #[test]
+    fn replicas_share_the_serve_lock_one_per_name() {
+        let target = testing::postgres_target();
+        let keyring = crate::store::SharedKeyring::new(crate::crypto::Keyring::new(
+            crate::crypto::Key::generate(),
+            vec![],
+        ));
+        drop(Store::open_target(&target, &keyring, Create::Yes).unwrap());
+        let StoreTarget::Postgres(pg) = &target else {
+            unreachable!()
+        };
+        let replica = |name: &str| Hold::Replica(name.into());
+        let a = super::ServeLock::acquire(pg, "pid 1", replica("a")).unwrap();
+        let b = super::ServeLock::acquire(pg, "pid 2", replica("b")).unwrap();
+        assert!(a.is_held() && b.is_held());
+        let twin = super::ServeLock::acquire(pg, "pid 3", replica("a")).unwrap_err();
+        assert!(
+            matches!(&twin, crate::store::StoreError::ReplicaNameTaken { name, holder, .. }
+                if name == "a" && holder.contains("pid 1")),
+            "{twin}"
+        );
+        let alone = super::ServeLock::acquire(pg, "rotate", Hold::Alone).unwrap_err();
+        assert!(
+            matches!(alone, crate::store::StoreError::Served { .. }),
+            "{alone}"
+        );
+        assert!(super::served(pg).unwrap());
+        drop((a, b));
+        let alone = super::ServeLock::acquire(pg, "rotate", Hold::Alone).unwrap();
+        let refused = super::ServeLock::acquire(pg, "pid 4", replica("c")).unwrap_err();
+        assert!(
+            refused.to_string().contains("acutoken serve rotate"),
+            "{refused}"
+        );
+        drop(alone);
+        assert!(!super::served(pg).unwrap());
     }
 
     #[test]

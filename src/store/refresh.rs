@@ -72,6 +72,7 @@ impl StoreHandle {
     /// Claims connection `id` for one token request; durable before it
     /// returns, so the request may be sent (invariant 1). A claim that finds
     /// the token lost raises the alerts `desired` gives for the row.
+    /// `instance_limit`: see [`claims::claim_within`].
     #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
@@ -79,11 +80,12 @@ impl StoreHandle {
         owner: Owner,
         ttl: Duration,
         trigger: Trigger,
+        instance_limit: Option<usize>,
         now: Timestamp,
         desired: DesiredAlerts,
     ) -> Result<ClaimOutcome, StoreError> {
         self.write(move |tx, kr| {
-            let out = claims::claim(tx, kr, id, &owner, ttl, trigger, now)?;
+            let out = claims::claim_within(tx, kr, id, &owner, ttl, trigger, instance_limit, now)?;
             if let ClaimOutcome::Lost(row) = &out {
                 alerts::sync_connection(tx, row, &desired(row), now)?;
             }

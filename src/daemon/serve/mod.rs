@@ -8,6 +8,7 @@
 
 mod listeners;
 mod reload;
+mod replica;
 mod shutdown;
 mod signals;
 mod start;
@@ -114,12 +115,13 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     let client = TokenClient::new(renewal::client_settings(&config))?;
     // The one handle every task writes through (group commit) and reads from.
     let engine_store = store::StoreHandle::from_store(engine_store)?;
+    let owner = Owner::current("serve");
     let engine = Arc::new(Engine::new(EngineParts {
         store: engine_store.clone(),
         client: client.clone(),
         policy: config.renewal.policy(),
         clock: clock.clone(),
-        owner: Owner::current("serve"),
+        owner: owner.clone(),
         http_timeout: config.renewal.http_timeout,
         spill_dir: Some(spill_dir.clone()),
         limits: renewal::limits_from(&config),
@@ -130,6 +132,13 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         }),
     }));
 
+    // On PostgreSQL this daemon is one replica of any number (DESIGN §10).
+    let duty = if opened.is_postgres() {
+        engine.share_with_replicas(config.store.lease);
+        store::replicas::Duty::leased()
+    } else {
+        store::replicas::Duty::always()
+    };
     let shutdown = CancellationToken::new();
     let max_sleep = notify::watchdog_interval()
         .map(|w| (w / 2).min(Duration::from_secs(60)))
@@ -166,6 +175,23 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         },
     ));
 
+    let heartbeat = if opened.is_postgres() {
+        let me = store::replicas::Me {
+            name: config.replica_name(),
+            owner: owner.as_str().to_string(),
+            host: store::claims::hostname(),
+            pid: std::process::id(),
+            started_at: clock.now(),
+            lease: config.store.lease,
+        };
+        Some(
+            replica::Heartbeat::start(engine_store.clone(), me, duty.clone(), clock.clone())
+                .await?,
+        )
+    } else {
+        None
+    };
+
     let mut tasks = Tasks::new();
     let common = Common {
         config_rx: config_rx.clone(),
@@ -175,7 +201,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     };
     tasks::spawn_store_watcher(&mut tasks, handles.watcher, &sched_tx, &common)?;
     tasks::spawn_unsaved_retry(&mut tasks, &engine, &shutdown);
-    tasks::spawn_alerts(&mut tasks, handles.alerts, &opened, &config, &common)?;
+    tasks::spawn_alerts(&mut tasks, handles.alerts, &opened, &config, &common, &duty)?;
     tasks::spawn_metrics(&mut tasks, &metrics, &opened, &config, &snapshot, &common)?;
 
     let ready = Arc::new(crate::daemon::api::Readiness::default());
@@ -238,6 +264,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
         socket,
         lock: opened.lock,
         spill_dir,
+        heartbeat,
     };
     Ok(running.stop(reloader.current.serve.shutdown_timeout).await)
 }

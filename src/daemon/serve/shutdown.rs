@@ -28,6 +28,9 @@ pub(super) struct Running {
     pub(super) lock: Arc<StoreLock>,
     /// Where unsaved tokens are spilled (named in the report).
     pub(super) spill_dir: PathBuf,
+    /// A replica's heartbeat (PostgreSQL): it keeps the claims of the
+    /// refreshes in flight alive, so it stops after them.
+    pub(super) heartbeat: Option<super::replica::Heartbeat>,
 }
 
 impl Running {
@@ -43,6 +46,7 @@ impl Running {
             socket,
             lock,
             spill_dir,
+            heartbeat,
         } = self;
         notify::notify("STOPPING=1");
         ready.set_started(false);
@@ -64,6 +68,9 @@ impl Running {
         }
         if engine.unsaved() > 0 {
             engine.retry_unsaved().await;
+        }
+        if let Some(h) = heartbeat {
+            h.stop().await;
         }
         let _ = std::fs::remove_file(&socket);
         let unsaved = engine.unsaved();

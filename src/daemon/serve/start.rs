@@ -64,7 +64,7 @@ pub(super) fn open_store(config: &Config) -> anyhow::Result<(Opened, Handles)> {
             // The key first: without it nothing is opened, and a wrong one
             // is refused by the first handle before anything is written.
             let keys = store::resolve_keyring_for(config, &target, false)?;
-            let lock = StoreLock::acquire_target(&target)?;
+            let lock = StoreLock::serve(&target, &config.replica_name())?;
             (PathBuf::from(&pg.display), lock, keys)
         }
     };

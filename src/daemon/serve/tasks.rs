@@ -161,6 +161,7 @@ pub(super) fn spawn_alerts(
     opened: &Opened,
     config: &Config,
     common: &Common,
+    duty: &std::sync::Arc<store::replicas::Duty>,
 ) -> anyhow::Result<()> {
     let Common {
         config_rx,
@@ -169,14 +170,15 @@ pub(super) fn spawn_alerts(
         wake,
     } = common;
     {
-        let (cfg, clock, shutdown, wake) = (
+        let (cfg, clock, shutdown, wake, duty) = (
             config_rx.clone(),
             clock.clone(),
             shutdown.clone(),
             wake.clone(),
+            duty.clone(),
         );
         tasks.spawn(async move {
-            if let Err(e) = alerts::run(alerts_store, cfg, clock, shutdown, wake).await {
+            if let Err(e) = alerts::run(alerts_store, cfg, clock, shutdown, wake, duty).await {
                 tracing::error!(error = %e, "the alert delivery worker stopped");
             }
         });

@@ -137,6 +137,10 @@ pub struct Engine {
     manual: Mutex<HashMap<Uuid, Timestamp>>,
     /// Opened access tokens, when the daemon turned the cache on.
     tokens: std::sync::OnceLock<TokenCache>,
+    /// Set when this engine is one replica of several on PostgreSQL: its
+    /// claims are leases of this length, which the replica's heartbeat
+    /// extends, and `per_instance_concurrent` counts every replica's claims.
+    lease: std::sync::OnceLock<Duration>,
 }
 
 impl Engine {
@@ -169,7 +173,16 @@ impl Engine {
             limits,
             manual: Mutex::new(HashMap::new()),
             tokens: std::sync::OnceLock::new(),
+            lease: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes this engine a replica's (DESIGN §10): claims are leases of
+    /// `lease`, kept alive by the replica's heartbeat, so a replica that
+    /// stops beating has its claims taken over within `lease`; the
+    /// per-instance limit holds across replicas. Set once, before any refresh.
+    pub fn share_with_replicas(&self, lease: Duration) {
+        let _ = self.lease.set(lease);
     }
 
     pub fn store(&self) -> &StoreHandle {

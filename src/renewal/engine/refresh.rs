@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long a refresh waits for room on an instance that other replicas
+/// fill before it gives its place back to the scheduler (which tries again).
+const INSTANCE_WAIT_MAX: Duration = Duration::from_secs(30);
+
 /// An outcome the store has not accepted yet (invariant 2).
 pub(super) struct PendingSave {
     pub(super) basis: claims::Basis,
@@ -182,15 +186,45 @@ impl Engine {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(EngineError::Stopping);
         }
-        let now = self.clock.now();
-        let owner = self.owner.clone();
-        let ttl = self.claim_ttl;
+        let lease = self.lease.get().copied();
+        let ttl = lease.unwrap_or(self.claim_ttl);
+        let instance_limit = lease.map(|_| self.limits.per_instance());
         let policy = self.policy();
-        let claim_policy = policy.clone();
-        let outcome = self
-            .store
-            .claim(id, owner, ttl, trigger, now, desired(claim_policy, now))
-            .await?;
+        let mut waited = Duration::ZERO;
+        let outcome = loop {
+            let now = self.clock.now();
+            if let Some(limit) = instance_limit {
+                // A read first: while other replicas fill the instance, waiting
+                // costs no write.
+                let (inst, key) = (instance.clone(), id.to_string());
+                let running = self
+                    .store
+                    .read_row(move |st| st.instance_claims(&inst, &key, now))
+                    .await?;
+                if running >= limit && waited < INSTANCE_WAIT_MAX {
+                    waited += self.wait_for_instance_room().await?;
+                    continue;
+                }
+            }
+            let outcome = self
+                .store
+                .claim(
+                    id,
+                    self.owner.clone(),
+                    ttl,
+                    trigger,
+                    instance_limit,
+                    now,
+                    desired(policy.clone(), now),
+                )
+                .await?;
+            match outcome {
+                ClaimOutcome::InstanceFull { .. } if waited < INSTANCE_WAIT_MAX => {
+                    waited += self.wait_for_instance_room().await?;
+                }
+                other => break other,
+            }
+        };
         let claim = match outcome {
             ClaimOutcome::Claimed(c) => c,
             ClaimOutcome::Busy { owner, until } => {
@@ -202,6 +236,19 @@ impl Engine {
                         "{} is refreshing it now (claim until {})",
                         Owner::describe(&owner),
                         fmt_time(until)
+                    ),
+                    next_refresh_at: None,
+                    deadline: None,
+                    retry_after: Some(Duration::from_secs(1)),
+                });
+            }
+            ClaimOutcome::InstanceFull { running } => {
+                return Ok(RefreshReport {
+                    connection: String::new(),
+                    outcome: "busy".into(),
+                    state: State::Active,
+                    detail: format!(
+                        "{running} refreshes on its instance are in flight from other replicas (renewal.per_instance_concurrent)"
                     ),
                     next_refresh_at: None,
                     deadline: None,
@@ -260,6 +307,18 @@ impl Engine {
             "refresh attempt"
         );
         Ok(report)
+    }
+
+    /// Waits a moment for another replica's request on the same instance
+    /// to end (a fraction of a second, jittered so replicas do not ask in
+    /// step); returns how long it waited.
+    async fn wait_for_instance_room(&self) -> Result<Duration, EngineError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(EngineError::Stopping);
+        }
+        let wait = Duration::from_millis(50 + rand::random::<u64>() % 150);
+        tokio::time::sleep(wait).await;
+        Ok(wait)
     }
 
     pub(super) async fn succeeded(

@@ -1,0 +1,110 @@
+//! A replica's heartbeat on a PostgreSQL store (DESIGN §10): every third of
+//! `store.lease` it records itself, extends the lease of the claims it
+//! holds, and wins or keeps the alert delivery duty. It beats until the
+//! engine has finished (refreshes still in flight at shutdown keep their
+//! claims), then leaves: its duty is free for another replica at once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::store::replicas::{self, Duty, Me};
+use crate::store::{StoreError, StoreHandle};
+
+/// The running heartbeat.
+pub(super) struct Heartbeat {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Beats once, so the replica is listed (and may hold the alert duty)
+    /// before it is ready, then every third of the lease until stopped.
+    pub(super) async fn start(
+        store: StoreHandle,
+        me: Me,
+        duty: Arc<Duty>,
+        clock: SharedClock,
+    ) -> Result<Heartbeat, StoreError> {
+        let started = Instant::now();
+        let now = clock.now();
+        let first = me.clone();
+        let beat = store
+            .write(move |tx, _| {
+                replicas::forget_gone(tx, now)?;
+                replicas::beat(tx, &first, now)
+            })
+            .await?;
+        duty.record(beat.alerts, started, me.lease);
+        tracing::info!(
+            replica = %me.name,
+            alerts = beat.alerts,
+            lease = %crate::model::fmt_duration(me.lease),
+            "replica registered"
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(store, me, duty, clock, stop.clone(), beat.alerts));
+        Ok(Heartbeat { stop, task })
+    }
+
+    /// Stops beating and leaves (after the engine finished: claims in flight
+    /// were kept alive until then).
+    pub(super) async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    store: StoreHandle,
+    me: Me,
+    duty: Arc<Duty>,
+    clock: SharedClock,
+    stop: CancellationToken,
+    mut alerts: bool,
+) {
+    let every = me.lease / 3;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let started = Instant::now();
+        let now = clock.now();
+        let m = me.clone();
+        match store.write(move |tx, _| replicas::beat(tx, &m, now)).await {
+            Ok(beat) => {
+                if failing {
+                    failing = false;
+                    tracing::warn!(replica = %me.name, "heartbeats are recorded again");
+                }
+                duty.record(beat.alerts, started, me.lease);
+                if beat.alerts != alerts {
+                    alerts = beat.alerts;
+                    if alerts {
+                        tracing::info!(replica = %me.name, "this replica delivers the alerts now");
+                    } else {
+                        tracing::warn!(replica = %me.name, "another replica took over the alert delivery (this one missed its heartbeats)");
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    tracing::error!(replica = %me.name, error = %e, "cannot record the heartbeat: past {} without one, this replica's claims and duties pass to the others", crate::model::fmt_duration(me.lease));
+                }
+            }
+        }
+    }
+    duty.release();
+    let name = me.name.clone();
+    match store.write(move |tx, _| replicas::leave(tx, &name)).await {
+        Ok(()) => tracing::info!(replica = %me.name, "replica left"),
+        Err(e) => {
+            tracing::warn!(replica = %me.name, error = %e, "cannot record that this replica left; its duties pass on when its lease runs out")
+        }
+    }
+}
