@@ -445,6 +445,17 @@ fn each_validation_rule_names_its_key() {
             "[store]\npassword_file = \"/etc/acutoken/pgpass\"".into(),
             "store.password_file",
         ),
+        ("[store]\nlease = \"2s\"".into(), "store.lease"),
+        ("[store]\nlease = \"11m\"".into(), "store.lease"),
+        ("[serve]\nreplica_name = \"\"".into(), "serve.replica_name"),
+        (
+            "[serve]\nreplica_name = \"a b\"".into(),
+            "serve.replica_name",
+        ),
+        (
+            format!("[serve]\nreplica_name = \"{}\"", "r".repeat(64)),
+            "serve.replica_name",
+        ),
     ];
     for (text, key) in cases {
         let err = Config::from_toml_str(&text).expect_err(&text);
@@ -475,6 +486,8 @@ fn valid_edges_are_accepted() {
         "[store]\nurl = \"postgres://acutoken@a.example:5432,b.example:5432/acutoken?target_session_attrs=read-write\"",
         "[store]\nurl = \"postgresql://acutoken@localhost/acutoken\"\npassword_file = \"/p\"",
         "[store]\nurl = \"postgres://acutoken@/acutoken?host=/run/postgresql&sslmode=disable\"",
+        "[store]\nlease = \"3s\"\n[serve]\nreplica_name = \"acutoken-1.eu_west\"",
+        "[store]\nlease = \"10m\"",
     ];
     for text in ok {
         Config::from_toml_str(text).unwrap_or_else(|e| panic!("{text}\n=> {e}"));

@@ -13,6 +13,9 @@ use crate::clock::SharedClock;
 use crate::store::replicas::{self, Duty, Me};
 use crate::store::{StoreError, StoreHandle};
 
+/// How soon a heartbeat that failed is tried again.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The running heartbeat.
 pub(super) struct Heartbeat {
     stop: CancellationToken,
@@ -68,9 +71,14 @@ async fn run(
     let every = me.lease / 3;
     let mut failing = false;
     loop {
+        // Every second while beats fail: once the database is back, this
+        // replica's claims are extended at once, before the others (whose
+        // refreshes failed on the same outage, and retry later) could find
+        // them lapsed.
+        let wait = if failing { RETRY } else { every };
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let started = Instant::now();
         let now = clock.now();
