@@ -355,6 +355,51 @@ level = "info"
         }
     }
 
+    /// Starts `serve` as the replica `name` of a PostgreSQL store (DESIGN
+    /// §10): its own name, API socket (a fresh path each start, so a second
+    /// start under a live one's name is refused by the store, not by the
+    /// socket), callback port and spill directory (kept per name, so a
+    /// restarted replica finds what it spilled), then `env`. The returned
+    /// daemon's socket is the replica's.
+    pub fn serve_replica(&self, name: &str, env: &[(&str, &str)]) -> Daemon {
+        let socket = self.path(&format!("{name}-{}.sock", rand_suffix()));
+        let callback = format!("127.0.0.1:{}", free_port());
+        let spill = self.path(&format!("pending-{name}"));
+        let socket_text = socket.display().to_string();
+        let spill_text = spill.display().to_string();
+        let mut all = vec![
+            ("ACUTOKEN__SERVE__REPLICA_NAME", name),
+            ("ACUTOKEN__API__SOCKET", socket_text.as_str()),
+            ("ACUTOKEN__CALLBACK__LISTEN", callback.as_str()),
+            ("ACUTOKEN__STORE__SPILL_DIR", spill_text.as_str()),
+        ];
+        all.extend_from_slice(env);
+        let mut d = self.serve_with_env(None, &all);
+        d.socket = socket;
+        d
+    }
+
+    /// [`Rig::cli`] with extra environment (e.g. `ACUTOKEN__API__SOCKET`
+    /// naming one replica's socket).
+    pub async fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = self.command();
+        c.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c.spawn().unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("`acutoken {}` did not finish", args.join(" ")))
+            .unwrap();
+        Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// The store as the daemon sees it, opened with the key beside it.
     pub fn open_store(&self) -> Store {
         let key_path = self.path("acutoken.key");
@@ -426,6 +471,11 @@ impl Daemon {
     /// What it wrote to stdout and stderr so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The API socket it serves on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     pub fn signal(&self, sig: Signal) {
