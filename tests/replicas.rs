@@ -913,7 +913,16 @@ fn three_hundred_failing_connections_alert_once_per_channel() {
         for w in times.windows(2) {
             assert!(
                 w[1] - w[0] >= chrono::Duration::seconds(2),
-                "two digests for one scheduled time: {times:?}"
+                "two digests for one scheduled time: {times:?}\n{}",
+                refs.iter()
+                    .flat_map(|d| d
+                        .logs()
+                        .lines()
+                        .filter(|l| l.contains("digest"))
+                        .map(str::to_string)
+                        .collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
         assert_eq!(rig.sim.total_replays(), 0);

@@ -222,13 +222,16 @@ impl Store {
         if !self.is_postgres() {
             return Ok(true);
         }
+        // The schedule is in whole seconds; each replica's time for it may
+        // carry the fraction of its own clock when it planned.
+        let second = at.timestamp();
         self.write(|tx, _| {
             Ok(super::exec(
                 tx,
                 "INSERT INTO meta (key, value) VALUES ('digest_sent_for', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value
                  WHERE meta.value < excluded.value",
-                [to_ms(at)],
+                [second],
             )? == 1)
         })
     }
@@ -318,6 +321,8 @@ mod tests {
     //! replicas exist only there. Times are given, not waited for.
 
     use std::time::Duration;
+
+    use chrono::Timelike as _;
 
     use super::*;
     use crate::crypto::{Key, Keyring};
