@@ -1045,3 +1045,43 @@ fn status_lists_every_replica() {
         stop_all(vec![r1]).await;
     });
 }
+
+/// A key rotation through one replica re-seals values every other replica
+/// would then fail to open: refused while others serve, naming them; once
+/// they stopped (and left), the same command goes through.
+#[test]
+fn a_key_rotation_waits_until_no_other_replica_serves() {
+    let db = support_pg::fresh("replicas_rotate");
+    run(async {
+        let (rig, _) = setup(&db, 1, 2, false, "").await;
+        let mut ds = replicas(&rig, &["r1", "r2"], &[]).await;
+        let new_key = rig.path("new.key");
+        let new_key_arg = new_key.to_str().unwrap();
+        rig.cli(&["key", "generate", "--out", new_key_arg], None)
+            .await
+            .ok();
+        let via_r1 = ds[0].socket().display().to_string();
+        let env = [("ACUTOKEN__API__SOCKET", via_r1.as_str())];
+        let args = ["key", "rotate", "--new-key-file", new_key_arg];
+
+        let out = rig.cli_with_env(&args, &env).await;
+        assert_ne!(out.code, Some(0), "{out:#?}");
+        let errors: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.contains("error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{out:#?}");
+        assert!(
+            errors[0].contains("other replicas serve this store (r2)"),
+            "{}",
+            errors[0]
+        );
+
+        let r2 = ds.pop().unwrap();
+        stop_all(vec![r2]).await;
+        let out = rig.cli_with_env(&args, &env).await;
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        stop_all(ds).await;
+    });
+}

@@ -260,9 +260,10 @@ async fn rotate_start(State(api): State<Api>, body: axum::body::Bytes) -> Respon
     };
     match api.rotator.start(key, current, parts).await {
         Ok(p) => (StatusCode::ACCEPTED, axum::Json(p)).into_response(),
-        Err(e @ super::rotate::StartError::Running(_)) => {
-            error(StatusCode::CONFLICT, e.to_string())
-        }
+        Err(
+            e @ (super::rotate::StartError::Running(_)
+            | super::rotate::StartError::OtherReplicas(_)),
+        ) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e @ super::rotate::StartError::Nothing(_)) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }

@@ -84,6 +84,11 @@ pub enum StartError {
         "the current key sent is not a key of this store: run `acutoken key rotate` where it finds the store's key (store.key_file, the systemd credential, ACUTOKEN_KEY, or acutoken.key beside the store)"
     )]
     NotHolder,
+    /// Other replicas serve the PostgreSQL store: answered 409.
+    #[error(
+        "other replicas serve this store ({0}): they would not open what the rotation re-seals under a key they do not have; stop every other replica, rotate, put the new key where each machine finds it, then start them again"
+    )]
+    OtherReplicas(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -128,6 +133,21 @@ impl Rotator {
         parts: Parts,
     ) -> Result<Progress, StartError> {
         let id = key.id().to_string();
+        if parts.config.store.url.is_some() {
+            let me = parts.config.replica_name();
+            let now = chrono::Utc::now();
+            let others: Vec<String> = parts
+                .store
+                .read(move |st| st.replicas(now))
+                .await?
+                .into_iter()
+                .filter(|r| r.live && r.name != me)
+                .map(|r| r.name)
+                .collect();
+            if !others.is_empty() {
+                return Err(StartError::OtherReplicas(others.join(", ")));
+            }
+        }
         {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(p) = last.as_ref().filter(|p| p.running()) {

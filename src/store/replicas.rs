@@ -214,6 +214,25 @@ pub fn leave(tx: &Transaction<'_>, name: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+impl super::StoreHandle {
+    /// Records a heartbeat of replica `me` ([`beat`]); `first` also forgets
+    /// replicas gone a day or more ([`forget_gone`]).
+    pub async fn heartbeat(&self, me: Me, now: Timestamp, first: bool) -> Result<Beat, StoreError> {
+        self.write(move |tx, _| {
+            if first {
+                forget_gone(tx, now)?;
+            }
+            beat(tx, &me, now)
+        })
+        .await
+    }
+
+    /// Replica `name` leaves ([`leave`]).
+    pub async fn leave_replicas(&self, name: String) -> Result<(), StoreError> {
+        self.write(move |tx, _| leave(tx, &name)).await
+    }
+}
+
 impl Store {
     /// Claims the digest scheduled for `at`: true for the first process to
     /// ask, so of several replicas one sends it. On SQLite (one daemon)

@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::store::replicas::{self, Duty, Me};
+use crate::store::replicas::{Duty, Me};
 use crate::store::{StoreError, StoreHandle};
 
 /// How soon a heartbeat that failed is tried again.
@@ -33,13 +33,7 @@ impl Heartbeat {
     ) -> Result<Heartbeat, StoreError> {
         let started = Instant::now();
         let now = clock.now();
-        let first = me.clone();
-        let beat = store
-            .write(move |tx, _| {
-                replicas::forget_gone(tx, now)?;
-                replicas::beat(tx, &first, now)
-            })
-            .await?;
+        let beat = store.heartbeat(me.clone(), now, true).await?;
         duty.record(beat.alerts, started, me.lease);
         tracing::info!(
             replica = %me.name,
@@ -82,8 +76,7 @@ async fn run(
         }
         let started = Instant::now();
         let now = clock.now();
-        let m = me.clone();
-        match store.write(move |tx, _| replicas::beat(tx, &m, now)).await {
+        match store.heartbeat(me.clone(), now, false).await {
             Ok(beat) => {
                 if failing {
                     failing = false;
@@ -108,8 +101,7 @@ async fn run(
         }
     }
     duty.release();
-    let name = me.name.clone();
-    match store.write(move |tx, _| replicas::leave(tx, &name)).await {
+    match store.leave_replicas(me.name.clone()).await {
         Ok(()) => tracing::info!(replica = %me.name, "replica left"),
         Err(e) => {
             tracing::warn!(replica = %me.name, error = %e, "cannot record that this replica left; its duties pass on when its lease runs out")
