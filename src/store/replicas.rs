@@ -341,8 +341,6 @@ mod tests {
 
     use std::time::Duration;
 
-    use chrono::Timelike as _;
-
     use super::*;
     use crate::crypto::{Key, Keyring};
     use crate::model::State;
