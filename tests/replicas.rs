@@ -1085,3 +1085,52 @@ fn a_key_rotation_waits_until_no_other_replica_serves() {
         stop_all(ds).await;
     });
 }
+
+/// The token API of any replica answers for any connection, and a token
+/// that must be refreshed is refreshed once across replicas: a replica that
+/// finds another one refreshing it waits for that refresh and answers with
+/// its token.
+#[test]
+fn any_replica_answers_a_token_request_with_one_refresh_between_them() {
+    let db = support_pg::fresh("replicas_token");
+    run(async {
+        let (rig, made) = setup(&db, 1, 1, false, "").await;
+        let name = made[0].name.clone();
+        rig.sim.hold_token_requests();
+        let ds = replicas(&rig, &["r1", "r2"], &[]).await;
+        let refs: Vec<&Daemon> = ds.iter().collect();
+        let path = format!("/v1/connections/{name}/token");
+        let (s1, s2) = (ds[0].socket().to_path_buf(), ds[1].socket().to_path_buf());
+        let first = tokio::spawn({
+            let path = path.clone();
+            async move { api(&s1, "GET", &path).await }
+        });
+        // r1's refresh (the catch-up at start, or this request) is at the
+        // identity server, held there: r2 is asked meanwhile.
+        within(WAIT, "a refresh held at the simulator", &refs, || {
+            rig.sim.in_flight(&made[0].site) == 1
+        })
+        .await;
+        let second = tokio::spawn({
+            let path = path.clone();
+            async move { api(&s2, "GET", &path).await }
+        });
+        rig.sim.release_token_requests();
+        let (a, b) = (first.await.unwrap(), second.await.unwrap());
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        assert_eq!(b.status, 200, "{}", String::from_utf8_lossy(&b.body));
+        assert_eq!(
+            rig.sim.token_requests(&made[0].site),
+            1,
+            "one refresh\n{}",
+            tails(&refs)
+        );
+        assert_eq!(
+            json(&a)["access_token"],
+            json(&b)["access_token"],
+            "both replicas hand out the one token"
+        );
+        assert_eq!(rig.sim.total_replays(), 0);
+        stop_all(ds).await;
+    });
+}

@@ -2,7 +2,8 @@
 //! polling it: every commit, from any process, writes the store's WAL file,
 //! and inotify reports that write. An idle daemon then does no work between
 //! the fallback checks. Where inotify is unavailable (no watches left, an
-//! unusual filesystem), the watcher polls as before.
+//! unusual filesystem), the watcher polls as before. A PostgreSQL store has
+//! no file: there the store's change notifications (LISTEN) wake it.
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -25,6 +26,8 @@ pub struct StoreWatch {
     /// Dropping this closes the pipe the reading thread also waits on, so
     /// the thread ends with the watch.
     _stop: Option<OwnedFd>,
+    /// A PostgreSQL store's listener, stopped when the watch is dropped.
+    _listener: Option<crate::store::postgres::Listener>,
 }
 
 impl StoreWatch {
@@ -32,12 +35,25 @@ impl StoreWatch {
     /// removed and made again is still seen) from a thread that sleeps in
     /// `poll` until something happens. Falls back to polling the store, with
     /// a warning, when inotify cannot be set up.
-    /// No file to watch (a PostgreSQL store): every wait is the fallback
-    /// interval, one single-row read of the change sequence each time.
-    pub fn polling() -> StoreWatch {
-        StoreWatch {
-            changed: None,
-            _stop: None,
+    /// A PostgreSQL store: woken by its change notifications (LISTEN), and
+    /// by the fallback interval while the listener cannot connect. Polls
+    /// when the listener cannot be started.
+    pub fn postgres(st: &crate::store::Store) -> StoreWatch {
+        let changed = Arc::new(Notify::new());
+        match st.listen_for_changes(changed.clone()) {
+            Ok(listener) => StoreWatch {
+                changed: Some(changed),
+                _stop: None,
+                _listener: listener,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for store changes; looking every {} ms instead", POLL_EVERY.as_millis());
+                StoreWatch {
+                    changed: None,
+                    _stop: None,
+                    _listener: None,
+                }
+            }
         }
     }
 
@@ -52,6 +68,7 @@ impl StoreWatch {
             Ok((changed, stop)) => StoreWatch {
                 changed: Some(changed),
                 _stop: Some(stop),
+                _listener: None,
             },
             Err(e) => {
                 tracing::warn!(
@@ -63,6 +80,7 @@ impl StoreWatch {
                 StoreWatch {
                     changed: None,
                     _stop: None,
+                    _listener: None,
                 }
             }
         }

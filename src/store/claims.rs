@@ -185,6 +185,10 @@ pub enum Trigger {
     Scheduled,
     /// An operator, an application's token request, or a proof of a new secret.
     OnDemand,
+    /// An application's token request that found no usable access token in
+    /// the row at `version`: skipped when the row moved since (another
+    /// process, another replica, refreshed it meanwhile; its token answers).
+    Token { version: i64 },
 }
 
 /// The row as a finished request finds it when it comes to save.
@@ -280,6 +284,12 @@ pub fn claim_within(
     if trigger == Trigger::Scheduled
         && row.claim.is_none()
         && row.conn.next_refresh_at.is_some_and(|t| t > now)
+    {
+        return Ok(ClaimOutcome::NotDue(row));
+    }
+    if let Trigger::Token { version } = trigger
+        && row.claim.is_none()
+        && row.version != version
     {
         return Ok(ClaimOutcome::NotDue(row));
     }

@@ -40,28 +40,7 @@ pub(crate) fn connect(target: &PgTarget) -> Result<Db, StoreError> {
 fn open_session(target: &PgTarget) -> Result<Session, String> {
     let unreachable =
         |what: String| format!("the database {} cannot be reached: {what}", target.display);
-    let mut config =
-        tokio_postgres::Config::from_str(&target.url).map_err(|e| format!("store.url: {e}"))?;
-    config
-        .application_name("acutoken")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30));
-    if let Some(password) = &target.password {
-        config.password(password.expose().as_bytes());
-    }
-    let tls = match &target.tls {
-        PgTls::Disable => {
-            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            None
-        }
-        PgTls::Verify { root_cert } => {
-            config.ssl_mode(tokio_postgres::config::SslMode::Require);
-            Some(tokio_postgres_rustls::MakeRustlsConnect::new(
-                tls_config(root_cert.as_deref()).map_err(|e| e.to_string())?,
-            ))
-        }
-    };
+    let (config, tls) = client_config(target)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let driver = std::thread::Builder::new()
         .name("store-pg".into())
@@ -109,6 +88,187 @@ fn open_session(target: &PgTarget) -> Result<Session, String> {
     sql::block_on(session.client.batch_execute(&setup))
         .map_err(|e| unreachable(sql::pg_message(&e)))?;
     Ok(session)
+}
+
+/// The client's settings for `target`, and its TLS when it has one.
+fn client_config(
+    target: &PgTarget,
+) -> Result<
+    (
+        tokio_postgres::Config,
+        Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    ),
+    String,
+> {
+    let mut config =
+        tokio_postgres::Config::from_str(&target.url).map_err(|e| format!("store.url: {e}"))?;
+    config
+        .application_name("acutoken")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
+    if let Some(password) = &target.password {
+        config.password(password.expose().as_bytes());
+    }
+    let tls = match &target.tls {
+        PgTls::Disable => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            None
+        }
+        PgTls::Verify { root_cert } => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Some(tokio_postgres_rustls::MakeRustlsConnect::new(
+                tls_config(root_cert.as_deref()).map_err(|e| e.to_string())?,
+            ))
+        }
+    };
+    Ok((config, tls))
+}
+
+/// The channel every write transaction notifies when it commits
+/// ([`super::sql`]): CLI writes and the other replicas' writes reach a
+/// daemon as they happen, not by polling.
+pub(crate) const CHANGES: &str = "acutoken_changes";
+
+/// How soon a listener whose session ended connects again.
+const LISTEN_AGAIN: Duration = Duration::from_secs(1);
+
+/// Listens on [`CHANGES`] from a session and a thread of its own, and
+/// notifies `changed` for every notification, and once each time it starts
+/// listening (what was written while it was not is then looked at). When its
+/// session ends (a restart, a failover) it connects again every second.
+/// Stops when dropped.
+pub struct Listener {
+    stop: Arc<tokio::sync::Notify>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.notify_one();
+    }
+}
+
+impl super::Store {
+    /// On PostgreSQL, a [`Listener`] on this store's database that notifies
+    /// `changed` when anyone commits a write; `None` on SQLite (its WAL
+    /// file is watched instead).
+    pub fn listen_for_changes(
+        &self,
+        changed: Arc<tokio::sync::Notify>,
+    ) -> Result<Option<Listener>, StoreError> {
+        match self.target() {
+            crate::config::StoreTarget::Postgres(pg) => Ok(Some(listen(pg, changed)?)),
+            crate::config::StoreTarget::File(_) => Ok(None),
+        }
+    }
+}
+
+/// Starts a [`Listener`] on the database `target` names.
+pub fn listen(
+    target: &PgTarget,
+    changed: Arc<tokio::sync::Notify>,
+) -> Result<Listener, StoreError> {
+    let (config, tls) = client_config(target).map_err(StoreError::Postgres)?;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = Listener {
+        stop: stop.clone(),
+        stopped: stopped.clone(),
+    };
+    let shown = target.display.clone();
+    std::thread::Builder::new()
+        .name("store-listen".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for store changes; looking every few seconds");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut failing = false;
+                while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    let ended = match &tls {
+                        None => {
+                            let c = config.connect(tokio_postgres::NoTls).await;
+                            listen_on(c, &changed, &stop).await
+                        }
+                        Some(tls) => {
+                            let c = config.connect(tls.clone()).await;
+                            listen_on(c, &changed, &stop).await
+                        }
+                    };
+                    match ended {
+                        Ok(()) => failing = false,
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!(store = %shown, error = %e, "not listening for store changes; trying again every second, and looking every few seconds meanwhile");
+                        }
+                        Err(_) => {}
+                    }
+                    tokio::select! {
+                        _ = stop.notified() => {}
+                        _ = tokio::time::sleep(LISTEN_AGAIN) => {}
+                    }
+                }
+            });
+        })
+        .map_err(|e| StoreError::Postgres(format!("cannot start the store listener: {e}")))?;
+    Ok(listener)
+}
+
+/// Listens on one connection until its session ends (`Ok` once it had
+/// listened) or `stop` is notified.
+async fn listen_on<S, T>(
+    connected: Result<
+        (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
+        tokio_postgres::Error,
+    >,
+    changed: &tokio::sync::Notify,
+    stop: &tokio::sync::Notify,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (client, mut connection) = connected.map_err(|e| sql::pg_message(&e))?;
+    // The connection carries the notifications; it runs beside the LISTEN.
+    let messages = std::future::poll_fn(|cx| {
+        loop {
+            match connection.poll_message(cx) {
+                std::task::Poll::Ready(Some(Ok(tokio_postgres::AsyncMessage::Notification(_)))) => {
+                    changed.notify_one();
+                }
+                std::task::Poll::Ready(Some(Ok(_))) => {}
+                std::task::Poll::Ready(Some(Err(e))) => {
+                    return std::task::Poll::Ready(Err(sql::pg_message(&e)));
+                }
+                std::task::Poll::Ready(None) => return std::task::Poll::Ready(Ok(())),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
+    });
+    tokio::pin!(messages);
+    let statement = format!("LISTEN {CHANGES}");
+    let listening = client.batch_execute(&statement);
+    tokio::select! {
+        ended = &mut messages => return ended.and(Err("the session ended before it listened".into())),
+        listened = listening => listened.map_err(|e| sql::pg_message(&e))?,
+        _ = stop.notified() => return Ok(()),
+    }
+    // Whatever was written while this session was not listening.
+    changed.notify_one();
+    tokio::select! {
+        ended = &mut messages => ended,
+        _ = stop.notified() => Ok(()),
+    }
 }
 
 /// rustls with the Mozilla roots, or only the CA of `sslrootcert`: the
@@ -540,6 +700,65 @@ mod tests {
         );
         drop(alone);
         assert!(!super::served(pg).unwrap());
+    }
+
+    /// Writes reach a listener as notifications, from any session, and a
+    /// listener whose session ended listens again by itself.
+    #[tokio::test]
+    async fn a_listener_hears_every_commit_and_listens_again_after_its_session_ended() {
+        let target = testing::postgres_target();
+        let keyring = crate::crypto::Keyring::new(crate::crypto::Key::generate(), vec![]);
+        let mut writer = testing::open(&target, keyring.clone(), Create::Yes).unwrap();
+        let reader = testing::open(&target, keyring, Create::No).unwrap();
+        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let _listener = reader
+            .listen_for_changes(changed.clone())
+            .unwrap()
+            .expect("a PostgreSQL store has a listener");
+        let heard = |what: &'static str| {
+            let changed = changed.clone();
+            async move {
+                tokio::time::timeout(std::time::Duration::from_secs(20), changed.notified())
+                    .await
+                    .unwrap_or_else(|_| panic!("{what}: no notification"));
+            }
+        };
+        heard("listening").await;
+        let write = |w: &mut Store, v: i64| {
+            w.write(|tx, _| {
+                Ok(tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('n', ?1)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [v],
+                )?)
+            })
+            .unwrap()
+        };
+        write(&mut writer, 1);
+        heard("a commit").await;
+        // A read-only transaction notifies nobody: nothing to look at.
+        reader
+            .db()
+            .query_row("SELECT 1", (), |r| r.get::<_, i64>(0))
+            .unwrap();
+
+        ends_every_session_of(&target);
+        // Listening again notifies once (what was written meanwhile).
+        heard("listening again").await;
+        let mut tries = 0;
+        loop {
+            match writer
+                .write(|tx, _| Ok(tx.execute("UPDATE meta SET value = 2 WHERE key = 'n'", ())?))
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(e.is_unwritable(), "{e}");
+                    tries += 1;
+                    assert!(tries < 3, "the writer's session is replaced: {e}");
+                }
+            }
+        }
+        heard("a commit after the restart").await;
     }
 
     #[test]

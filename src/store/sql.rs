@@ -28,8 +28,10 @@ use tokio_postgres::types::{IsNull, ToSql as PgToSql, Type, to_sql_checked};
 /// ends: "acutoken" in ASCII, so it is recognisable in `pg_locks`.
 pub(crate) const WRITE_LOCK: i64 = 0x6163_7574_6f6b_656e;
 
-/// Moves the data version (see [`Transaction::commit`]).
-const DATA_VERSION_BUMP: &str = "UPDATE meta SET value = value + 1 WHERE key = 'data_version'";
+/// Moves the data version (see [`Transaction::commit`]) and tells the
+/// listeners of [`super::postgres::CHANGES`], at commit.
+const DATA_VERSION_BUMP: &str =
+    "UPDATE meta SET value = value + 1 WHERE key = 'data_version'; NOTIFY acutoken_changes";
 
 /// Statements kept prepared per PostgreSQL connection before the cache is
 /// emptied (the store has a few dozen distinct statements).

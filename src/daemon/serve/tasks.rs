@@ -62,7 +62,7 @@ pub(super) fn spawn_store_watcher(
     let mut version = st.data_version()?;
     let clock = clock.clone();
     let mut watch = if st.is_postgres() {
-        crate::daemon::watch::StoreWatch::polling()
+        crate::daemon::watch::StoreWatch::postgres(&st)
     } else {
         crate::daemon::watch::StoreWatch::new(st.path())
     };

@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// How long a token request waits for another process's refresh of the
+/// same connection (a replica's, on PostgreSQL) before it answers 503.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+/// How often it looks meanwhile.
+const BUSY_LOOK_EVERY: Duration = Duration::from_millis(100);
+
 /// The most access tokens kept opened in memory; past it the cache starts over.
 const TOKEN_CACHE_MAX: usize = 100_000;
 
@@ -194,7 +200,29 @@ impl Engine {
             }
         }
         *last = Some(now);
-        let rep = self.refresh_locked(id, Trigger::OnDemand).await?;
+        let trigger = Trigger::Token {
+            version: row.version,
+        };
+        let rep = self.refresh_locked(id, trigger).await?;
+        if rep.outcome == "busy" || rep.outcome == "skipped" {
+            // Another process (another replica) is refreshing it, or has
+            // since this request read the row: the token it saves answers
+            // this request too. Nothing was sent from here, so the minute
+            // between refreshes does not start.
+            *last = None;
+            let until = tokio::time::Instant::now() + BUSY_WAIT;
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep(BUSY_LOOK_EVERY).await;
+                let row = self.store.read_row(move |st| st.get_by_id(id)).await?;
+                let Some(row) = row else { break };
+                if let Some(a) = self.usable_token(&row).await? {
+                    return Ok(a);
+                }
+                if row.claim.is_none() {
+                    break;
+                }
+            }
+        }
         let row = self.store.read_row(move |st| st.get_by_id(id)).await?;
         let Some(row) = row else {
             return Err(StoreError::UnknownConnection(name.to_string()).into());
