@@ -556,16 +556,16 @@ fn holder_of(db: &Db, name: Option<i32>) -> Result<Option<String>, StoreError> {
 
 /// True when some replica (or an exclusive operation) holds the serve lock of `target`.
 pub fn served(target: &PgTarget) -> Result<bool, StoreError> {
+    // Looked up, not tried: taking the lock even for a moment would refuse
+    // a replica starting in that moment.
     let db = connect(target)?;
-    let free: bool = db.query_row("SELECT pg_try_advisory_lock(?1)", [SERVE_LOCK], |r| {
-        r.get(0)
-    })?;
-    if free {
-        db.query_row("SELECT pg_advisory_unlock(?1)", [SERVE_LOCK], |r| {
-            r.get::<_, bool>(0)
-        })?;
-    }
-    Ok(!free)
+    Ok(db.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND classid::bigint = ?1 AND objid::bigint = ?2 AND objsubid = 1)",
+        [SERVE_LOCK >> 32, SERVE_LOCK & 0xffff_ffff],
+        |r| r.get(0),
+    )?)
 }
 
 #[cfg(test)]
