@@ -261,9 +261,20 @@ pub fn claim(
     claim_within(tx, keyring, id, owner, ttl, trigger, None, now)
 }
 
-/// [`claim`], and with `instance_limit` (replicas on PostgreSQL) only while
-/// fewer than that many live claims of any process are on the connection's
-/// instance: `renewal.per_instance_concurrent` across every replica.
+/// What a replica on PostgreSQL adds to a claim (DESIGN §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsReplica {
+    /// `renewal.per_instance_concurrent`: claimed only while fewer live
+    /// claims of any process are on the connection's instance.
+    pub instance_limit: usize,
+    /// Whether this replica may take over a claim whose lease ran out. Not
+    /// until it has itself been in touch with the store for a whole lease:
+    /// after an outage every claim looks lapsed, and their holders, cut off
+    /// as this replica was, get the time to renew them first.
+    pub take_over: bool,
+}
+
+/// [`claim`], under the rules of a replica when `replica` is given.
 #[allow(clippy::too_many_arguments)]
 pub fn claim_within(
     tx: &Transaction<'_>,
@@ -272,7 +283,7 @@ pub fn claim_within(
     owner: &Owner,
     ttl: Duration,
     trigger: Trigger,
-    instance_limit: Option<usize>,
+    replica: Option<AsReplica>,
     now: Timestamp,
 ) -> Result<ClaimOutcome, StoreError> {
     let Some(mut row) = connections::get_by_id_tx(tx, id)? else {
@@ -294,7 +305,7 @@ pub fn claim_within(
         return Ok(ClaimOutcome::NotDue(row));
     }
     if let Some((holder, until)) = row.claim.clone()
-        && until > now
+        && (until > now || replica.is_some_and(|r| !r.take_over))
         && !Owner::is_dead(&holder)
     {
         return Ok(ClaimOutcome::Busy {
@@ -303,7 +314,7 @@ pub fn claim_within(
         });
     }
     // Before anything is written: a claim refused for room changes nothing.
-    if let Some(limit) = instance_limit {
+    if let Some(limit) = replica.map(|r| r.instance_limit) {
         let running =
             super::replicas::instance_claims(tx, &row.conn.instance, &id.to_string(), now)?;
         if running >= limit {

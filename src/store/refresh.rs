@@ -72,7 +72,7 @@ impl StoreHandle {
     /// Claims connection `id` for one token request; durable before it
     /// returns, so the request may be sent (invariant 1). A claim that finds
     /// the token lost raises the alerts `desired` gives for the row.
-    /// `instance_limit`: see [`claims::claim_within`].
+    /// `replica`: see [`claims::claim_within`].
     #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
@@ -80,12 +80,12 @@ impl StoreHandle {
         owner: Owner,
         ttl: Duration,
         trigger: Trigger,
-        instance_limit: Option<usize>,
+        replica: Option<claims::AsReplica>,
         now: Timestamp,
         desired: DesiredAlerts,
     ) -> Result<ClaimOutcome, StoreError> {
         self.write(move |tx, kr| {
-            let out = claims::claim_within(tx, kr, id, &owner, ttl, trigger, instance_limit, now)?;
+            let out = claims::claim_within(tx, kr, id, &owner, ttl, trigger, replica, now)?;
             if let ClaimOutcome::Lost(row) = &out {
                 alerts::sync_connection(tx, row, &desired(row), now)?;
             }

@@ -114,6 +114,34 @@ impl Duty {
     }
 }
 
+/// How long this replica has been in touch with the store without a
+/// break, as its heartbeats tell (see [`super::claims::AsReplica`]).
+#[derive(Debug, Default)]
+pub struct Contact {
+    since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Contact {
+    /// A heartbeat that started at `at` was recorded (`ok`) or failed.
+    pub fn record(&self, ok: bool, at: std::time::Instant) {
+        let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            since.get_or_insert(at);
+        } else {
+            *since = None;
+        }
+    }
+
+    /// Since when the beats have gone through, as a duration (zero while
+    /// they fail).
+    pub fn steady_for(&self) -> Duration {
+        self.since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(Duration::ZERO, |s| s.elapsed())
+    }
+}
+
 /// This replica, as its heartbeat records it.
 #[derive(Debug, Clone)]
 pub struct Me {
@@ -396,9 +424,28 @@ mod tests {
         limit: Option<usize>,
         now: Timestamp,
     ) -> ClaimOutcome {
+        claim_as(
+            st,
+            id,
+            owner,
+            limit.map(|instance_limit| claims::AsReplica {
+                instance_limit,
+                take_over: true,
+            }),
+            now,
+        )
+    }
+
+    fn claim_as(
+        st: &mut Store,
+        id: uuid::Uuid,
+        owner: &str,
+        replica: Option<claims::AsReplica>,
+        now: Timestamp,
+    ) -> ClaimOutcome {
         let owner = Owner::current(owner);
         st.write(|tx, kr| {
-            claims::claim_within(tx, kr, id, &owner, LEASE, Trigger::OnDemand, limit, now)
+            claims::claim_within(tx, kr, id, &owner, LEASE, Trigger::OnDemand, replica, now)
         })
         .unwrap()
     }
@@ -421,7 +468,15 @@ mod tests {
         // Past the claim's first expiry, within the extended lease: busy.
         let busy = claim(&mut st, id, "other", None, t0 + secs(40));
         assert!(matches!(busy, ClaimOutcome::Busy { .. }), "{busy:?}");
-        // No beat since: past the extended lease, another process takes over.
+        // No beat since: past the extended lease. A replica just back in
+        // touch with the store (after an outage) leaves it to its holder
+        // for a while; one in touch for a whole lease takes it over.
+        let just_back = Some(claims::AsReplica {
+            instance_limit: 10,
+            take_over: false,
+        });
+        let waits = claim_as(&mut st, id, "other", just_back, t0 + secs(51));
+        assert!(matches!(waits, ClaimOutcome::Busy { .. }), "{waits:?}");
         let ClaimOutcome::Claimed(second) = claim(&mut st, id, "other", None, t0 + secs(51)) else {
             panic!("a lapsed claim is taken over")
         };

@@ -133,8 +133,9 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
     }));
 
     // On PostgreSQL this daemon is one replica of any number (DESIGN §10).
+    let contact = Arc::new(store::replicas::Contact::default());
     let duty = if opened.is_postgres() {
-        engine.share_with_replicas(config.store.lease);
+        engine.share_with_replicas(config.store.lease, contact.clone());
         store::replicas::Duty::leased()
     } else {
         store::replicas::Duty::always()
@@ -185,8 +186,14 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
             lease: config.store.lease,
         };
         Some(
-            replica::Heartbeat::start(engine_store.clone(), me, duty.clone(), clock.clone())
-                .await?,
+            replica::Heartbeat::start(
+                engine_store.clone(),
+                me,
+                duty.clone(),
+                contact.clone(),
+                clock.clone(),
+            )
+            .await?,
         )
     } else {
         None

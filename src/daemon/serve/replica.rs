@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::store::replicas::{Duty, Me};
+use crate::store::replicas::{Contact, Duty, Me};
 use crate::store::{StoreError, StoreHandle};
 
 /// How soon a heartbeat that failed is tried again.
@@ -29,12 +29,14 @@ impl Heartbeat {
         store: StoreHandle,
         me: Me,
         duty: Arc<Duty>,
+        contact: Arc<Contact>,
         clock: SharedClock,
     ) -> Result<Heartbeat, StoreError> {
         let started = Instant::now();
         let now = clock.now();
         let beat = store.heartbeat(me.clone(), now, true).await?;
         duty.record(beat.alerts, started, me.lease);
+        contact.record(true, started);
         tracing::info!(
             replica = %me.name,
             alerts = beat.alerts,
@@ -42,7 +44,14 @@ impl Heartbeat {
             "replica registered"
         );
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(store, me, duty, clock, stop.clone(), beat.alerts));
+        let task = tokio::spawn(run(
+            store,
+            me,
+            (duty, contact),
+            clock,
+            stop.clone(),
+            beat.alerts,
+        ));
         Ok(Heartbeat { stop, task })
     }
 
@@ -57,7 +66,7 @@ impl Heartbeat {
 async fn run(
     store: StoreHandle,
     me: Me,
-    duty: Arc<Duty>,
+    (duty, contact): (Arc<Duty>, Arc<Contact>),
     clock: SharedClock,
     stop: CancellationToken,
     mut alerts: bool,
@@ -78,6 +87,7 @@ async fn run(
         let now = clock.now();
         match store.heartbeat(me.clone(), now, false).await {
             Ok(beat) => {
+                contact.record(true, started);
                 if failing {
                     failing = false;
                     tracing::warn!(replica = %me.name, "heartbeats are recorded again");
@@ -93,6 +103,7 @@ async fn run(
                 }
             }
             Err(e) => {
+                contact.record(false, started);
                 if !failing {
                     failing = true;
                     tracing::error!(replica = %me.name, error = %e, "cannot record the heartbeat: past {} without one, this replica's claims and duties pass to the others", crate::model::fmt_duration(me.lease));

@@ -140,7 +140,7 @@ pub struct Engine {
     /// Set when this engine is one replica of several on PostgreSQL: its
     /// claims are leases of this length, which the replica's heartbeat
     /// extends, and `per_instance_concurrent` counts every replica's claims.
-    lease: std::sync::OnceLock<Duration>,
+    lease: std::sync::OnceLock<(Duration, Arc<crate::store::replicas::Contact>)>,
 }
 
 impl Engine {
@@ -181,8 +181,14 @@ impl Engine {
     /// `lease`, kept alive by the replica's heartbeat, so a replica that
     /// stops beating has its claims taken over within `lease`; the
     /// per-instance limit holds across replicas. Set once, before any refresh.
-    pub fn share_with_replicas(&self, lease: Duration) {
-        let _ = self.lease.set(lease);
+    /// `contact` says how long the replica's heartbeats have gone through:
+    /// lapsed claims are taken over only after a whole lease of it.
+    pub fn share_with_replicas(
+        &self,
+        lease: Duration,
+        contact: Arc<crate::store::replicas::Contact>,
+    ) {
+        let _ = self.lease.set((lease, contact));
     }
 
     pub fn store(&self) -> &StoreHandle {

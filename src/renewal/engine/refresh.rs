@@ -186,9 +186,13 @@ impl Engine {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(EngineError::Stopping);
         }
-        let lease = self.lease.get().copied();
-        let ttl = lease.unwrap_or(self.claim_ttl);
-        let instance_limit = lease.map(|_| self.limits.per_instance());
+        let replicated = self.lease.get();
+        let ttl = replicated.map_or(self.claim_ttl, |(lease, _)| *lease);
+        let as_replica = replicated.map(|(lease, contact)| claims::AsReplica {
+            instance_limit: self.limits.per_instance(),
+            take_over: contact.steady_for() >= *lease,
+        });
+        let instance_limit = as_replica.map(|r| r.instance_limit);
         let policy = self.policy();
         let mut waited = Duration::ZERO;
         let outcome = loop {
@@ -213,7 +217,7 @@ impl Engine {
                     self.owner.clone(),
                     ttl,
                     trigger,
-                    instance_limit,
+                    as_replica,
                     now,
                     desired(policy.clone(), now),
                 )

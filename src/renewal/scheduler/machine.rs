@@ -604,11 +604,16 @@ fn wake_at(row: &ConnectionRow, policy: &Policy, now: Timestamp) -> Option<Times
                 at = Some(at.map_or(t, |a| a.min(t)));
             }
         };
-        take(c.next_refresh_at.or(Some(now)));
-        take(c.secret_expires_at);
-        if let Some((_, until)) = &row.claim {
-            take(Some(*until));
+        match &row.claim {
+            // Another process (the CLI, another replica) is refreshing it:
+            // its outcome arrives as a change of the row, which plans it
+            // anew. Look again when the claim ends at the latest, and not
+            // sooner than a second from now: a claim that cannot be taken
+            // over yet is not asked for in a loop.
+            Some((_, until)) => take(Some((*until).max(now + chrono::Duration::seconds(1)))),
+            None => take(c.next_refresh_at.or(Some(now))),
         }
+        take(c.secret_expires_at);
     }
     at
 }

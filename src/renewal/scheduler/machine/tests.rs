@@ -294,6 +294,38 @@ fn a_refresh_whose_plan_did_not_move_is_looked_at_again_in_five_seconds() {
     assert!(m.next_wake(t0() + chrono::Duration::seconds(5)).is_some());
 }
 
+/// A due connection another process (another replica) is refreshing is
+/// looked at again when that claim ends, not over and over meanwhile; one
+/// whose claim lapsed but may not be taken over yet, a second later.
+#[test]
+fn a_connection_claimed_elsewhere_waits_for_the_claim_not_in_a_loop() {
+    let secs = chrono::Duration::seconds;
+    let r = due_row("a", 100);
+    let mut m = machine(4, 4, std::slice::from_ref(&r));
+    fire_all(&mut m, &by_id(std::slice::from_ref(&r)), t0());
+    assert_eq!(m.start(), [r.conn.id]);
+    // The refresh found a live claim of another process, until t0 + 30 s.
+    let mut claimed = r.clone();
+    claimed.claim = Some(("db2/77/1/serve/0/boot".into(), t0() + secs(30)));
+    m.finished(done(r.conn.id, Some(claimed.clone())), &policy(), t0());
+    assert!(
+        m.next_wake(t0() + secs(29)).is_none(),
+        "no look before the claim ends"
+    );
+    assert!(m.next_wake(t0() + secs(30)).is_some());
+    // The holder saved meanwhile: its row plans it anew, days away.
+    let saved = replanned(&r, t0() + mins(60 * 24));
+    m.upsert(&saved, &policy(), t0() + secs(5));
+    assert!(m.next_wake(t0() + secs(30)).is_none());
+
+    // A claim whose end passed: a second from now, not at once.
+    let mut lapsed = r.clone();
+    lapsed.claim = Some(("db2/77/1/serve/0/boot".into(), t0() - secs(3)));
+    m.upsert(&lapsed, &policy(), t0());
+    assert!(m.next_wake(t0()).is_none());
+    assert!(m.next_wake(t0() + secs(1)).is_some());
+}
+
 #[test]
 fn a_clock_jump_forward_fires_what_the_new_time_makes_due_and_back_fires_nothing() {
     let rows = [
