@@ -415,17 +415,8 @@ pub async fn run(
     let store: Shared = Arc::new(Mutex::new(store));
     let mut cfg = config.borrow_and_update().clone();
     let mut links = alert_links(&cfg);
-    {
-        let (c, now) = (cfg.clone(), clock.now());
-        match with_store(&store, move |s| reconcile(s, &c, now)).await? {
-            Ok(r) => tracing::info!(
-                reevaluated = r.reevaluated,
-                dropped = r.dropped,
-                "alert outbox reconciled"
-            ),
-            Err(e) => tracing::error!("cannot reconcile the alert outbox: {e}"),
-        }
-    }
+    // Reconciled by the replica that delivers, when it starts delivering.
+    let mut reconciled = false;
     // Which channel each post task serves, so a task that panics frees its channel.
     let mut in_flight: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut tasks: JoinSet<(Batch, Outcome)> = JoinSet::new();
@@ -435,6 +426,20 @@ pub async fn run(
     loop {
         let now = clock.now();
         let on_duty = duty.held();
+        // Each time this replica takes the delivery over.
+        reconciled &= on_duty;
+        if on_duty && !reconciled {
+            reconciled = true;
+            let c = cfg.clone();
+            match with_store(&store, move |s| reconcile(s, &c, now)).await? {
+                Ok(r) => tracing::info!(
+                    reevaluated = r.reevaluated,
+                    dropped = r.dropped,
+                    "alert outbox reconciled"
+                ),
+                Err(e) => tracing::error!("cannot reconcile the alert outbox: {e}"),
+            }
+        }
         let prune_due = last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
         let plans = if !on_duty {
             // Another replica delivers; this one looks again when it wins
