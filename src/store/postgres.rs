@@ -761,6 +761,33 @@ mod tests {
         heard("a commit after the restart").await;
     }
 
+    /// A process stopped inside a write transaction (a replica paused with
+    /// SIGSTOP) does not hold every other writer's lock: the server ends its
+    /// session, the others write, and its own transaction fails as an
+    /// interrupted write.
+    #[test]
+    fn a_writer_stopped_inside_its_transaction_does_not_stop_the_others() {
+        let target = testing::postgres_target();
+        let keyring = crate::crypto::Keyring::new(crate::crypto::Key::generate(), vec![]);
+        let stopped = testing::open(&target, keyring.clone(), Create::Yes).unwrap();
+        let mut other = testing::open(&target, keyring, Create::No).unwrap();
+        let tx = stopped
+            .db()
+            .transaction_with_behavior(super::sql::TransactionBehavior::Immediate)
+            .unwrap();
+        // `stopped` sends nothing more; the other writer waits for the write
+        // lock (up to the 10 s lock timeout) and gets it when the server
+        // ends the idle session.
+        other
+            .write(|tx, _| Ok(tx.execute("INSERT INTO meta (key, value) VALUES ('w', 1)", ())?))
+            .unwrap();
+        let e = crate::store::StoreError::from(
+            tx.execute("INSERT INTO meta (key, value) VALUES ('late', 1)", ())
+                .unwrap_err(),
+        );
+        assert!(e.is_unwritable(), "{e}");
+    }
+
     #[test]
     fn the_schema_uses_postgres_types_and_byte_order_for_names() {
         let s = schema(super::migrations::MIGRATIONS[0]);

@@ -28,6 +28,11 @@ use tokio_postgres::types::{IsNull, ToSql as PgToSql, Type, to_sql_checked};
 /// ends: "acutoken" in ASCII, so it is recognisable in `pg_locks`.
 pub(crate) const WRITE_LOCK: i64 = 0x6163_7574_6f6b_656e;
 
+/// The longest a write transaction may wait on its client between two
+/// statements (see [`Db::transaction_with_behavior`]). The store's writes
+/// send their statements back to back; only a stopped process waits longer.
+const WRITE_IDLE_MAX: &str = "5s";
+
 /// Moves the data version (see [`Transaction::commit`]) and tells the
 /// listeners of [`super::postgres::CHANGES`], at commit.
 const DATA_VERSION_BUMP: &str =
@@ -314,8 +319,15 @@ impl Db {
                     TransactionBehavior::Deferred => {
                         pg.batch("BEGIN ISOLATION LEVEL REPEATABLE READ")?
                     }
+                    // A process stopped inside a write transaction (a
+                    // replica paused with SIGSTOP, swapped out, cut off)
+                    // would hold the write lock of every replica: the
+                    // server ends its session once it has idled inside the
+                    // transaction for WRITE_IDLE_MAX, and its transaction
+                    // fails like any interrupted write.
                     _ => pg.batch(&format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+                        "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '{WRITE_IDLE_MAX}'; \
+                         SELECT pg_advisory_xact_lock({WRITE_LOCK})"
                     ))?,
                 }
             }
