@@ -788,6 +788,39 @@ mod tests {
         assert!(e.is_unwritable(), "{e}");
     }
 
+    /// A write that could not have the write lock within the lock timeout
+    /// fails alone: the same connection writes again once the lock is free
+    /// (its transaction is not left open and aborted on the server).
+    #[test]
+    fn a_write_refused_for_the_lock_leaves_its_connection_usable() {
+        let target = testing::postgres_target();
+        let keyring = crate::crypto::Keyring::new(crate::crypto::Key::generate(), vec![]);
+        let mut st = testing::open(&target, keyring.clone(), Create::Yes).unwrap();
+        let holder = testing::open(&target, keyring, Create::No).unwrap();
+        let lock = super::sql::WRITE_LOCK;
+        holder
+            .db()
+            .query_row("SELECT pg_advisory_lock(?1)::text", [lock], |r| {
+                r.get::<_, String>(0)
+            })
+            .unwrap();
+        let insert = |st: &mut Store| {
+            st.write(|tx, _| Ok(tx.execute("INSERT INTO meta (key, value) VALUES ('x', 1)", ())?))
+        };
+        let refused = insert(&mut st).unwrap_err();
+        assert!(
+            matches!(refused, crate::store::StoreError::Busy),
+            "{refused}"
+        );
+        holder
+            .db()
+            .query_row("SELECT pg_advisory_unlock(?1)", [lock], |r| {
+                r.get::<_, bool>(0)
+            })
+            .unwrap();
+        insert(&mut st).unwrap();
+    }
+
     #[test]
     fn the_schema_uses_postgres_types_and_byte_order_for_names() {
         let s = schema(super::migrations::MIGRATIONS[0]);

@@ -155,12 +155,14 @@ pub struct Me {
 }
 
 /// What one heartbeat found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Beat {
     /// Claims of this replica whose lease was extended.
     pub claims: usize,
     /// This replica holds the alert delivery duty until the next beat is due.
     pub alerts: bool,
+    /// The names of the live replicas (this one included), sorted.
+    pub live: Vec<String>,
 }
 
 /// A replica as `status` shows it.
@@ -219,7 +221,17 @@ pub fn beat(tx: &Transaction<'_>, me: &Me, now: Timestamp) -> Result<Beat, Store
          WHERE acutoken_leases.holder = excluded.holder OR acutoken_leases.until_ms <= ?4",
         params![ALERTS, me.name, until, to_ms(now)],
     )? == 1;
-    Ok(Beat { claims, alerts })
+    let mut stmt = tx.prepare_cached(
+        "SELECT name FROM acutoken_replicas WHERE heartbeat_at + lease_ms > ?1 ORDER BY name",
+    )?;
+    let live = stmt
+        .query_map([to_ms(now)], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Beat {
+        claims,
+        alerts,
+        live,
+    })
 }
 
 /// Drops the rows of replicas whose heartbeat stopped a day or more ago:
@@ -549,13 +561,20 @@ mod tests {
         let mut st = store();
         let (a, b) = (me("a", "owner-a"), me("b", "owner-b"));
         let t0 = chrono::Utc::now();
-        let mut beat_at = |m: &Me, at| st.write(|tx, _| beat(tx, m, at)).unwrap().alerts;
-        assert!(beat_at(&a, t0));
-        assert!(!beat_at(&b, t0 + secs(1)));
-        assert!(beat_at(&a, t0 + secs(10)), "kept by its holder");
-        assert!(!beat_at(&b, t0 + secs(39)), "a's lease runs to t0+40s");
-        assert!(beat_at(&b, t0 + secs(41)), "taken once a stopped beating");
-        assert!(!beat_at(&a, t0 + secs(42)));
+        let mut beat_at = |m: &Me, at| st.write(|tx, _| beat(tx, m, at)).unwrap();
+        assert!(beat_at(&a, t0).alerts);
+        let b_first = beat_at(&b, t0 + secs(1));
+        assert!(!b_first.alerts);
+        assert_eq!(b_first.live, ["a", "b"], "the live replicas, by name");
+        assert!(beat_at(&a, t0 + secs(10)).alerts, "kept by its holder");
+        assert!(
+            !beat_at(&b, t0 + secs(39)).alerts,
+            "a's lease runs to t0+40s"
+        );
+        let b_alone = beat_at(&b, t0 + secs(41));
+        assert!(b_alone.alerts, "taken once a stopped beating");
+        assert_eq!(b_alone.live, ["b"], "a's heartbeat lapsed");
+        assert!(!beat_at(&a, t0 + secs(42)).alerts);
         st.write(|tx, _| leave(tx, "b")).unwrap();
         assert!(
             st.write(|tx, _| beat(tx, &a, t0 + secs(43)))

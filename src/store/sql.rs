@@ -426,6 +426,14 @@ impl Pg {
         }
         if begins {
             self.in_tx.set(out.is_ok());
+            if out.is_err() {
+                // A transaction that failed as it began (the write lock not
+                // had within the lock timeout) is still open on the server,
+                // aborted: every later statement of this session would fail
+                // until it is rolled back.
+                let _ = block_on(self.session.borrow().client.batch_execute("ROLLBACK"));
+                self.aborted.set(false);
+            }
         }
         if ends {
             self.in_tx.set(false);

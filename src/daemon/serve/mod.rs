@@ -192,6 +192,7 @@ pub async fn run(opts: ServeOptions, stop: CancellationToken) -> anyhow::Result<
                 duty.clone(),
                 contact.clone(),
                 clock.clone(),
+                sched_tx.clone(),
             )
             .await?,
         )

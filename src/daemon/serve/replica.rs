@@ -7,9 +7,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
+use crate::renewal::scheduler::{Input, Share};
 use crate::store::replicas::{Contact, Duty, Me};
 use crate::store::{StoreError, StoreHandle};
 
@@ -31,12 +33,17 @@ impl Heartbeat {
         duty: Arc<Duty>,
         contact: Arc<Contact>,
         clock: SharedClock,
+        sched: mpsc::Sender<Input>,
     ) -> Result<Heartbeat, StoreError> {
         let started = Instant::now();
         let now = clock.now();
         let beat = store.heartbeat(me.clone(), now, true).await?;
         duty.record(beat.alerts, started, me.lease);
         contact.record(true, started);
+        let share = Share::among(&me.name, &beat.live);
+        if let Some(share) = share {
+            let _ = sched.send(Input::Share(share)).await;
+        }
         tracing::info!(
             replica = %me.name,
             alerts = beat.alerts,
@@ -49,8 +56,8 @@ impl Heartbeat {
             me,
             (duty, contact),
             clock,
-            stop.clone(),
-            beat.alerts,
+            (stop.clone(), sched),
+            (beat.alerts, share),
         ));
         Ok(Heartbeat { stop, task })
     }
@@ -68,8 +75,8 @@ async fn run(
     me: Me,
     (duty, contact): (Arc<Duty>, Arc<Contact>),
     clock: SharedClock,
-    stop: CancellationToken,
-    mut alerts: bool,
+    (stop, sched): (CancellationToken, mpsc::Sender<Input>),
+    (mut alerts, mut share): (bool, Option<Share>),
 ) {
     let every = me.lease / 3;
     let mut failing = false;
@@ -88,6 +95,14 @@ async fn run(
         match store.heartbeat(me.clone(), now, false).await {
             Ok(beat) => {
                 contact.record(true, started);
+                let now_share = Share::among(&me.name, &beat.live);
+                if now_share != share {
+                    share = now_share;
+                    if let Some(s) = share {
+                        tracing::info!(replica = %me.name, live = s.of, "the live replicas changed: this one takes its share first");
+                        let _ = sched.send(Input::Share(s)).await;
+                    }
+                }
                 if failing {
                     failing = false;
                     tracing::warn!(replica = %me.name, "heartbeats are recorded again");

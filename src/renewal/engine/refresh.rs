@@ -195,11 +195,13 @@ impl Engine {
         let instance_limit = as_replica.map(|r| r.instance_limit);
         let policy = self.policy();
         let mut waited = Duration::ZERO;
+        // Set once a claim was refused for room: from then on a read comes
+        // first, so waiting while other replicas fill the instance costs no
+        // write.
+        let mut full = false;
         let outcome = loop {
             let now = self.clock.now();
-            if let Some(limit) = instance_limit {
-                // A read first: while other replicas fill the instance, waiting
-                // costs no write.
+            if let Some(limit) = instance_limit.filter(|_| full) {
                 let (inst, key) = (instance.clone(), id.to_string());
                 let running = self
                     .store
@@ -224,6 +226,7 @@ impl Engine {
                 .await?;
             match outcome {
                 ClaimOutcome::InstanceFull { .. } if waited < INSTANCE_WAIT_MAX => {
+                    full = true;
                     waited += self.wait_for_instance_room().await?;
                 }
                 other => break other,

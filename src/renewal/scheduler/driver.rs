@@ -215,6 +215,7 @@ impl Scheduler {
                 per_instance,
             } => self.machine.set_limits(global, per_instance),
             Input::Faulty(fault) => self.machine.faulty(&fault, now),
+            Input::Share(share) => self.machine.set_share(share),
         }
     }
 

@@ -50,6 +50,10 @@ pub(super) struct Entry {
     removed: bool,
 }
 
+/// How much later a connection that falls to another replica ranks among
+/// the ready ones ([`Machine::rank`]).
+const OTHERS_LATER_MS: i64 = 3_600_000;
+
 fn ms(t: Timestamp) -> i64 {
     t.timestamp_millis()
 }
@@ -109,6 +113,8 @@ pub struct Machine {
     wall: Option<Timestamp>,
     pub(super) aside: SetAside,
     outbox: Outbox,
+    /// This replica's share of the work, when it is one of several.
+    share: Option<super::Share>,
 }
 
 impl Machine {
@@ -130,6 +136,39 @@ impl Machine {
             wall: None,
             aside: SetAside::default(),
             outbox: Outbox::default(),
+            share: None,
+        }
+    }
+
+    /// The ready-set key of connection `id` with `deadline`: its deadline,
+    /// an hour later when it falls to another replica. Ordering stays
+    /// earliest deadline first at the grain of an hour.
+    fn rank(&self, id: Uuid, deadline: i64) -> i64 {
+        match self.share {
+            Some(share) if deadline != i64::MAX && !share.owns(id) => {
+                deadline.saturating_add(OTHERS_LATER_MS)
+            }
+            _ => deadline,
+        }
+    }
+
+    /// A new share of the work (replicas came or went): what is ready is
+    /// ordered by it at once.
+    pub fn set_share(&mut self, share: super::Share) {
+        let old = self.share.replace(share);
+        if old == self.share {
+            return;
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for (key, s) in ready {
+            let id = self.entries[s as usize].id;
+            let deadline = match old {
+                Some(o) if key != i64::MAX && !o.owns(id) => key - OTHERS_LATER_MS,
+                _ => key,
+            };
+            let key = self.rank(id, deadline);
+            self.entries[s as usize].deadline = key;
+            self.ready.insert((key, s));
         }
     }
 
@@ -218,9 +257,10 @@ impl Machine {
         let instance = self.intern(&row.conn.instance);
         let wake = wake_at(row, policy, now);
         self.unqueue(s);
+        let deadline = self.rank(row.conn.id, row.conn.deadline.map_or(i64::MAX, ms));
         let e = &mut self.entries[s as usize];
         e.instance = instance;
-        e.deadline = row.conn.deadline.map_or(i64::MAX, ms);
+        e.deadline = deadline;
         self.place(s, wake);
     }
 
@@ -435,9 +475,10 @@ impl Machine {
                 };
                 if refresh_due && self.entries[s as usize].phase == Phase::Idle {
                     let instance = self.intern(&row.conn.instance);
+                    let deadline = self.rank(id, row.conn.deadline.map_or(i64::MAX, ms));
                     let e = &mut self.entries[s as usize];
                     e.instance = instance;
-                    e.deadline = row.conn.deadline.map_or(i64::MAX, ms);
+                    e.deadline = deadline;
                     e.phase = Phase::Ready;
                     self.ready.insert((e.deadline, s));
                 } else if !refresh_due {

@@ -57,6 +57,33 @@ pub enum Input {
     Limits { global: usize, per_instance: usize },
     /// A changed row that does not read: set it aside.
     Faulty(Box<Fault>),
+    /// The live replicas changed (PostgreSQL, DESIGN §10).
+    Share(Share),
+}
+
+/// This replica's share of the work among the live replicas: the
+/// connections whose id falls to `me` of `of` are started first, so
+/// replicas catching up a backlog together do not all reach for the same
+/// connection. The others' connections stay in the ready set behind them,
+/// and are started when their replica does not (it died, it lags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub me: usize,
+    pub of: usize,
+}
+
+impl Share {
+    /// The share of replica `name` among `live` (sorted names), if listed.
+    pub fn among(name: &str, live: &[String]) -> Option<Share> {
+        live.iter()
+            .position(|n| n == name)
+            .map(|me| Share { me, of: live.len() })
+    }
+
+    /// True when connection `id` falls to this replica.
+    pub fn owns(&self, id: Uuid) -> bool {
+        self.of <= 1 || id.as_u128() % self.of as u128 == self.me as u128
+    }
 }
 
 /// What a store read of one connection comes back with: the row, a row that

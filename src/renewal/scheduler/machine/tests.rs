@@ -326,6 +326,56 @@ fn a_connection_claimed_elsewhere_waits_for_the_claim_not_in_a_loop() {
     assert!(m.next_wake(t0() + secs(1)).is_some());
 }
 
+/// Replicas catching up together start their own share first, earliest
+/// deadline first within it, and the others' after; when the share changes
+/// (a replica died), what is ready is ordered anew.
+#[test]
+fn replicas_start_their_own_share_first() {
+    use crate::renewal::scheduler::Share;
+    let rows: Vec<ConnectionRow> = (0..40)
+        .map(|i| due_row(&format!("i{i}"), 100 + i))
+        .collect();
+    let me = Share { me: 1, of: 2 };
+    let mine: Vec<Uuid> = rows
+        .iter()
+        .map(|r| r.conn.id)
+        .filter(|id| me.owns(*id))
+        .collect();
+    assert!(
+        !mine.is_empty() && mine.len() < rows.len(),
+        "ids fall to both replicas"
+    );
+    let mut m = machine(mine.len(), 1, &rows);
+    m.set_share(me);
+    fire_all(&mut m, &by_id(&rows), t0());
+    let started = m.start();
+    assert_eq!(started.len(), mine.len());
+    assert!(started.iter().all(|id| me.owns(*id)), "its own share first");
+    let deadlines: Vec<_> = started
+        .iter()
+        .map(|id| {
+            rows.iter()
+                .find(|r| r.conn.id == *id)
+                .unwrap()
+                .conn
+                .deadline
+        })
+        .collect();
+    assert!(
+        deadlines.windows(2).all(|w| w[0] <= w[1]),
+        "earliest deadline first"
+    );
+    // The other replica is gone: it alone now, and the rest follows.
+    m.set_share(Share { me: 0, of: 1 });
+    for id in &started {
+        m.finished(done(*id, None), &policy(), t0());
+    }
+    m.set_limits(rows.len(), 1);
+    let rest = m.start();
+    assert_eq!(rest.len(), rows.len() - mine.len());
+    assert!(rest.iter().all(|id| !me.owns(*id)));
+}
+
 #[test]
 fn a_clock_jump_forward_fires_what_the_new_time_makes_due_and_back_fires_nothing() {
     let rows = [
