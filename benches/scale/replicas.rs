@@ -591,6 +591,9 @@ pub fn failover(
                 .fold(f64::NAN, f64::max);
             let ok = takeover.values().filter(|v| v.1 == 200).count();
             let replayed = takeover.values().filter(|v| v.2).count();
+            // The 20 s after the stop are over before they are counted.
+            let window_end = stopped + Duration::from_secs(20);
+            std::thread::sleep(window_end.saturating_duration_since(Instant::now()));
             let mut after_cont = f64::NAN;
             if sig == Signal::SIGSTOP {
                 victim.d.signal(Signal::SIGCONT)?;
