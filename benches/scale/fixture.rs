@@ -50,9 +50,10 @@ pub fn work_root() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench"))
 }
 
-/// A `acutoken` command with the scrubbed environment and `-c config`.
-pub fn command(config: &Path) -> Command {
-    let mut c = Command::new(binary());
+/// An `acutoken` command running `bin` (the binary under test, or a
+/// baseline build) with the scrubbed environment and `-c config`.
+pub fn command_of(bin: &Path, config: &Path) -> Command {
+    let mut c = Command::new(bin);
     for k in SCRUBBED {
         c.env_remove(k);
     }
@@ -280,7 +281,11 @@ pub struct Notify {
 
 impl Notify {
     pub fn bind(dir: &Dir) -> anyhow::Result<Notify> {
-        let path = dir.path.join("notify.sock");
+        Notify::bind_at(dir.path.join("notify.sock"))
+    }
+
+    /// A notify socket at `path` (one per replica when several run).
+    pub fn bind_at(path: PathBuf) -> anyhow::Result<Notify> {
         let _ = std::fs::remove_file(&path);
         let sock = UnixDatagram::bind(&path)?;
         Ok(Notify { path, sock })
@@ -325,16 +330,35 @@ impl Daemon {
     /// Starts `serve` on `dir`, reporting to `notify`.
     pub fn start(dir: &Dir, notify: &Notify) -> anyhow::Result<Daemon> {
         // Its log stays beside the store for a look after a failed run.
-        let out = std::fs::File::create(dir.path.join("serve.log"))?;
+        Daemon::start_with(
+            &binary(),
+            &dir.config(),
+            notify,
+            &[],
+            &dir.path.join("serve.log"),
+        )
+    }
+
+    /// Starts `bin serve -c config` with `env` added (a replica's name and
+    /// socket), reporting to `notify`, its output into `log`.
+    pub fn start_with(
+        bin: &Path,
+        config: &Path,
+        notify: &Notify,
+        env: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<Daemon> {
+        let out = std::fs::File::create(log)?;
         let started = Instant::now();
-        let child = command(&dir.config())
+        let child = command_of(bin, config)
             .arg("serve")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("NOTIFY_SOCKET", &notify.path)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("cannot start {}", binary().display()))?;
+            .with_context(|| format!("cannot start {}", bin.display()))?;
         let pid = Pid::from_raw(i32::try_from(child.id())?);
         Ok(Daemon {
             child,

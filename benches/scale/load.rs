@@ -21,12 +21,12 @@ use crate::{Report, ms};
 pub const CLIENTS: [usize; 3] = [1, 8, 64];
 
 /// What oha reported for one load.
-struct Load {
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-    ok: u64,
-    other: u64,
+pub struct Load {
+    pub rps: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub ok: u64,
+    pub other: u64,
 }
 
 fn oha() -> String {
@@ -38,7 +38,7 @@ fn nginx() -> String {
 }
 
 /// Runs oha for `secs` against `url` on the Unix socket `sock`.
-fn run_oha(sock: &Path, url: &str, clients: usize, secs: u64) -> anyhow::Result<Load> {
+pub fn run_oha(sock: &Path, url: &str, clients: usize, secs: u64) -> anyhow::Result<Load> {
     let out = Command::new(oha())
         .args(["--no-tui", "--output-format", "json", "-z"])
         .arg(format!("{secs}s"))
@@ -82,7 +82,7 @@ fn run_oha(sock: &Path, url: &str, clients: usize, secs: u64) -> anyhow::Result<
 }
 
 /// One HTTP/1.1 GET over a Unix socket: status and body.
-fn get(sock: &Path, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+pub fn get(sock: &Path, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
@@ -105,7 +105,7 @@ fn get(sock: &Path, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
 }
 
 /// Gives connection `who` a valid access token, as a refresh would have saved it.
-fn give_access_token(dir: &Dir, who: &str) -> anyhow::Result<()> {
+pub fn give_access_token(dir: &Dir, who: &str) -> anyhow::Result<()> {
     let mut st = dir.open_store()?;
     let now = chrono::Utc::now();
     st.write(|tx, kr| {

@@ -14,6 +14,7 @@ mod daemon;
 mod fixture;
 mod load;
 mod renewal;
+mod replicas;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -32,9 +33,20 @@ const USAGE: &str = "usage: scale <command> [args]
                                    runs alternated with benches/cron_refresh.py
   lateness N [DUE] [WINDOW_SECS] [RUNS]
   cost N [REFRESHES] [RUNS]
+  replicas-catchup [BACKLOG] [SITES] [LATENCY_MS] [RUNS]
+                                   three replicas on PostgreSQL beside one daemon on
+                                   PostgreSQL and one on SQLite (default 2000 50 50 3)
+  replicas-failover [RATE] [WINDOW_SECS] [LATENCY_MS] [RUNS]
+                                   SIGKILL, then SIGSTOP, of one of three replicas
+                                   amid a stream of due work (default 20 120 1000 3)
+  replicas-token N [RUNS] [SECS]   one replica's token path alone, beside two more, and SQLite
+  replicas-serve N [RUNS] [IDLE_SECS]
+                                   READY, RSS and idle CPU per replica (two replicas)
 env: ACUTOKEN_BIN (default target/release/acutoken), BENCH_DIR (default target/bench),
      OHA, NGINX, SERVE_METRICS=1 (serve with the metrics listener on),
-     PYTHON (default python3, runs benches/cron_refresh.py)";
+     PYTHON (default python3, runs benches/cron_refresh.py),
+     ACUTOKEN_TEST_PG, ACUTOKEN_TEST_PG_ADMIN, ACUTOKEN_TEST_PG_PASSWORD_FILE (replicas-*),
+     BASELINE_BIN (replicas-*: also one daemon on PostgreSQL run by this build)";
 
 /// Milliseconds of `d`, as figures are reported.
 pub fn ms(d: Duration) -> f64 {
@@ -237,6 +249,32 @@ fn main() -> anyhow::Result<()> {
             let count = arg(&args, 2, 2_000usize)?;
             let runs = arg(&args, 3, 3usize)?;
             renewal::cost(&rt, n, count, runs, &mut report)?;
+        }
+        "replicas-catchup" => {
+            let backlog = arg(&args, 1, 2_000usize)?;
+            let sites = arg(&args, 2, 50usize)?;
+            let latency = Duration::from_millis(arg(&args, 3, 50u64)?);
+            let runs = arg(&args, 4, 3usize)?;
+            replicas::catchup(&rt, backlog, sites, latency, runs, &mut report)?;
+        }
+        "replicas-failover" => {
+            let rate = arg(&args, 1, 20usize)?;
+            let window = Duration::from_secs(arg(&args, 2, 120u64)?);
+            let latency = Duration::from_millis(arg(&args, 3, 1_000u64)?);
+            let runs = arg(&args, 4, 3usize)?;
+            replicas::failover(&rt, rate, window, latency, runs, &mut report)?;
+        }
+        "replicas-token" => {
+            let n = arg(&args, 1, 10_000usize)?;
+            let runs = arg(&args, 2, 3usize)?;
+            let secs = arg(&args, 3, 10u64)?;
+            replicas::token(n, runs, secs, &mut report)?;
+        }
+        "replicas-serve" => {
+            let n = arg(&args, 1, 100_000usize)?;
+            let runs = arg(&args, 2, 3usize)?;
+            let idle = Duration::from_secs(arg(&args, 3, 60u64)?);
+            replicas::serve(n, runs, idle, &mut report)?;
         }
         other => bail!("unknown command `{other}`\n{USAGE}"),
     }
