@@ -231,7 +231,7 @@ const STORE_HEALTH_DOWN: std::time::Duration = std::time::Duration::from_secs(1)
 /// (taken again after a restart or failover ended its session) and the
 /// database can be reached, which `/readyz` and sd_notify STATUS say. A
 /// daemon that finds another one took the store while it was cut off
-/// stops: one daemon serves a store.
+/// stops: one daemon per SQLite store, one replica per name on PostgreSQL.
 pub(super) fn spawn_store_health(
     tasks: &mut Tasks,
     opened: &Opened,
@@ -283,7 +283,7 @@ pub(super) fn spawn_store_health(
                     }
                 }
                 LockHealth::TakenBy(holder) => {
-                    tracing::error!(holder = %holder, "another acutoken daemon took the store while this one was cut off from it: stopping (one daemon serves a store)");
+                    tracing::error!(holder = %holder, "another acutoken daemon took this replica's place (its name, or the store for itself) while this one was cut off from it: stopping");
                     stop.cancel();
                     break;
                 }
