@@ -242,9 +242,15 @@ level = "info"
 
     /// Runs one CLI command to its end (bounded), `stdin` piped in.
     pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        self.cli_in(args, &[], stdin).await
+    }
+
+    /// [`Rig::cli`] with extra environment.
+    async fn cli_in(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
         use tokio::io::AsyncWriteExt as _;
         let mut c = self.command();
         c.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -382,22 +388,7 @@ level = "info"
     /// [`Rig::cli`] with extra environment (e.g. `ACUTOKEN__API__SOCKET`
     /// naming one replica's socket).
     pub async fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = self.command();
-        c.args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = c.spawn().unwrap();
-        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .unwrap_or_else(|_| panic!("`acutoken {}` did not finish", args.join(" ")))
-            .unwrap();
-        Output {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        self.cli_in(args, env, None).await
     }
 
     /// The store as the daemon sees it, opened with the key beside it.
